@@ -1,0 +1,24 @@
+# make demo: the main job on data every machine has; make test: the test suite.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/bptt: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, by exact version: pip takes the local CPU wheel and never a CUDA build.
+	$(BIN)/pip install --quiet --disable-pip-version-check "torch==2.13.0"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(BIN)/bptt
+
+setup: $(BIN)/bptt
+
+demo: $(BIN)/bptt
+	$(BIN)/bptt fit --config conf/lm/quickstart.yaml
+
+test: $(BIN)/bptt
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,88 @@
+"""The ``bptt`` command.
+
+    bptt fit --config conf/lm/quickstart.yaml [--model.hidden_size 512 --trainer.max_steps 100 ...]
+    bptt validate CHECKPOINT [--data.data_dir DIR ...]
+    bptt test CHECKPOINT [...]
+    bptt generate CHECKPOINT [--prompt TEXT] [--num-tokens N] [--temperature T] [--seed S]
+
+Bad input ends with one line ``bptt: error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bptt import __version__
+from bptt.errors import BpttError
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def _split_checkpoint(command: str, args: list[str]) -> tuple[str, list[str]]:
+    if not args or args[0].startswith("-"):
+        raise BpttError(f"`bptt {command}` needs a checkpoint path first, e.g. bptt {command} runs/lm/quickstart/checkpoints/best.ckpt")
+    return args[0], args[1:]
+
+
+def _generate_args(args: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bptt generate", exit_on_error=False)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--prompt", default="\n", help="text to continue (default: a new line)")
+    parser.add_argument("--num-tokens", type=int, default=500, help="tokens to sample")
+    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 takes the most likely")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    try:
+        return parser.parse_args(args)
+    except (argparse.ArgumentError, SystemExit) as err:
+        if isinstance(err, SystemExit) and err.code == 0:
+            raise
+        raise BpttError(f"{err}; see bptt generate --help") from None
+
+
+def run(argv: list[str]) -> int:
+    """Dispatch a ``bptt`` command line; returns the exit status."""
+    # Imported here so that `bptt --help` answers at once.
+    from bptt import training
+    from bptt.config import build_parser, parse_config
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, args = argv[0], argv[1:]
+    if command == "--version":
+        print(__version__)
+        return 0
+    if command == "fit":
+        if args and args[0] in ("-h", "--help"):
+            build_parser().print_help()
+            return 0
+        metrics = training.fit(parse_config(args))
+        print({k: round(v, 4) for k, v in metrics.items()})
+        return 0
+    if command in ("validate", "test"):
+        checkpoint, overrides = _split_checkpoint(command, args)
+        training.evaluate(checkpoint, command, overrides)
+        return 0
+    if command == "generate":
+        opts = _generate_args(args)
+        print(training.generate(opts.checkpoint, prompt=opts.prompt, num_tokens=opts.num_tokens,
+                                temperature=opts.temperature, seed=opts.seed))
+        return 0
+    raise BpttError(f"unknown command {command!r}; commands: fit, validate, test, generate (see bptt --help)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bptt`` console script."""
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except BpttError as err:
+        print(f"bptt: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bptt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

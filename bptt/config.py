@@ -1,0 +1,109 @@
+"""The run config: a jsonargparse parser whose every node maps onto keyword-only ``__init__`` arguments.
+
+A config has five top-level keys::
+
+    seed_everything: 0
+    trainer: {...}                   # pytorch_lightning.Trainer arguments
+    model: {class_path, init_args}   # the network, a plain nn.Module
+    task: {class_path, init_args}    # the LightningModule on the TBPTT engine
+    data: {class_path, init_args}    # the LightningDataModule
+
+``model.vocab_size`` is filled in from the DataModule and ``task.model`` is the
+instantiated network, as LightningCLI's ``link_arguments`` does. Dotted overrides on
+the command line (``--model.hidden_size 512``) replace single values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from torch import nn
+
+from bptt.errors import BpttError, ConfigError
+from bptt.lightning_modules.tbptt import TBPTTModule
+
+
+def _vocab_size(data: Any) -> int:
+    return data.vocab_size
+
+
+def build_parser(prog: str = "bptt fit") -> ArgumentParser:
+    """The parser of ``bptt fit``; ``bptt validate``/``test``/``generate`` reuse it on a checkpoint's config."""
+    parser = ArgumentParser(prog=prog, exit_on_error=False, description="Train with truncated BPTT.")
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML config, e.g. conf/lm/quickstart.yaml")
+    parser.add_argument("--seed_everything", type=int, default=0, help="seed of torch, numpy and random")
+    parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False)
+    parser.set_defaults({"trainer.use_distributed_sampler": False, "trainer.default_root_dir": "runs"})
+    parser.add_subclass_arguments(nn.Module, "model", required=True)
+    parser.add_subclass_arguments(TBPTTModule, "task", required=True)
+    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True)
+    parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=_vocab_size, apply_on="instantiate")
+    parser.link_arguments("model", "task.init_args.model", apply_on="instantiate")
+    return parser
+
+
+def one_line(err: BaseException) -> str:
+    """A parser or constructor error as one line: the first user-facing cause, else the first message line."""
+    for cause in _chain(err):
+        if isinstance(cause, BpttError):
+            return str(cause)
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:  # jsonargparse nests the useful part under "Errors:" / "- ..."
+        if line.startswith("- ") and "Expected a <class 'NoneType'>" not in line:
+            return f"{lines[0]} {line[2:]}"
+    return " ".join(lines[:3])
+
+
+def parse_config(args: list[str], parser: ArgumentParser | None = None) -> Namespace:
+    """Parse ``--config FILE`` plus dotted overrides and check what the parser cannot.
+
+    Raises:
+        ConfigError: unknown key, wrong type, or a Trainer setting the TBPTT engine does not support.
+    """
+    parser = parser or build_parser()
+    try:
+        cfg = parser.parse_args(args)
+    except Exception as err:  # jsonargparse raises ArgumentError, ValueError or TypeError
+        raise ConfigError(one_line(err)) from None
+    check_trainer(cfg.trainer)
+    return cfg
+
+
+def check_trainer(trainer: Namespace) -> None:
+    """Trainer settings that would silently do the wrong thing under TBPTT."""
+    if trainer.gradient_clip_val:
+        raise ConfigError("trainer.gradient_clip_val does not apply to TBPTT's manual optimization; set task.grad_clip")
+    if trainer.accumulate_grad_batches != 1:
+        raise ConfigError("trainer.accumulate_grad_batches must be 1: raise task.k1 (steps per update) instead")
+    if trainer.use_distributed_sampler:
+        raise ConfigError(
+            "trainer.use_distributed_sampler must stay false: the DataModule gives each rank its own streams"
+        )
+
+
+def instantiate(cfg: Namespace, parser: ArgumentParser | None = None) -> Namespace:
+    """Build the DataModule, network and task of ``cfg``; ``trainer`` stays a namespace of arguments.
+
+    Raises:
+        BpttError: a constructor rejected a value, or the corpus cannot be read.
+    """
+    parser = parser or build_parser()
+    try:
+        return parser.instantiate(cfg)
+    except Exception as err:
+        cause = next((e for e in _chain(err) if isinstance(e, BpttError)), None)
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from, outermost first."""
+    out: list[BaseException] = []
+    seen: BaseException | None = err
+    while seen is not None and seen not in out:
+        out.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return out

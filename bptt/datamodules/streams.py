@@ -1,0 +1,130 @@
+"""Lay one long sequence out as B contiguous streams and read them window by window.
+
+The corpus is cut into B_global equal streams (the remainder is dropped); each
+data-parallel rank owns a contiguous block of B_global / world_size of them::
+
+    corpus   t0 t1 t2 ............................................ tN
+    stream 0 | t0      ... t(L-1)   |  rank 0
+    stream 1 | tL      ... t(2L-1)  |  rank 0
+    stream 2 | t2L     ... t(3L-1)  |  rank 1
+    stream 3 | t3L     ... t(4L-1)  |  rank 1
+               |<- window 0 ->|<- window 1 ->| ...
+
+Window w of a rank is the (B_local, T) slice of its streams starting where window
+w - 1 ended, so row b of batch k + 1 continues row b of batch k: the hidden state
+carried from one batch to the next stays valid. Targets are the inputs shifted by
+one step. ``reset`` marks the first window of an epoch, where every stream starts over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset
+
+
+def stream_layout(ids: Tensor, num_streams: int) -> Tensor:
+    """Cut a 1-D sequence into ``num_streams`` equal contiguous rows.
+
+    Args:
+        ids: (N,) tokens or values, time along dim 0 (extra feature dims allowed).
+        num_streams: B.
+
+    Returns:
+        (B, N // B, ...) view of ``ids``; the last N mod B elements are dropped.
+    """
+    length = ids.shape[0] // num_streams
+    return ids[: num_streams * length].reshape(num_streams, length, *ids.shape[1:])  # (B, L, ...)
+
+
+def shard_streams(streams: Tensor, rank: int, world_size: int) -> Tensor:
+    """The contiguous block of streams that ``rank`` owns.
+
+    Args:
+        streams: (B_global, L, ...).
+        rank: this process's global rank.
+        world_size: number of data-parallel processes; must divide B_global.
+
+    Returns:
+        (B_global / world_size, L, ...).
+    """
+    per_rank = streams.shape[0] // world_size
+    return streams[rank * per_rank : (rank + 1) * per_rank]
+
+
+def window_lengths(stream_length: int, bptt: int, random_bptt: bool, seed: int, epoch: int) -> list[int]:
+    """The window lengths of one epoch over streams of ``stream_length`` steps.
+
+    Fixed windows of ``bptt`` steps, the last one shorter; or, with ``random_bptt``,
+    AWD-LSTM's schedule (Merity et al. 2018): ``bptt`` with probability 0.95 else
+    ``bptt / 2``, then jittered by N(0, 5) and floored at 5 steps. The schedule depends
+    only on (seed, epoch), so every rank and every resumed run draws the same one.
+
+    Returns:
+        window lengths summing to ``stream_length - 1`` (targets need one step more).
+    """
+    steps = stream_length - 1
+    if not random_bptt:
+        return [min(bptt, steps - start) for start in range(0, steps, bptt)]
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    lengths, total = [], 0
+    while total < steps:
+        base = bptt if torch.rand((), generator=gen).item() < 0.95 else bptt / 2
+        length = max(5, int(base + 5 * torch.randn((), generator=gen).item()))
+        length = min(length, steps - total)
+        lengths.append(length)
+        total += length
+    return lengths
+
+
+class StreamWindows(IterableDataset):
+    """Yields the consecutive windows of a rank's streams, one batch per window.
+
+    Each item is ``{"inputs": (B, T), "targets": (B, T), "reset": (B,), "epoch": int,
+    "window": int}``. Iterating again starts the next epoch. ``start_at`` resumes
+    mid-epoch.
+
+    Args:
+        streams: (B, L) this rank's streams.
+        bptt: nominal window length T.
+        random_bptt: draw window lengths with AWD-LSTM's schedule.
+        seed: seed of that schedule.
+    """
+
+    def __init__(self, streams: Tensor, *, bptt: int, random_bptt: bool = False, seed: int = 0) -> None:
+        self.streams = streams
+        self.bptt = bptt
+        self.random_bptt = random_bptt
+        self.seed = seed
+        self.epoch = 0
+        self.start_window = 0
+
+    def start_at(self, epoch: int, window: int) -> None:
+        """Make the next iteration start at ``window`` of ``epoch``."""
+        self.epoch, self.start_window = epoch, window
+
+    def _lengths(self) -> list[int]:
+        return window_lengths(self.streams.shape[1], self.bptt, self.random_bptt, self.seed, self.epoch)
+
+    def __len__(self) -> int:
+        return len(self._lengths()) - self.start_window
+
+    def __iter__(self) -> Iterator[dict[str, Tensor | int]]:
+        lengths = self._lengths()
+        epoch, first = self.epoch, self.start_window
+        offset = sum(lengths[:first])
+        batch_size = self.streams.shape[0]
+        for index in range(first, len(lengths)):
+            length = lengths[index]
+            yield {
+                "inputs": self.streams[:, offset : offset + length],  # (B, T)
+                "targets": self.streams[:, offset + 1 : offset + 1 + length],  # (B, T)
+                "reset": torch.full((batch_size,), index == 0),  # (B,)
+                "epoch": epoch,
+                "window": index,
+            }
+            offset += length
+        self.epoch, self.start_window = epoch + 1, 0
+

@@ -1,0 +1,204 @@
+"""``TextStreamDataModule``: a text corpus, tokenized and laid out as contiguous streams.
+
+From corpus to batch: ``load_corpus`` gives line records per split ->
+``Vocabulary.build`` counts the train split -> ``tokenize_split`` maps records to ids
+(cached by ``datasets``) -> ``stream_layout`` cuts each split into B_global streams ->
+``shard_streams`` keeps this rank's block -> ``StreamWindows`` yields (B_local, T)
+windows in order. See ``bptt.datamodules.streams`` for the picture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from filelock import FileLock
+from torch.utils.data import DataLoader
+
+from bptt.datamodules.corpora import CorpusError, data_root, load_corpus
+from bptt.datamodules.streams import StreamWindows, shard_streams, stream_layout
+from bptt.datamodules.vocabulary import Vocabulary, tokenize_split
+from bptt.errors import ConfigError
+
+
+def default_cache_dir() -> Path:
+    """``$BPTT_CACHE_DIR``, else ``~/.cache/bptt``."""
+    return Path(os.environ.get("BPTT_CACHE_DIR") or Path.home() / ".cache" / "bptt")
+
+
+class TextStreamDataModule(pl.LightningDataModule):
+    """Streams of tokens for language modelling with carried hidden state.
+
+    Args:
+        corpus: ``stdlib``, a path under the data root (``.txt`` file, split directory or
+            saved DatasetDict) or ``hf:NAME``; see ``bptt.datamodules.corpora``.
+        level: ``char`` or ``word`` tokens.
+        min_count: words seen fewer times in the train split become ``<unk>``.
+        split_fractions: train/validation/test fractions for a single-text corpus.
+        stdlib_glob: which standard-library files make up the ``stdlib`` corpus.
+        hf_config: configuration name of a Hugging Face dataset.
+        text_column: the text column of a Hugging Face or saved dataset.
+        batch_size: B_global, the number of training streams over all ranks.
+        eval_batch_size: the number of validation/test streams over all ranks.
+        bptt: window length T: time steps per batch.
+        random_bptt: AWD-LSTM-style random window lengths in training.
+        seed: seed of the random window lengths.
+        data_dir: the data root; default ``$BPTT_DATA_DIR``, else ``./data``.
+        cache_dir: where tokenized splits are cached; default ``$BPTT_CACHE_DIR``,
+            else ``~/.cache/bptt``.
+        vocab_file: a ``vocab.json`` saved by an earlier run to use instead of building
+            the vocabulary from the train split.
+    """
+
+    def __init__(
+        self,
+        *,
+        corpus: str = "stdlib",
+        level: Literal["char", "word"] = "char",
+        min_count: int = 1,
+        split_fractions: tuple[float, float, float] = (0.9, 0.05, 0.05),
+        stdlib_glob: str = "**/*.py",
+        hf_config: str | None = None,
+        text_column: str = "text",
+        batch_size: int = 32,
+        eval_batch_size: int = 10,
+        bptt: int = 64,
+        random_bptt: bool = False,
+        seed: int = 0,
+        data_dir: str | None = None,
+        cache_dir: str | None = None,
+        vocab_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("bptt", bptt)):
+            if value < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {value}")
+        self.corpus = corpus
+        self.level = level
+        self.min_count = min_count
+        self.split_fractions = tuple(split_fractions)
+        self.stdlib_glob = stdlib_glob
+        self.hf_config = hf_config
+        self.text_column = text_column
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.bptt = bptt
+        self.random_bptt = random_bptt
+        self.seed = seed
+        self.data_dir = data_dir
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.vocab = Vocabulary.load(Path(vocab_file)) if vocab_file else None
+        self.ids: dict[str, torch.Tensor] = {}
+        self._windows: dict[str, StreamWindows] = {}
+        self._resume_at: tuple[int, int] | None = None
+        self._position = (0, 0)
+
+    def prepare_data(self) -> None:
+        self.load()
+
+    def load(self) -> None:
+        """Read the corpus, build the vocabulary and tokenize every split (cached); idempotent."""
+        if self.ids:
+            return
+        records, origin = load_corpus(
+            self.corpus,
+            data_dir=self.data_dir,
+            split_fractions=self.split_fractions,
+            stdlib_glob=self.stdlib_glob,
+            hf_config=self.hf_config,
+            text_column=self.text_column,
+        )
+        for split, dataset in records.items():
+            if not any(text.strip() for text in dataset["text"]):
+                raise CorpusError(f"the {split} split of {origin} is empty; use a larger corpus or other split_fractions")
+        vocab = self.vocab or Vocabulary.build(records["train"]["text"], self.level, self.min_count)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for split, dataset in records.items():
+            key = hashlib.sha256(f"{dataset._fingerprint}/{vocab.fingerprint()}".encode()).hexdigest()[:20]
+            cache_file = self.cache_dir / "tokenized" / f"{split}-{key}.arrow"
+            with FileLock(str(cache_file) + ".lock"):  # DDP ranks on one machine tokenize once
+                self.ids[split] = torch.from_numpy(tokenize_split(dataset, vocab, cache_file))
+        self.vocab = vocab
+        self.origin = origin
+        for split, streams_global in self._stream_counts().items():
+            length = self.ids[split].numel() // streams_global
+            if length - 1 < self.bptt:
+                raise ConfigError(
+                    f"data.bptt={self.bptt} is longer than the {split} streams ({self.ids[split].numel()} tokens in "
+                    f"{streams_global} streams of {length}); lower data.bptt or {self._count_key(split)}"
+                )
+
+    def _stream_counts(self) -> dict[str, int]:
+        return {"train": self.batch_size, "validation": self.eval_batch_size, "test": self.eval_batch_size}
+
+    @staticmethod
+    def _count_key(split: str) -> str:
+        return "data.batch_size" if split == "train" else "data.eval_batch_size"
+
+    @property
+    def vocab_size(self) -> int:
+        """V; builds the vocabulary from the corpus unless it was given."""
+        if self.vocab is None:
+            self.load()
+        assert self.vocab is not None
+        return len(self.vocab)
+
+    def save_artifacts(self, directory: Path) -> list[Path]:
+        """Write what a run needs to read its outputs back: ``vocab.json``."""
+        assert self.vocab is not None
+        path = directory / "vocab.json"
+        self.vocab.save(path)
+        return [path]
+
+    def setup(self, stage: str) -> None:
+        self.load()
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        for split, streams_global in self._stream_counts().items():
+            if streams_global % world:
+                raise ConfigError(
+                    f"{self._count_key(split)}={streams_global} streams cannot be split evenly over {world} "
+                    f"processes; make it a multiple of {world}"
+                )
+            streams = stream_layout(self.ids[split], streams_global)  # (B_global, L)
+            random = self.random_bptt and split == "train"
+            self._windows[split] = StreamWindows(
+                shard_streams(streams, rank, world), bptt=self.bptt, random_bptt=random, seed=self.seed
+            )
+        if self._resume_at is not None:
+            self._windows["train"].start_at(*self._resume_at)
+            self._resume_at = None
+
+    def _loader(self, split: str) -> DataLoader:
+        # batch_size=None: each item already is a (B, T) window; order matters, so no sampler, no workers.
+        return DataLoader(self._windows[split], batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:
+            self._position = (batch["epoch"], batch["window"] + 1)  # the next window to read
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The vocabulary and the read position (epoch, next window) of training."""
+        assert self.vocab is not None
+        return {"vocab": self.vocab.state_dict(), "epoch": self._position[0], "window": self._position[1]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.vocab = Vocabulary.from_state_dict(state_dict["vocab"])
+        self._position = (int(state_dict["epoch"]), int(state_dict["window"]))
+        if "train" in self._windows:
+            self._windows["train"].start_at(*self._position)
+        else:
+            self._resume_at = self._position

@@ -1,0 +1,117 @@
+"""Character or word vocabularies built from a training split, and tokenization through ``datasets``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import datasets
+import numpy as np
+
+from bptt.datamodules.corpora import CorpusError
+
+UNK, EOS = "<unk>", "<eos>"
+
+
+def split_tokens(text: str, level: Literal["char", "word"]) -> list[str]:
+    """One record's tokens: its characters, or its whitespace-separated words then ``<eos>`` per line."""
+    if level == "char":
+        return list(text)
+    tokens: list[str] = []
+    for line in text.splitlines():
+        tokens.extend(line.split())
+        tokens.append(EOS)
+    return tokens
+
+
+class Vocabulary:
+    """Token <-> id maps. Id 0 is ``<unk>``; for words, ``<eos>`` follows.
+
+    Args:
+        tokens: the tokens in id order.
+        level: ``char`` or ``word``.
+    """
+
+    def __init__(self, tokens: list[str], level: Literal["char", "word"]) -> None:
+        self.tokens = tokens
+        self.level = level
+        self.index = {t: i for i, t in enumerate(tokens)}
+
+    @classmethod
+    def build(cls, texts: Iterable[str], level: Literal["char", "word"], min_count: int = 1) -> Vocabulary:
+        """Count tokens in ``texts`` (the train split only); those under ``min_count`` become ``<unk>``.
+
+        Tokens are ordered by count, then by text, so the ids are reproducible.
+        """
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(split_tokens(text, level))
+        specials = [UNK] if level == "char" else [UNK, EOS]
+        kept = sorted((t for t, c in counts.items() if c >= min_count and t not in specials), key=lambda t: (-counts[t], t))
+        return cls(specials + kept, level)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; unknown tokens map to ``<unk>`` (0)."""
+        return [self.index.get(t, 0) for t in split_tokens(text, self.level)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``: characters joined as they are, words by spaces with ``<eos>`` as a line end."""
+        tokens = [self.tokens[i] for i in ids]
+        if self.level == "char":
+            return "".join(tokens)
+        return " ".join(tokens).replace(f" {EOS} ", "\n").replace(EOS, "\n")
+
+    def fingerprint(self) -> str:
+        """A short hash of the token list and level, for cache keys."""
+        return hashlib.sha256(json.dumps([self.level, self.tokens]).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, object]:
+        return {"tokens": self.tokens, "level": self.level}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, object]) -> Vocabulary:
+        return cls(list(state["tokens"]), state["level"])  # type: ignore[arg-type]
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.state_dict(), ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> Vocabulary:
+        """Read a ``vocab.json`` written by ``save``."""
+        try:
+            return cls.from_state_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CorpusError(f"cannot read vocabulary {path}: {err}; pass the vocab.json that a run saved") from None
+
+
+def tokenize_split(records: datasets.Dataset, vocab: Vocabulary, cache_file: Path) -> np.ndarray:
+    """Token ids of a split's records, concatenated in order.
+
+    The ids are computed with a batched ``datasets.map`` whose result is cached in
+    ``cache_file`` (an Arrow file), so a second run reads them instead of tokenizing.
+
+    Returns:
+        (N,) int64 ids.
+    """
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+
+    def encode_batch(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        return {"ids": [vocab.encode(text) for text in batch["text"]]}
+
+    tokenized = records.map(
+        encode_batch,
+        batched=True,
+        remove_columns=records.column_names,
+        cache_file_name=str(cache_file),
+        load_from_cache_file=True,
+        desc=f"tokenizing {cache_file.stem}",
+    )
+    column = tokenized.data.column("ids").combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)

@@ -1,0 +1,355 @@
+"""The TBPTT engine: truncated backpropagation through time as a LightningModule base class.
+
+A task subclasses ``TBPTTModule`` and supplies ``window_step(window, state) ->
+(losses, new_state)``; everything about truncation lives here: windows, detaching,
+optimizer steps, clipping, the non-finite guard, schedulers and the loss metrics.
+
+TBPTT(k1, k2) (Williams & Peng 1990): every k1 new time steps, one optimizer step
+whose loss is over those k1 steps and whose gradient flows back k2 steps. With
+k1 < k2 the engine keeps the last k2 - k1 steps of input as *history* and the
+detached state where that history starts, and replays the history in front of the
+new steps::
+
+    time ->        |<---------------- k2 ---------------->|
+                   |<-- history (k2-k1) -->|<---- k1 ---->|
+    state (detached)^      no loss          loss over these
+                                           ^ the next history starts k1 steps later
+
+With k1 = k2 (the common case) there is no history: each window starts from the
+detached state where the previous one ended.
+
+Batches come in two layouts, told apart by a ``reset`` key:
+
+- *stream mode* (``reset`` present, shape (B,)): the batch is the next window of B
+  persistent streams; state (and history) carry over from the previous batch, and
+  rows where ``reset`` is true start again from zeros.
+- *split mode* (no ``reset``): the batch holds whole sequences (B, T); every batch
+  starts from zeros and the engine cuts it into windows itself.
+
+Time-indexed entries of a batch (``time_keys``) are (B, T, ...); an optional ``mask``
+(B, T) marks valid steps. A recurrent state is a tuple of batch-first tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torchmetrics import MeanMetric
+
+from bptt.errors import BpttError, ConfigError
+
+State = tuple[Tensor, ...]
+
+# Metric names, defined once: the checkpoint monitor, the Tune metric and MLflow use these.
+TRAIN_LOSS, VAL_LOSS, TEST_LOSS = "train/loss", "val/loss", "test/loss"
+
+
+class NonFiniteLossError(BpttError, RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+def _detach(state: State | None) -> State | None:
+    return None if state is None else tuple(s.detach() for s in state)
+
+
+def _zero_rows(state: State | None, rows: Tensor) -> State | None:
+    """``state`` with the rows where ``rows`` (B,) is true set to zeros."""
+    if state is None or not bool(rows.any()):
+        return state
+    return tuple(torch.where(rows.view(-1, *([1] * (s.dim() - 1))), torch.zeros_like(s), s) for s in state)
+
+
+class TBPTTModule(pl.LightningModule):
+    """Base class of every task: manual optimization over truncated windows.
+
+    Args:
+        optimizer: builds the optimizer from the parameters (``class_path`` + ``init_args``
+            of a ``torch.optim.Optimizer``).
+        lr_scheduler: optional; builds an LR scheduler from the optimizer.
+            ``ReduceLROnPlateau`` steps on ``val/loss`` after every validation.
+        lr_scheduler_interval: step other schedulers every optimizer ``step`` or every ``epoch``.
+        k1: new time steps per optimizer step; None: one step per batch (stream mode)
+            or per whole sequence (split mode).
+        k2: time steps the gradient flows back, k2 >= k1; None: k2 = k1.
+        grad_clip: clip gradients at this norm or value; None: no clipping.
+        grad_clip_algorithm: ``norm`` (global 2-norm) or ``value``.
+        max_consecutive_nonfinite: stop training with an error after this many
+            consecutive steps skipped for a NaN/Inf loss or gradient.
+    """
+
+    time_keys: tuple[str, ...] = ("inputs", "targets", "mask")
+
+    def __init__(
+        self,
+        *,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["step", "epoch"] = "step",
+        k1: int | None = None,
+        k2: int | None = None,
+        grad_clip: float | None = None,
+        grad_clip_algorithm: Literal["norm", "value"] = "norm",
+        max_consecutive_nonfinite: int = 10,
+    ) -> None:
+        super().__init__()
+        if k2 is not None and k1 is None:
+            raise ConfigError(f"task.k2={k2} needs task.k1 (the steps between optimizer steps); set task.k1 <= {k2}")
+        if k1 is not None and k1 < 1:
+            raise ConfigError(f"task.k1 must be >= 1, got {k1}")
+        if k1 is not None and k2 is not None and k1 > k2:
+            raise ConfigError(
+                f"task.k1={k1} > task.k2={k2}: the gradient must flow back at least as many steps as each "
+                "optimizer step adds (TBPTT(k1, k2) needs k1 <= k2); lower k1 or raise k2"
+            )
+        if grad_clip is not None and grad_clip <= 0:
+            raise ConfigError(f"task.grad_clip must be > 0 or null, got {grad_clip}")
+        self.automatic_optimization = False
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.k1 = k1
+        self.k2 = k2 if k2 is not None else k1
+        self.grad_clip = grad_clip
+        self.grad_clip_algorithm = grad_clip_algorithm
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        # carried across batches in stream mode: the state where the history starts, the history,
+        # and the state after the last step
+        self.train_state: State | None = None
+        self.history: dict[str, Tensor] | None = None
+        self.end_state: State | None = None
+        self.eval_state: State | None = None
+        # counters behind the logged fractions
+        self.steps_taken = 0
+        self.steps_clipped = 0
+        self.steps_skipped = 0
+        self.consecutive_skipped = 0
+        self._last_step_time: float | None = None
+
+    # ---- what a task supplies -------------------------------------------------------------
+    def window_step(self, window: dict[str, Tensor], state: State | None) -> tuple[Tensor, State]:
+        """Run the network over one window.
+
+        Args:
+            window: the batch's time-indexed entries sliced to this window, each (B, t, ...).
+            state: the state before the window, or None for zeros.
+
+        Returns:
+            per-step losses (B, t) (zero where ``mask`` is false) and the state after the window.
+        """
+        raise NotImplementedError
+
+    def derived_metrics(self, split: str, loss: Tensor) -> dict[str, Tensor]:
+        """Metrics computed from a split's mean loss (e.g. perplexity); logged beside ``{split}/loss``."""
+        return {}
+
+    # ---- optimizers -----------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+
+    def _scheduler(self) -> Any:
+        schedulers = self.lr_schedulers()
+        return schedulers[0] if isinstance(schedulers, list) else schedulers
+
+    # ---- training -------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        length = batch["targets"].shape[1]
+        k1 = self.k1 or length
+        k2 = self.k2 or k1
+        stream = "reset" in batch
+        state, history, end_state = None, None, None
+        if stream:
+            state, history, end_state = self.train_state, self.history, self.end_state
+            if bool(batch["reset"].any()):  # restarted streams: drop the shared history, zero their rows
+                state, history = _zero_rows(end_state, batch["reset"]), None
+        total_loss, total_count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for start in range(0, length, k1):
+            new = self._slice(batch, start, min(start + k1, length))
+            state, history, end_state, loss_sum, count = self._train_window(new, state, history, k2 - k1)
+            total_loss, total_count = total_loss + loss_sum, total_count + count
+        if stream:
+            self.train_state, self.history, self.end_state = state, history, end_state
+        self._log_train(total_loss, total_count)
+
+    def _slice(self, batch: dict[str, Any], start: int, end: int) -> dict[str, Tensor]:
+        return {k: batch[k][:, start:end] for k in self.time_keys if k in batch}
+
+    def _train_window(
+        self, new: dict[str, Tensor], state: State | None, history: dict[str, Tensor] | None, keep: int
+    ) -> tuple[State | None, dict[str, Tensor] | None, State | None, Tensor, Tensor]:
+        """One optimizer step on ``new`` steps, backpropagating through ``history`` too.
+
+        Args:
+            new: the k1 (or fewer) new steps.
+            state: detached state where ``history`` starts (where ``new`` starts if no history).
+            history: earlier steps replayed without loss, or None.
+            keep: how many steps of history the next window replays (k2 - k1).
+
+        Returns:
+            the next window's (state, history), the detached state after ``new``, and this
+            window's (loss sum, target count).
+        """
+        window = new if history is None else {k: torch.cat([history[k], new[k]], dim=1) for k in new}
+        total = window["targets"].shape[1]
+        replay = total - new["targets"].shape[1]
+        split_at = total - keep  # the next history starts here
+        if split_at <= 0:  # not enough steps yet to drop any history
+            pieces, next_history = [(0, total)], window
+        else:
+            pieces = [(0, split_at), (split_at, total)] if split_at < total else [(0, total)]
+            next_history = {k: v[:, split_at:] for k, v in window.items()} if keep > 0 else None
+        losses, next_state, end_state = [], state, state
+        for a, b in pieces:
+            piece_losses, end_state = self.window_step({k: v[:, a:b] for k, v in window.items()}, end_state)
+            losses.append(piece_losses)
+            if b == split_at:
+                next_state = _detach(end_state)
+        end_state = _detach(end_state)
+        if split_at >= total:
+            next_state = end_state
+        step_losses = torch.cat(losses, dim=1)[:, replay:]  # (B, t) losses of the new steps only
+        mask = new.get("mask")
+        if mask is not None:
+            step_losses = step_losses * mask
+        count = torch.tensor(float(mask.sum()) if mask is not None else float(step_losses.numel()), device=self.device)
+        loss_sum = step_losses.sum()
+        global_count = self.trainer.strategy.reduce(count.clone(), reduce_op="sum") if self.trainer.world_size > 1 else count
+
+        opt = self.optimizers()
+        row_bad = ~torch.isfinite(step_losses.detach().float().sum(dim=1))
+        for s in end_state or ():
+            row_bad |= ~torch.isfinite(s.float().flatten(1)).all(dim=1)
+        finite = self.trainer.strategy.reduce_boolean_decision(not bool(row_bad.any()), all=True)
+        if not finite:  # no update; streams whose loss or state went non-finite start again from zeros
+            self._skip_step(opt, f"loss is {loss_sum.item()}")
+            if bool(row_bad.any()):
+                next_state, next_history = _zero_rows(end_state, row_bad), None
+            return next_state, next_history, _zero_rows(end_state, row_bad), loss_sum.detach(), count
+        # DDP averages gradients over ranks; scaling by world / global count makes that the mean over all targets.
+        self.manual_backward(loss_sum * (self.trainer.world_size / global_count.clamp(min=1)))
+        norm, largest = self._gradient_size()
+        if not (math.isfinite(norm) and math.isfinite(largest)):
+            if self._scaler() is not None:  # fp16 overflow: the scaler skips the step and lowers its scale
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                self.steps_skipped += 1
+            else:
+                self._skip_step(opt, f"gradient norm is {norm}")
+            return next_state, next_history, end_state, loss_sum.detach(), count
+        self.consecutive_skipped = 0
+        if self.grad_clip is not None:
+            self.steps_clipped += int((norm if self.grad_clip_algorithm == "norm" else largest) > self.grad_clip)
+        opt.step()  # clipping happens in on_before_optimizer_step, after mixed precision unscaled the gradients
+        opt.zero_grad(set_to_none=True)
+        self.steps_taken += 1
+        if self.lr_scheduler_factory is not None and self.lr_scheduler_interval == "step":
+            scheduler = self._scheduler()
+            if not isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step()
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        return next_state, next_history, end_state, loss_sum.detach(), count
+
+    def _scaler(self) -> Any:
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def _gradient_size(self) -> tuple[float, float]:
+        """(global 2-norm, largest absolute value) of the gradients, unscaled."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0, 0.0
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf)
+        scale = self._scaler().get_scale() if self._scaler() is not None else 1.0
+        return float(norm) / scale, float(largest) / scale
+
+    def _skip_step(self, opt: Any, reason: str) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.steps_skipped += 1
+        self.consecutive_skipped += 1
+        if self.consecutive_skipped >= self.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.consecutive_skipped} consecutive steps skipped for non-finite values (last: {reason}); "
+                "lower the learning rate, set task.grad_clip, or use precision 32"
+            )
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm=self.grad_clip_algorithm)
+
+    def _log_train(self, loss_sum: Tensor, count: Tensor) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            tokens = float(count) * self.trainer.world_size
+            self.log("train/tokens_per_sec", tokens / max(now - self._last_step_time, 1e-9), on_step=True, on_epoch=False)
+        self._last_step_time = now
+        loss = loss_sum / count.clamp(min=1)
+        self.log(TRAIN_LOSS, loss, on_step=True, on_epoch=False, prog_bar=True)
+        for name, value in self.derived_metrics("train", loss).items():
+            self.log(name, value, on_step=True, on_epoch=False)
+        attempted = max(self.steps_taken + self.steps_skipped, 1)
+        self.log("train/clip_fraction", self.steps_clipped / attempted, on_step=True, on_epoch=False)
+        self.log("train/skipped_steps", float(self.steps_skipped), on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self) -> None:
+        if self.lr_scheduler_factory is not None and self.lr_scheduler_interval == "epoch":
+            scheduler = self._scheduler()
+            if not isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step()
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def _evaluate(self, batch: dict[str, Any], metric: MeanMetric) -> None:
+        length = batch["targets"].shape[1]
+        stream = "reset" in batch
+        state = _zero_rows(self.eval_state, batch["reset"]) if stream else None
+        size = self.k2 or length
+        for start in range(0, length, size):
+            window = self._slice(batch, start, min(start + size, length))
+            losses, state = self.window_step(window, state)
+            mask = window.get("mask")
+            count = mask.sum() if mask is not None else torch.tensor(losses.numel(), device=self.device)
+            if count > 0:
+                metric.update(losses.sum() / count, weight=count)
+        if stream:
+            self.eval_state = state
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_state = None
+
+    def on_test_epoch_start(self) -> None:
+        self.eval_state = None
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_loss)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_loss)
+
+    def _log_eval(self, split: str, metric: MeanMetric) -> Tensor:
+        loss = metric.compute()  # weighted by target counts, reduced over ranks
+        metric.reset()
+        self.log(f"{split}/loss", loss, prog_bar=True)
+        for name, value in self.derived_metrics(split, loss).items():
+            self.log(name, value)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self._log_eval("val", self.val_loss)
+        if self.lr_scheduler_factory is not None and not self.trainer.sanity_checking:
+            scheduler = self._scheduler()
+            if isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step(loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test", self.test_loss)

@@ -1,0 +1,5 @@
+"""Recurrent cores: plain ``nn.Module``s that the LightningModules in ``bptt.lightning_modules`` wrap."""
+
+from bptt.models.rnn_language_model import RNNLanguageModel
+
+__all__ = ["RNNLanguageModel"]
