@@ -33,7 +33,8 @@ class LanguageModelTask(TBPTTModule):
     def window_step(self, window: dict[str, Tensor], state: State | None) -> tuple[Tensor, State]:
         """Args: window with ``inputs`` and ``targets`` (B, t). Returns: losses (B, t), new state."""
         logits, state = self.model(window["inputs"], state)  # (B, t, V)
-        losses = F.cross_entropy(logits.transpose(1, 2).float(), window["targets"], reduction="none")  # (B, t)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # the softmax in >= fp32
+        losses = F.cross_entropy(logits.transpose(1, 2), window["targets"], reduction="none")  # (B, t)
         return losses, state
 
     def derived_metrics(self, split: str, loss: Tensor) -> dict[str, Tensor]:

@@ -1,0 +1,30 @@
+"""Shared fixtures: the data root, a per-session token cache, and a tiny in-memory harness for the engine."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_env(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Point the data root at ../shared/data when it exists and keep token caches out of $HOME."""
+    if SHARED_DATA.is_dir():
+        os.environ.setdefault("BPTT_DATA_DIR", str(SHARED_DATA))
+    os.environ["BPTT_CACHE_DIR"] = str(tmp_path_factory.mktemp("bptt-cache"))
+    warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
+
+
+@pytest.fixture
+def shakespeare() -> Path:
+    """The tiny Shakespeare file, or a skip when ../shared/data is absent (a fresh clone)."""
+    path = SHARED_DATA / "tinyshakespeare" / "input.txt"
+    if not path.is_file():
+        pytest.skip(f"reference data absent: {path} (only in the workspace that has ../shared/data)")
+    return path

@@ -1,0 +1,60 @@
+"""Run the real TBPTT engine under a real Trainer on batches a test writes out by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from bptt.lightning_modules import LanguageModelTask
+from bptt.models import RNNLanguageModel
+
+
+class ListDataModule(pl.LightningDataModule):
+    """Yields the given batches in order, as training (and validation) data."""
+
+    def __init__(self, batches: list[dict[str, Any]], val_batches: list[dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        self.batches = batches
+        self.val_batches = val_batches or []
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.batches, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_batches, batch_size=None)
+
+
+def tiny_model(seed: int = 0, rnn_type: str = "LSTM", vocab: int = 7, hidden: int = 5, layers: int = 2) -> RNNLanguageModel:
+    torch.manual_seed(seed)
+    return RNNLanguageModel(vocab_size=vocab, rnn_type=rnn_type, embedding_size=4, hidden_size=hidden, num_layers=layers)
+
+
+def sgd(lr: float = 0.5):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+def run(task: LanguageModelTask, batches: list[dict[str, Any]], *, precision: str = "64-true",
+        val_batches: list[dict[str, Any]] | None = None, max_epochs: int = 1, **trainer: Any) -> pl.Trainer:
+    """Fit ``task`` on ``batches`` (one epoch by default) and return the Trainer."""
+    trainer_ = pl.Trainer(
+        accelerator="cpu", devices=1, precision=precision, max_epochs=max_epochs, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=len(val_batches or []), use_distributed_sampler=False, **trainer,
+    )
+    trainer_.fit(task, datamodule=ListDataModule(batches, val_batches))
+    return trainer_
+
+
+def stream_batches(tokens: torch.Tensor, window: int, reset_first: bool = True) -> list[dict[str, Any]]:
+    """Stream-mode batches over (B, L+1) tokens: consecutive windows, reset on the first."""
+    batches = []
+    for start in range(0, tokens.shape[1] - 1, window):
+        end = min(start + window, tokens.shape[1] - 1)
+        batches.append({
+            "inputs": tokens[:, start:end], "targets": tokens[:, start + 1 : end + 1],
+            "reset": torch.full((tokens.shape[0],), reset_first and start == 0),
+        })
+    return batches

@@ -1,0 +1,264 @@
+"""The TBPTT engine against independent references: full BPTT, a hand-written window loop,
+Williams & Peng TBPTT(k1, k2) stepped one time step at a time, clipping, the non-finite guard,
+mixed precision and schedulers. float64 throughout unless the test is about precision."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bptt.lightning_modules import LanguageModelTask, NonFiniteLossError
+from bptt.lightning_modules.tbptt import VAL_LOSS
+from tests.engine_harness import run, sgd, stream_batches, tiny_model
+
+LR = 0.5
+
+
+def _tokens(batch: int = 3, length: int = 14, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 7, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _detach(state):
+    return tuple(s.detach() for s in state)
+
+
+def _window_loop(model, tokens, window, *, carry=True, resets=None, clip=None):
+    """Reference TBPTT(k, k): loop over windows, carry the detached state, one SGD step per window."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y, state = tokens[:, :-1], tokens[:, 1:], None
+    for i, start in enumerate(range(0, x.shape[1], window)):
+        if resets and i in resets and state is not None:
+            keep = ~resets[i]
+            state = tuple(s * keep.view(-1, 1, 1) for s in state)
+        logits, new = model(x[:, start : start + window], state if carry else None)
+        loss = F.cross_entropy(logits.flatten(0, 1), y[:, start : start + window].flatten())
+        opt.zero_grad()
+        loss.backward()
+        if clip is not None:
+            clip(model.parameters())
+        opt.step()
+        state = _detach(new)
+    return model
+
+
+def _assert_same_parameters(a, b, atol=1e-10):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=atol, rtol=0, msg=f"parameter {name} differs")
+
+
+def test_whole_sequence_window_equals_full_bptt_gradient():
+    model = tiny_model()
+    reference = copy.deepcopy(model).double()
+    tokens = _tokens()
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    task = LanguageModelTask(model=model, optimizer=sgd(1.0))
+    run(task, [batch])
+
+    logits, _ = reference(batch["inputs"])
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+    grads = torch.autograd.grad(loss, list(reference.parameters()))
+    for p_after, p_before, grad in zip(task.model.parameters(), reference.parameters(), grads):
+        torch.testing.assert_close(p_before.detach() - p_after.detach(), grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rnn_type", ["LSTM", "GRU", "RNN_TANH"])
+def test_split_mode_windows_equal_reference_loop(rnn_type):
+    model = tiny_model(rnn_type=rnn_type)
+    reference = copy.deepcopy(model).double()
+    tokens = _tokens(length=14)
+    task = LanguageModelTask(model=model, optimizer=sgd(LR), k1=4)
+    run(task, [{"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}])
+    _assert_same_parameters(task.model, _window_loop(reference, tokens, 4))
+
+
+def test_stream_mode_carries_state_across_batches():
+    model = tiny_model()
+    carried, fresh = copy.deepcopy(model).double(), copy.deepcopy(model).double()
+    tokens = _tokens(length=17)
+    task = LanguageModelTask(model=model, optimizer=sgd(LR))
+    trainer = run(task, stream_batches(tokens, 4))
+    assert trainer.global_step == 4
+    _assert_same_parameters(task.model, _window_loop(carried, tokens, 4))
+    # the same windows without carried state end elsewhere: the carry is what made them equal
+    with pytest.raises(AssertionError):
+        _assert_same_parameters(task.model, _window_loop(fresh, tokens, 4, carry=False))
+
+
+def test_stream_mode_resets_exactly_the_marked_streams():
+    model = tiny_model()
+    reference = copy.deepcopy(model).double()
+    tokens = _tokens(length=13)
+    batches = stream_batches(tokens, 4)
+    batches[2]["reset"] = torch.tensor([False, True, False])
+    task = LanguageModelTask(model=model, optimizer=sgd(LR))
+    run(task, batches)
+    _assert_same_parameters(task.model, _window_loop(reference, tokens, 4, resets={2: torch.tensor([False, True, False])}))
+    assert torch.all(task.train_state[0][1] != 0)  # the reset row ran on afterwards
+
+
+def _williams_peng(model, tokens, k1, k2, batch_window):
+    """Reference TBPTT(k1, k2), one time step per call: every k1 new steps, backpropagate the loss of
+    those steps through the last k2 - k1 earlier steps too, from the state last computed there."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    states = {0: None}  # detached state at time t, from the latest forward that passed t
+    updates = [(a, min(a + k1, b)) for s in range(0, x.shape[1], batch_window)
+               for b in [min(s + batch_window, x.shape[1])] for a in range(s, b, k1)]
+    for a, e in updates:
+        start = max(0, a - (k2 - k1))
+        state, losses = states[start], []
+        for t in range(start, e):
+            logits, state = model(x[:, t : t + 1], state)
+            if t >= a:
+                losses.append(F.cross_entropy(logits[:, 0], y[:, t], reduction="none"))
+            states[t + 1] = _detach(state)
+        loss = torch.stack(losses).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize(("k1", "k2", "batch_window"), [(2, 5, 4), (3, 4, 6), (2, 2, 5), (1, 3, 3)])
+def test_k1_less_than_k2_equals_williams_peng_reference(k1, k2, batch_window):
+    model = tiny_model()
+    reference = copy.deepcopy(model).double()
+    tokens = _tokens(length=19)
+    task = LanguageModelTask(model=model, optimizer=sgd(LR), k1=k1, k2=k2)
+    run(task, stream_batches(tokens, batch_window))
+    _assert_same_parameters(task.model, _williams_peng(reference, tokens, k1, k2, batch_window))
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_clipping_equals_reference_and_logs_fraction(algorithm):
+    model = tiny_model()
+    reference = copy.deepcopy(model).double()
+    tokens = _tokens(length=13)
+    task = LanguageModelTask(model=model, optimizer=sgd(LR), grad_clip=1e-3, grad_clip_algorithm=algorithm)
+    trainer = run(task, stream_batches(tokens, 4))
+    if algorithm == "norm":
+        clip = lambda ps: torch.nn.utils.clip_grad_norm_(list(ps), 1e-3)  # noqa: E731
+    else:
+        clip = lambda ps: torch.nn.utils.clip_grad_value_(list(ps), 1e-3)  # noqa: E731
+    _assert_same_parameters(task.model, _window_loop(reference, tokens, 4, clip=clip))
+    assert trainer.callback_metrics["train/clip_fraction"] == 1.0
+    unclipped = LanguageModelTask(model=tiny_model(), optimizer=sgd(LR), grad_clip=1e6)
+    assert run(unclipped, stream_batches(tokens, 4)).callback_metrics["train/clip_fraction"] == 0.0
+
+
+class PoisonedTask(LanguageModelTask):
+    """Makes the losses of the given (window, row) pairs NaN, as a diverging model would."""
+
+    def __init__(self, poison: dict[int, list[int]], **kwargs):
+        super().__init__(**kwargs)
+        self.poison, self.calls = poison, 0
+
+    def window_step(self, window, state):
+        losses, state = super().window_step(window, state)
+        rows = self.poison.get(self.calls, [])
+        self.calls += 1
+        if rows:
+            bad = torch.zeros_like(losses)
+            bad[rows] = float("nan")
+            losses = losses + bad
+        return losses, state
+
+
+def test_nonfinite_step_is_skipped_and_its_streams_reset():
+    model = tiny_model()
+    reference = copy.deepcopy(model).double()
+    tokens = _tokens(length=17)
+    task = PoisonedTask({1: [0]}, model=model, optimizer=sgd(LR))
+    trainer = run(task, stream_batches(tokens, 4))
+    assert trainer.global_step == 3  # four windows, one skipped
+    assert trainer.callback_metrics["train/skipped_steps"] == 1.0
+
+    # reference: window 1 makes no update and stream 0 starts window 2 from zeros
+    opt = torch.optim.SGD(reference.parameters(), lr=LR)
+    x, y, state = tokens[:, :-1], tokens[:, 1:], None
+    for i, start in enumerate(range(0, 16, 4)):
+        logits, new = reference(x[:, start : start + 4], state)
+        state = _detach(new)
+        if i == 1:
+            state = tuple(torch.cat([torch.zeros_like(s[:1]), s[1:]]) for s in state)
+            continue
+        loss = F.cross_entropy(logits.flatten(0, 1), y[:, start : start + 4].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _assert_same_parameters(task.model, reference)
+
+
+def test_consecutive_nonfinite_steps_stop_training_with_clear_error():
+    task = PoisonedTask({i: [0, 1, 2] for i in range(10)}, model=tiny_model(), optimizer=sgd(LR),
+                        max_consecutive_nonfinite=3)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps skipped.*lower the learning rate"):
+        run(task, stream_batches(_tokens(length=30), 4))
+
+
+class DtypeRecorder(LanguageModelTask):
+    def window_step(self, window, state):
+        logits, _ = self.model(window["inputs"], state)
+        self.logits_dtype = logits.dtype
+        return super().window_step(window, state)
+
+
+def test_bf16_mixed_on_cpu_autocasts_and_tracks_fp32():
+    tokens = _tokens(length=9)
+    results = {}
+    for precision in ("32-true", "bf16-mixed"):
+        task = DtypeRecorder(model=tiny_model(), optimizer=sgd(LR))
+        run(task, stream_batches(tokens, 4), precision=precision)
+        results[precision] = task
+    assert results["32-true"].logits_dtype == torch.float32
+    assert results["bf16-mixed"].logits_dtype == torch.bfloat16
+    assert next(results["bf16-mixed"].model.parameters()).dtype == torch.float32  # master weights stay fp32
+    diffs = [(p - q).abs().max().item() for p, q in
+             zip(results["32-true"].model.parameters(), results["bf16-mixed"].model.parameters())]
+    assert 0 < max(diffs) < 5e-3  # bf16 rounding, not a different computation
+
+
+def test_step_scheduler_steps_once_per_optimizer_step():
+    task = LanguageModelTask(model=tiny_model(), optimizer=sgd(1.0),
+                             lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+    run(task, stream_batches(_tokens(length=13), 4))  # 3 optimizer steps
+    assert task.optimizers().param_groups[0]["lr"] == pytest.approx(0.5**3)
+
+
+def test_epoch_scheduler_steps_once_per_epoch():
+    task = LanguageModelTask(model=tiny_model(), optimizer=sgd(1.0), lr_scheduler_interval="epoch",
+                             lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+    run(task, stream_batches(_tokens(length=13), 4), max_epochs=2)
+    assert task.optimizers().param_groups[0]["lr"] == pytest.approx(0.25)
+
+
+def test_plateau_scheduler_steps_on_validation_loss():
+    tokens = _tokens(length=13)
+    plateau = lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, eps=0)  # noqa: E731
+    # lr 1e-9: the validation loss cannot improve, so every validation after the first halves the lr
+    task = LanguageModelTask(model=tiny_model(), optimizer=sgd(1e-9), lr_scheduler=plateau)
+    trainer = run(task, stream_batches(tokens, 4), val_batches=stream_batches(tokens, 6), max_epochs=3)
+    assert task.optimizers().param_groups[0]["lr"] == pytest.approx(1e-9 * 0.25)
+    assert VAL_LOSS in trainer.callback_metrics
+
+
+def test_validation_carries_state_and_weights_by_target_count():
+    model = tiny_model()
+    reference = copy.deepcopy(model).double().eval()
+    tokens = _tokens(length=12)
+    val = stream_batches(tokens, 5)  # windows of 5, 5 and 1 steps
+    task = LanguageModelTask(model=model, optimizer=sgd(0.0))
+    trainer = run(task, stream_batches(tokens, 4), val_batches=val)
+    with torch.no_grad():
+        logits, _ = reference(tokens[:, :-1])  # one pass over the whole split
+        expected = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    assert trainer.callback_metrics[VAL_LOSS].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert trainer.callback_metrics["val/ppl"].item() == pytest.approx(expected.exp().item(), rel=1e-6)
+
+
+def test_engine_rejects_k1_above_k2():
+    with pytest.raises(ValueError, match=r"task.k1=8 > task.k2=4.*k1 <= k2"):
+        LanguageModelTask(model=tiny_model(), k1=8, k2=4)
