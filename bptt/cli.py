@@ -5,12 +5,14 @@
     bptt test CHECKPOINT [...]
     bptt generate CHECKPOINT [--prompt TEXT] [--num-tokens N] [--temperature T] [--seed S]
 
-Bad input ends with one line ``bptt: error: ...`` and exit status 2.
+fit, validate and test end by printing their final metrics as one JSON line. Bad input ends
+with one line ``bptt: error: ...`` and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from bptt import __version__
@@ -57,12 +59,11 @@ def run(argv: list[str]) -> int:
         if args and args[0] in ("-h", "--help"):
             build_parser().print_help()
             return 0
-        metrics = training.fit(parse_config(args))
-        print({k: round(v, 4) for k, v in metrics.items()})
+        print(json.dumps(training.fit(parse_config(args))))
         return 0
     if command in ("validate", "test"):
         checkpoint, overrides = _split_checkpoint(command, args)
-        training.evaluate(checkpoint, command, overrides)
+        print(json.dumps(training.evaluate(checkpoint, command, overrides)))
         return 0
     if command == "generate":
         opts = _generate_args(args)

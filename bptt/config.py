@@ -45,15 +45,24 @@ def build_parser(prog: str = "bptt fit") -> ArgumentParser:
 
 
 def one_line(err: BaseException) -> str:
-    """A parser or constructor error as one line: the first user-facing cause, else the first message line."""
+    """A parser or constructor error as one line: the first user-facing cause, else jsonargparse's
+    message with its nested union explanation reduced to the branch that failed."""
     for cause in _chain(err):
         if isinstance(cause, BpttError):
             return str(cause)
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:  # jsonargparse nests the useful part under "Errors:" / "- ..."
-        if line.startswith("- ") and "Expected a <class 'NoneType'>" not in line:
-            return f"{lines[0]} {line[2:]}"
-    return " ".join(lines[:3])
+    lines = [line.rstrip() for line in str(err).splitlines() if line.strip()]
+    hint = "; `bptt fit --help` lists every key and type"
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if text.startswith("- ") and "NoneType" not in text:  # the class branch of "Optional[Class]"
+            indent = len(line) - len(line.lstrip())
+            detail = [text[2:]]
+            for following in lines[i + 1 :]:
+                if len(following) - len(following.lstrip()) <= indent:
+                    break
+                detail.append(following.strip())
+            return f"{lines[0].strip()} {' '.join(detail)}{hint}"
+    return " ".join(line.strip() for line in lines[:3]) + hint
 
 
 def parse_config(args: list[str], parser: ArgumentParser | None = None) -> Namespace:

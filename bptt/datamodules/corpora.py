@@ -77,8 +77,8 @@ def split_by_fractions(text: str, fractions: tuple[float, float, float]) -> dict
     cuts, start = [], 0
     for fraction in (fractions[0], fractions[0] + fractions[1]):
         at = int(len(text) * fraction)
-        newline = text.find("\n", at)
-        at = len(text) if newline < 0 else newline + 1
+        newline = text.find("\n", at - 1) if at > 0 else -1  # the first line start at or after `at`
+        at = 0 if at == 0 else len(text) if newline < 0 else newline + 1
         cuts.append(max(at, start))
         start = cuts[-1]
     return {"train": text[: cuts[0]], "validation": text[cuts[0] : cuts[1]], "test": text[cuts[1] :]}

@@ -1,0 +1,48 @@
+"""Stream layout: contiguous rows, disjoint covering shards, window schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bptt.datamodules.streams import StreamWindows, shard_streams, stream_layout, window_lengths
+
+
+def test_row_b_of_batch_k_plus_1_continues_row_b_of_batch_k():
+    ids = torch.arange(103)  # token = its position in the corpus
+    windows = list(StreamWindows(stream_layout(ids, 4), bptt=7))
+    for prev, nxt in zip(windows, windows[1:]):
+        assert torch.equal(nxt["inputs"][:, 0], prev["inputs"][:, -1] + 1)
+        assert torch.equal(nxt["inputs"][:, 0], prev["targets"][:, -1])
+    rows = torch.cat([w["inputs"] for w in windows], dim=1)
+    assert torch.equal(rows, stream_layout(ids, 4)[:, :-1])  # every step of every stream, in order
+    assert [bool(w["reset"].all()) for w in windows] == [True] + [False] * (len(windows) - 1)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_rank_shards_are_disjoint_and_cover_the_streams(world):
+    streams = stream_layout(torch.arange(1000), 8)
+    shards = [shard_streams(streams, rank, world) for rank in range(world)]
+    seen = torch.cat([s.flatten() for s in shards])
+    assert seen.numel() == seen.unique().numel() == 8 * (1000 // 8)
+    assert torch.equal(torch.cat(shards), streams)  # contiguous blocks, in rank order
+
+
+def test_random_window_lengths_are_reproducible_and_cover_the_stream():
+    a = window_lengths(5001, 70, True, seed=3, epoch=0)
+    assert a == window_lengths(5001, 70, True, seed=3, epoch=0)
+    assert a != window_lengths(5001, 70, True, seed=3, epoch=1)
+    assert sum(a) == 5000 and min(a[:-1]) >= 5
+    assert 55 < sum(a) / len(a) < 75  # 0.95 * 70 + 0.05 * 35, jittered
+    assert window_lengths(21, 7, False, 0, 0) == [7, 7, 6]
+
+
+def test_start_at_resumes_mid_epoch_and_next_epoch_starts_over():
+    streams = stream_layout(torch.arange(200), 4)
+    full = list(StreamWindows(streams, bptt=6))
+    resumed = StreamWindows(streams, bptt=6)
+    resumed.start_at(0, 3)
+    assert len(resumed) == len(full) - 3
+    rest = list(resumed)
+    assert all(torch.equal(a["inputs"], b["inputs"]) for a, b in zip(rest, full[3:]))
+    assert [w["window"] for w in list(resumed)] == list(range(len(full)))  # then a whole epoch

@@ -1,0 +1,164 @@
+"""The `bptt` command end to end: fit, validate, test and generate on real corpora, DDP on CPU,
+and bad input that stops before any training with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bptt.cli import main
+from bptt.datamodules import TextStreamDataModule
+from bptt.datamodules.streams import stream_layout
+from bptt.datamodules.vocabulary import Vocabulary
+from bptt.models import RNNLanguageModel
+from tests.conftest import PROJECT
+
+BPTT = str(Path(sys.executable).parent / "bptt")
+QUICK = str(PROJECT / "conf/lm/quickstart.yaml")
+# the quickstart shrunk to seconds: a few stdlib modules, a small LSTM
+SMALL = ["--config", QUICK, "--data.stdlib_glob", "json/*.py", "--model.hidden_size", "32",
+         "--trainer.max_steps", "12", "--trainer.val_check_interval", "6", "--trainer.enable_progress_bar", "false",
+         "--data.batch_size", "4", "--data.eval_batch_size", "4", "--data.bptt", "16"]
+
+
+def bptt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([BPTT, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.hiden_size", "3"], "Option 'hiden_size' is not accepted"),
+        (["--trainer.max_steps", "abc"], "Expected a <class 'int'>. Got value: abc"),
+        (["--task.k1", "10", "--task.k2", "5"], "task.k1=10 > task.k2=5"),
+        (["--data.bptt", "1000000"], "data.bptt=1000000 is longer than the train streams"),
+        (["--data.corpus", "nowhere.txt"], "corpus 'nowhere.txt' not found"),
+        (["--data.corpus", "latin1.txt"], "latin1.txt is not UTF-8 text"),
+        (["--data.corpus", "empty.txt"], "split of .*empty.txt is empty"),
+    ],
+)
+def test_bad_input_fails_in_one_line_before_training(args, message, tmp_path, capsys, monkeypatch):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1") * 50)
+    (tmp_path / "empty.txt").write_text("")
+    monkeypatch.setenv("BPTT_DATA_DIR", str(tmp_path))
+    run_dir = tmp_path / "run"
+    code = main(["fit", *SMALL, "--trainer.default_root_dir", str(run_dir), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("bptt: error: ") and re.search(message, err[-1])
+    assert not run_dir.exists()  # nothing was started or written
+
+
+def test_unknown_command_and_checkpoint_errors(tmp_path, capsys):
+    assert main(["train"]) == 2
+    assert "unknown command 'train'" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "none.ckpt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    assert main(["test", str(tmp_path / "junk.ckpt")]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A real `bptt fit` run of the shrunk quickstart."""
+    root = tmp_path_factory.mktemp("fit")
+    result = bptt("fit", *SMALL, "--trainer.default_root_dir", str(root / "run"), cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_fit_writes_config_vocab_logs_and_checkpoints(trained):
+    for name in ("config.yaml", "vocab.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (trained / name).is_file(), name
+    metrics = (next(trained.glob("logs/version_*/metrics.csv"))).read_text().splitlines()
+    header = metrics[0].split(",")
+    for key in ("train/loss", "train/bpc", "train/tokens_per_sec", "train/grad_norm", "train/clip_fraction", "val/loss", "val/bpc"):
+        assert key in header, key
+    ckpt = torch.load(trained / "checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 12
+
+
+def _independent_val_loss(run: Path) -> float:
+    """val/loss of a checkpoint computed without the engine: one pass over each stream, state carried."""
+    ckpt = torch.load(run / "checkpoints/best.ckpt", weights_only=True)
+    vocab = Vocabulary.load(run / "vocab.json")
+    model = RNNLanguageModel(vocab_size=len(vocab), embedding_size=64, hidden_size=32, num_layers=1)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
+    dm = TextStreamDataModule(stdlib_glob="json/*.py", vocab_file=str(run / "vocab.json"))
+    dm.load()
+    streams = stream_layout(dm.ids["validation"], 4)  # (4, L)
+    with torch.no_grad():
+        logits, _ = model.eval()(streams[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1), streams[:, 1:].flatten()).item()
+
+
+@pytest.mark.slow
+def test_validate_and_test_a_checkpoint(trained):
+    result = bptt("validate", str(trained / "checkpoints/best.ckpt"), "--trainer.enable_progress_bar", "false",
+                  cwd=trained)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reported = json.loads(result.stdout.splitlines()[-1])["val/loss"]
+    assert reported == pytest.approx(_independent_val_loss(trained), abs=1e-4)
+    result = bptt("test", str(trained / "checkpoints/best.ckpt"), "--trainer.enable_progress_bar", "false", cwd=trained)
+    assert result.returncode == 0 and "test/bpc" in json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_generate_samples_reproducibly_and_greedy_matches_argmax(trained):
+    ckpt = str(trained / "checkpoints/last.ckpt")
+    a = bptt("generate", ckpt, "--prompt", "def ", "--num-tokens", "40", "--seed", "3", cwd=trained)
+    b = bptt("generate", ckpt, "--prompt", "def ", "--num-tokens", "40", "--seed", "3", cwd=trained)
+    assert a.returncode == 0, a.stderr[-2000:]
+    assert a.stdout == b.stdout and a.stdout.startswith("def ") and len(a.stdout) == len("def ") + 40 + 1
+
+    greedy = bptt("generate", ckpt, "--prompt", "def ", "--num-tokens", "10", "--temperature", "0", cwd=trained)
+    vocab = Vocabulary.load(trained / "vocab.json")
+    model = RNNLanguageModel(vocab_size=len(vocab), embedding_size=64, hidden_size=32, num_layers=1)
+    state_dict = torch.load(ckpt, weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state_dict.items()})
+    ids, state, out = torch.tensor([vocab.encode("def ")]), None, []
+    with torch.no_grad():
+        for _ in range(10):
+            logits, state = model.eval()(ids, state)
+            ids = logits[:, -1:].argmax(-1)
+            out.append(ids.item())
+    assert greedy.stdout == "def " + vocab.decode(out) + "\n"
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_take_the_same_step_as_one(tmp_path):
+    """Same global batch (4 streams): 1 process with 4 streams vs 2 gloo processes with 2 each."""
+    params = {}
+    for devices in (1, 2):
+        root = tmp_path / f"ddp{devices}"
+        # plain SGD without clipping: its update is proportional to the gradient, so a wrong average shows
+        args = [*SMALL, "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--task.grad_clip", "null",
+                "--task.optimizer.class_path", "torch.optim.SGD", "--task.optimizer.init_args.lr", "1.0",
+                "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
+                "--trainer.default_root_dir", str(root)]
+        result = bptt("fit", *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert devices == 1 or "MEMBER: 2/2" in result.stderr
+        params[devices] = torch.load(root / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    for name, value in params[1].items():
+        torch.testing.assert_close(params[2][name], value, atol=2e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_shakespeare_config_trains(shakespeare, tmp_path):
+    result = bptt("fit", "--config", str(PROJECT / "conf/lm/tinyshakespeare_char.yaml"), "--trainer.max_steps", "3",
+                  "--model.hidden_size", "32", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "3",
+                  "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run/checkpoints/last.ckpt").is_file()
