@@ -6,6 +6,7 @@ Nothing happens at import time; ``bptt.cli`` and ``bptt.ray_jobs`` call these.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,12 @@ from bptt.config import build_parser, instantiate, parse_config
 from bptt.errors import CheckpointError, ConfigError
 from bptt.lightning_modules.language_model import LanguageModelTask
 from bptt.lightning_modules.tbptt import VAL_LOSS
+
+
+def _quiet_known_warnings() -> None:
+    """Silence warnings that are about library internals, not about the user's run."""
+    warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")  # ours is exact
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning on torch 2.13
 
 
 class RunConfigInCheckpoint(Callback):
@@ -57,6 +64,7 @@ def fit(cfg: Namespace) -> dict[str, float]:
     Returns:
         the last logged metrics (``train/loss``, ``val/loss``, ...).
     """
+    _quiet_known_warnings()
     parser = build_parser()
     config_yaml = parser.dump(cfg)
     pl.seed_everything(cfg.seed_everything, workers=True, verbose=False)
@@ -93,6 +101,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def _restore(checkpoint_path: str | Path, overrides: list[str]) -> tuple[Namespace, Namespace, dict[str, Any]]:
     """Rebuild a checkpoint's run: (config, instantiated objects, checkpoint)."""
+    _quiet_known_warnings()
     checkpoint = load_checkpoint(checkpoint_path)
     datamodule_state = next((v for v in checkpoint.values() if isinstance(v, dict) and "vocab" in v), None)
     parser = build_parser()
