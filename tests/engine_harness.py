@@ -37,10 +37,11 @@ def sgd(lr: float = 0.5):
 
 
 def run(task: LanguageModelTask, batches: list[dict[str, Any]], *, precision: str = "64-true",
-        val_batches: list[dict[str, Any]] | None = None, max_epochs: int = 1, **trainer: Any) -> pl.Trainer:
+        val_batches: list[dict[str, Any]] | None = None, max_epochs: int = 1, accelerator: str = "cpu",
+        **trainer: Any) -> pl.Trainer:
     """Fit ``task`` on ``batches`` (one epoch by default) and return the Trainer."""
     trainer_ = pl.Trainer(
-        accelerator="cpu", devices=1, precision=precision, max_epochs=max_epochs, logger=False,
+        accelerator=accelerator, devices=1, precision=precision, max_epochs=max_epochs, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=len(val_batches or []), use_distributed_sampler=False, **trainer,
     )

@@ -265,14 +265,17 @@ class TBPTTModule(pl.LightningModule):
         return getattr(self.trainer.precision_plugin, "scaler", None)
 
     def _gradient_size(self) -> tuple[float, float]:
-        """(global 2-norm, largest absolute value) of the gradients, unscaled."""
+        """(global 2-norm, largest absolute value) of the gradients, unscaled; the 2-norm is
+        NaN or Inf when any gradient is, and the largest value is only computed for value clipping."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return 0.0, 0.0
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf)
         scale = self._scaler().get_scale() if self._scaler() is not None else 1.0
-        return float(norm) / scale, float(largest) / scale
+        norm = float(torch.nn.utils.get_total_norm(grads, norm_type=2.0)) / scale
+        largest = 0.0
+        if self.grad_clip is not None and self.grad_clip_algorithm == "value":
+            largest = float(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)) / scale
+        return norm, largest
 
     def _skip_step(self, opt: Any, reason: str) -> None:
         opt.zero_grad(set_to_none=True)

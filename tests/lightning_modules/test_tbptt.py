@@ -221,6 +221,22 @@ def test_bf16_mixed_on_cpu_autocasts_and_tracks_fp32():
     assert 0 < max(diffs) < 5e-3  # bf16 rounding, not a different computation
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("precision", "dtype"), [("16-mixed", torch.float16), ("bf16-mixed", torch.bfloat16)])
+def test_mixed_precision_on_gpu_autocasts_scales_and_tracks_fp32(precision, dtype):
+    tokens = _tokens(length=9)
+    reference = DtypeRecorder(model=tiny_model(), optimizer=sgd(LR), grad_clip=0.05)
+    run(reference, stream_batches(tokens, 4), precision="32-true", accelerator="gpu")
+    task = DtypeRecorder(model=tiny_model(), optimizer=sgd(LR), grad_clip=0.05)
+    trainer = run(task, stream_batches(tokens, 4), precision=precision, accelerator="gpu")
+    assert task.logits_dtype == dtype
+    assert (getattr(trainer.precision_plugin, "scaler", None) is not None) == (precision == "16-mixed")
+    assert trainer.global_step == 2 and trainer.callback_metrics["train/clip_fraction"] == 1.0
+    diffs = [(p - q).abs().max().item() for p, q in zip(reference.model.parameters(), task.model.parameters())]
+    assert max(diffs) < 5e-3  # clipped on unscaled gradients: the fp16 scale (65536) would show here
+
+
 def test_step_scheduler_steps_once_per_optimizer_step():
     task = LanguageModelTask(model=tiny_model(), optimizer=sgd(1.0),
                              lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
