@@ -192,6 +192,35 @@ def test_nonfinite_step_is_skipped_and_its_streams_reset():
     _assert_same_parameters(task.model, reference)
 
 
+def test_nonfinite_gradient_with_finite_loss_is_skipped_and_state_kept():
+    model = tiny_model()
+    reference = copy.deepcopy(model).double()
+    backward_calls = []
+
+    def poison_second_backward(grad):
+        backward_calls.append(1)
+        return grad * float("inf") if len(backward_calls) == 2 else grad
+
+    model.decoder.bias.register_hook(poison_second_backward)
+    tokens = _tokens(length=13)
+    task = LanguageModelTask(model=model, optimizer=sgd(LR))
+    trainer = run(task, stream_batches(tokens, 4))
+    assert trainer.global_step == 2 and trainer.callback_metrics["train/skipped_steps"] == 1.0
+
+    opt = torch.optim.SGD(reference.parameters(), lr=LR)
+    x, y, state = tokens[:, :-1], tokens[:, 1:], None
+    for i, start in enumerate(range(0, 12, 4)):
+        logits, new = reference(x[:, start : start + 4], state)
+        state = _detach(new)  # finite state: every stream carries on
+        if i == 1:
+            continue
+        loss = F.cross_entropy(logits.flatten(0, 1), y[:, start : start + 4].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _assert_same_parameters(task.model, reference)
+
+
 def test_consecutive_nonfinite_steps_stop_training_with_clear_error():
     task = PoisonedTask({i: [0, 1, 2] for i in range(10)}, model=tiny_model(), optimizer=sgd(LR),
                         max_consecutive_nonfinite=3)
