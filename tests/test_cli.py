@@ -96,7 +96,7 @@ def _independent_val_loss(run: Path) -> float:
     model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
     dm = TextStreamDataModule(stdlib_glob="json/*.py", vocab_file=str(run / "vocab.json"))
     dm.load()
-    streams = stream_layout(dm.ids["validation"], 4)  # (4, L)
+    streams = stream_layout(dm.ids["validation"].long(), 4)  # (4, L)
     with torch.no_grad():
         logits, _ = model.eval()(streams[:, :-1])
         return F.cross_entropy(logits.flatten(0, 1), streams[:, 1:].flatten()).item()

@@ -119,8 +119,8 @@ class StreamWindows(IterableDataset):
         for index in range(first, len(lengths)):
             length = lengths[index]
             yield {
-                "inputs": self.streams[:, offset : offset + length],  # (B, T)
-                "targets": self.streams[:, offset + 1 : offset + 1 + length],  # (B, T)
+                "inputs": self.streams[:, offset : offset + length].long(),  # (B, T)
+                "targets": self.streams[:, offset + 1 : offset + 1 + length].long(),  # (B, T)
                 "reset": torch.full((batch_size,), index == 0),  # (B,)
                 "epoch": epoch,
                 "window": index,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Literal
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 
 from bptt.datamodules.corpora import CorpusError
 
@@ -92,26 +94,41 @@ class Vocabulary:
 
 
 def tokenize_split(records: datasets.Dataset, vocab: Vocabulary, cache_file: Path) -> np.ndarray:
-    """Token ids of a split's records, concatenated in order.
+    """Token ids of a split's records, concatenated in order, memory-mapped from disk.
 
     The ids are computed with a batched ``datasets.map`` whose result is cached in
     ``cache_file`` (an Arrow file), so a second run reads them instead of tokenizing.
+    Their concatenation is written once beside it as ``.npy`` and memory-mapped, so a
+    corpus of any length costs page cache, not process memory.
 
     Returns:
-        (N,) int64 ids.
+        (N,) int32 ids, a copy-on-write memory map.
     """
     cache_file.parent.mkdir(parents=True, exist_ok=True)
+    flat_file = cache_file.with_suffix(".npy")
+    if not flat_file.exists():
 
-    def encode_batch(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        return {"ids": [vocab.encode(text) for text in batch["text"]]}
+        def encode_batch(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+            return {"ids": [vocab.encode(text) for text in batch["text"]]}
 
-    tokenized = records.map(
-        encode_batch,
-        batched=True,
-        remove_columns=records.column_names,
-        cache_file_name=str(cache_file),
-        load_from_cache_file=True,
-        desc=f"tokenizing {cache_file.stem}",
-    )
-    column = tokenized.data.column("ids").combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        tokenized = records.map(
+            encode_batch,
+            batched=True,
+            remove_columns=records.column_names,
+            cache_file_name=str(cache_file),
+            load_from_cache_file=True,
+            desc=f"tokenizing {cache_file.stem}",
+        )
+        column = tokenized.data.column("ids")
+        total = int(pc.sum(pc.list_value_length(column)).as_py() or 0)
+        partial = flat_file.with_suffix(".partial.npy")
+        flat = np.lib.format.open_memmap(partial, mode="w+", dtype=np.int32, shape=(total,))
+        position = 0
+        for chunk in column.chunks:
+            values = chunk.flatten().to_numpy(zero_copy_only=False)
+            flat[position : position + len(values)] = values
+            position += len(values)
+        flat.flush()
+        del flat
+        os.replace(partial, flat_file)  # atomic: a crash leaves no half-written cache
+    return np.load(flat_file, mmap_mode="c")
