@@ -41,6 +41,25 @@ def data_root(data_dir: str | None = None) -> Path:
     return Path(data_dir or os.environ.get("BPTT_DATA_DIR") or "data")
 
 
+def corpus_identity(
+    corpus: str, *, data_dir: str | None = None, stdlib_glob: str = "**/*.py", hf_config: str | None = None,
+    text_column: str = "text",
+) -> list[object] | None:
+    """What a corpus is made of, without reading it: paths, sizes and modification times of its
+    files (or a Hugging Face name and config). None when the corpus cannot be found."""
+    if corpus == "stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(root.glob(stdlib_glob))
+    elif corpus.startswith("hf:"):
+        return [corpus, hf_config, text_column]
+    else:
+        path = data_root(data_dir) / corpus
+        if not path.exists():
+            return None
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [corpus, stdlib_glob, text_column] + [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
 def read_utf8(path: Path) -> str:
     """A text file's contents; a clear error when it is not UTF-8."""
     raw = path.read_bytes()

@@ -10,16 +10,18 @@ windows in order. See ``bptt.datamodules.streams`` for the picture.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
-from bptt.datamodules.corpora import CorpusError, data_root, load_corpus
+from bptt.datamodules.corpora import CorpusError, corpus_identity, load_corpus
 from bptt.datamodules.streams import StreamWindows, shard_streams, stream_layout
 from bptt.datamodules.vocabulary import Vocabulary, tokenize_split
 from bptt.errors import ConfigError
@@ -101,9 +103,25 @@ class TextStreamDataModule(pl.LightningDataModule):
         self.load()
 
     def load(self) -> None:
-        """Read the corpus, build the vocabulary and tokenize every split (cached); idempotent."""
+        """Read the corpus, build the vocabulary and tokenize every split; idempotent.
+
+        A corpus seen before (same files, sizes and times, same settings) is not read again:
+        its vocabulary and memory-mapped token ids come from the cache.
+        """
         if self.ids:
             return
+        manifest = self._manifest()
+        if manifest is not None and manifest.exists():
+            cached = json.loads(manifest.read_text())
+            if all(Path(f).exists() for f in cached["splits"].values()):
+                self.vocab = self.vocab or Vocabulary.from_state_dict(cached["vocab"])
+                self.origin = cached["origin"]
+                self.ids = {s: torch.from_numpy(np.load(f, mmap_mode="c")) for s, f in cached["splits"].items()}
+        if not self.ids:
+            self._tokenize(manifest)
+        self._check_stream_lengths()
+
+    def _tokenize(self, manifest: Path | None) -> None:
         records, origin = load_corpus(
             self.corpus,
             data_dir=self.data_dir,
@@ -116,14 +134,31 @@ class TextStreamDataModule(pl.LightningDataModule):
             if not any(text.strip() for text in dataset["text"]):
                 raise CorpusError(f"the {split} split of {origin} is empty; use a larger corpus or other split_fractions")
         vocab = self.vocab or Vocabulary.build(records["train"]["text"], self.level, self.min_count)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        files = {}
         for split, dataset in records.items():
             key = hashlib.sha256(f"{dataset._fingerprint}/{vocab.fingerprint()}".encode()).hexdigest()[:20]
             cache_file = self.cache_dir / "tokenized" / f"{split}-{key}.arrow"
             with FileLock(str(cache_file) + ".lock"):  # DDP ranks on one machine tokenize once
                 self.ids[split] = torch.from_numpy(tokenize_split(dataset, vocab, cache_file))
-        self.vocab = vocab
-        self.origin = origin
+            files[split] = str(cache_file.with_suffix(".npy"))
+        self.vocab, self.origin = vocab, origin
+        if manifest is not None:
+            partial = manifest.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps({"origin": origin, "vocab": vocab.state_dict(), "splits": files}))
+            os.replace(partial, manifest)
+
+    def _manifest(self) -> Path | None:
+        """The cache entry of this corpus and these settings, or None when the corpus is not found."""
+        identity = corpus_identity(self.corpus, data_dir=self.data_dir, stdlib_glob=self.stdlib_glob,
+                                   hf_config=self.hf_config, text_column=self.text_column)
+        if identity is None:
+            return None
+        settings = [self.level, self.min_count, list(self.split_fractions), self.vocab.fingerprint() if self.vocab else None]
+        key = hashlib.sha256(json.dumps([identity, settings]).encode()).hexdigest()[:20]
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        return self.cache_dir / f"corpus-{key}.json"
+
+    def _check_stream_lengths(self) -> None:
         for split, streams_global in self._stream_counts().items():
             length = self.ids[split].numel() // streams_global
             if length - 1 < self.bptt:

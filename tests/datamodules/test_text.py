@@ -81,6 +81,21 @@ def test_tokenized_splits_are_cached_and_reused(tmp_path, monkeypatch):
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # read back, not tokenized again
     assert all(torch.equal(first.ids[s], second.ids[s]) for s in first.ids)
 
+    def unread(*args, **kwargs):
+        raise AssertionError("a cached corpus must not be read again")
+
+    monkeypatch.setattr("bptt.datamodules.text.load_corpus", unread)
+    third = TextStreamDataModule(corpus=corpus, data_dir=str(tmp_path), batch_size=2, eval_batch_size=2, bptt=4)
+    third.load()
+    assert third.vocab.tokens == first.vocab.tokens and torch.equal(third.ids["train"], first.ids["train"])
+
+    monkeypatch.undo()
+    monkeypatch.setenv("BPTT_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / corpus / "test.txt").write_text("bca\n" * 21)  # an edited corpus is tokenized afresh
+    edited = TextStreamDataModule(corpus=corpus, data_dir=str(tmp_path), batch_size=2, eval_batch_size=2, bptt=4)
+    edited.load()
+    assert edited.vocab.decode(edited.ids["test"].tolist()) == "bca\n" * 21
+
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_ranks_read_disjoint_streams_covering_the_corpus(tmp_path, world):
