@@ -40,10 +40,12 @@ class RunConfigInCheckpoint(Callback):
         checkpoint["bptt"] = {"config": self.config_yaml, "version": __version__}
 
 
-def _trainer(trainer_args: Namespace, config_yaml: str, *, checkpoints: bool = True) -> pl.Trainer:
+def _trainer(
+    trainer_args: Namespace, config_yaml: str, *, checkpoints: bool = True, extra_callbacks: list[Callback] = ()
+) -> pl.Trainer:
     args = dict(vars(trainer_args))
     root = Path(args["default_root_dir"])
-    callbacks = list(args.pop("callbacks") or [])
+    callbacks = list(args.pop("callbacks") or []) + list(extra_callbacks)
     if checkpoints and args.get("enable_checkpointing") is not False:
         callbacks.append(
             ModelCheckpoint(dirpath=root / "checkpoints", filename="best", monitor=VAL_LOSS, mode="min", save_last=True)
@@ -54,8 +56,10 @@ def _trainer(trainer_args: Namespace, config_yaml: str, *, checkpoints: bool = T
     return pl.Trainer(callbacks=callbacks, **args)
 
 
-def fit(cfg: Namespace) -> dict[str, float]:
+def fit(cfg: Namespace, callbacks: list[Callback] | None = None) -> dict[str, float]:
     """Train the run that ``cfg`` describes (a parsed ``bptt fit`` config).
+
+    ``callbacks`` are added to the Trainer's (for example a sweep's reporting callback).
 
     Writes ``config.yaml``, the DataModule's artifacts (e.g. ``vocab.json``), logs and
     checkpoints (``checkpoints/best.ckpt``, ``checkpoints/last.ckpt``) under
@@ -70,7 +74,7 @@ def fit(cfg: Namespace) -> dict[str, float]:
     pl.seed_everything(cfg.seed_everything, workers=True, verbose=False)
     init = instantiate(cfg, parser)
     init.data.prepare_data()  # bad data fails here, before the Trainer starts anything
-    trainer = _trainer(init.trainer, config_yaml)
+    trainer = _trainer(init.trainer, config_yaml, extra_callbacks=callbacks or [])
     if trainer.is_global_zero:
         root = Path(cfg.trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)

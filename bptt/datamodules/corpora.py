@@ -47,17 +47,18 @@ def corpus_identity(
 ) -> list[object] | None:
     """What a corpus is made of, without reading it: paths, sizes and modification times of its
     files (or a Hugging Face name and config). None when the corpus cannot be found."""
-    if corpus == "stdlib":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        files = sorted(root.glob(stdlib_glob))
-    elif corpus.startswith("hf:"):
+    if corpus.startswith("hf:"):
         return [corpus, hf_config, text_column]
+    if corpus == "stdlib":
+        spec: list[object] = [corpus, stdlib_glob]
+        files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob(stdlib_glob))
     else:
         path = data_root(data_dir) / corpus
         if not path.exists():
             return None
+        spec = [corpus, text_column]
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [corpus, stdlib_glob, text_column] + [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return spec + [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 def read_utf8(path: Path) -> str:

@@ -1,0 +1,255 @@
+"""Throughput and memory of `bptt fit` against the bare kernel and a plain PyTorch TBPTT loop.
+
+Measured side by side in one process, rounds interleaved, medians reported:
+
+  (a) bare kernel: the model's forward + loss + backward + SGD step on one preloaded window;
+  (b) plain loop: pytorch/examples word_language_model's TBPTT loop (streams, carried and
+      detached state, clip_grad_norm_, SGD, loss.item() per step);
+  (c) `bptt fit`: bptt.training.fit on the same model, data, optimizer and clipping.
+
+Models: 2 x 650 word LSTM (tied, dropout 0.5, batch 20, bptt 35) and 2 x 512 char LSTM
+(batch 64, bptt 128), on the standard library's source code (word vocabulary min count 3,
+about WikiText-2's 33k words). Then the peak memory of stream mode on a corpus 1x, 10x
+and 100x as long: each size trains in a fresh process from the token cache.
+
+    python benchmarks/throughput.py [--rounds 2] [--out benchmarks/results/throughput.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from bptt.config import parse_config
+from bptt.datamodules import TextStreamDataModule
+from bptt.datamodules.streams import stream_layout
+from bptt.models import RNNLanguageModel
+from bptt.training import fit
+
+SETUPS = {
+    "word_2x650": dict(level="word", min_count=3, embedding=650, hidden=650, dropout=0.5, tie=True, batch=20, bptt=35,
+                       lr=20.0, clip=0.25, warmup=5, steps=40),
+    "char_2x512": dict(level="char", min_count=1, embedding=128, hidden=512, dropout=0.0, tie=False, batch=64, bptt=128,
+                       lr=1.0, clip=0.25, warmup=2, steps=10),
+}
+STDLIB = "**/*.py"
+
+
+def _model(setup: dict, vocab: int) -> RNNLanguageModel:
+    torch.manual_seed(0)
+    return RNNLanguageModel(vocab_size=vocab, embedding_size=setup["embedding"], hidden_size=setup["hidden"],
+                            num_layers=2, dropout=setup["dropout"], tie_weights=setup["tie"])
+
+
+def _autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+
+
+def bare_kernel(setup: dict, data: TextStreamDataModule, precision: str) -> float:
+    model = _model(setup, data.vocab_size).train()
+    opt = torch.optim.SGD(model.parameters(), lr=setup["lr"])
+    streams = stream_layout(data.ids["train"], setup["batch"])  # (B, L)
+    x, y = streams[:, : setup["bptt"]].long(), streams[:, 1 : setup["bptt"] + 1].long()  # preloaded (B, T)
+    for step in range(setup["warmup"] + setup["steps"]):
+        if step == setup["warmup"]:
+            start = time.perf_counter()
+        with _autocast(precision):
+            logits, _ = model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return setup["steps"] * x.numel() / (time.perf_counter() - start)
+
+
+def plain_loop(setup: dict, data: TextStreamDataModule, precision: str) -> float:
+    model = _model(setup, data.vocab_size).train()
+    opt = torch.optim.SGD(model.parameters(), lr=setup["lr"])
+    streams = stream_layout(data.ids["train"], setup["batch"])  # (B, L)
+    state, total_loss, bptt = None, 0.0, setup["bptt"]
+    for step in range(setup["warmup"] + setup["steps"]):
+        if step == setup["warmup"]:
+            start = time.perf_counter()
+        i = step * bptt
+        x, y = streams[:, i : i + bptt].long(), streams[:, i + 1 : i + 1 + bptt].long()  # (B, T)
+        state = None if state is None else tuple(s.detach() for s in state)
+        with _autocast(precision):
+            logits, state = model(x, state)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), setup["clip"])
+        opt.step()
+        total_loss += loss.item()
+    return setup["steps"] * x.numel() / (time.perf_counter() - start)
+
+
+class StepTimer(pl.Callback):
+    """Tokens per second over the batches after the warm-up."""
+
+    def __init__(self, warmup: int, tokens_per_batch: int) -> None:
+        self.warmup, self.tokens_per_batch, self.start, self.end, self.batches = warmup, tokens_per_batch, 0.0, 0.0, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup:
+            self.end, self.batches = time.perf_counter(), batch_idx - self.warmup + 1
+
+    def tokens_per_sec(self) -> float:
+        return self.batches * self.tokens_per_batch / (self.end - self.start)
+
+
+def _fit_args(setup: dict, precision: str, root: str, max_steps: int) -> list[str]:
+    return [
+        "--model.class_path", "bptt.models.RNNLanguageModel",
+        "--model.embedding_size", str(setup["embedding"]), "--model.hidden_size", str(setup["hidden"]),
+        "--model.num_layers", "2", "--model.dropout", str(setup["dropout"]), "--model.tie_weights", str(setup["tie"]),
+        "--task.class_path", "bptt.lightning_modules.LanguageModelTask",
+        "--task.optimizer.class_path", "torch.optim.SGD", "--task.optimizer.init_args.lr", str(setup["lr"]),
+        "--task.grad_clip", str(setup["clip"]),
+        "--data.class_path", "bptt.datamodules.TextStreamDataModule", "--data.corpus", "stdlib",
+        "--data.stdlib_glob", STDLIB, "--data.level", setup["level"], "--data.min_count", str(setup["min_count"]),
+        "--data.batch_size", str(setup["batch"]), "--data.bptt", str(setup["bptt"]),
+        "--trainer.max_steps", str(max_steps), "--trainer.precision", precision, "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", root,
+    ]
+
+
+def bptt_fit(setup: dict, data: TextStreamDataModule, precision: str) -> float:
+    timer = StepTimer(setup["warmup"], setup["batch"] * setup["bptt"])
+    with tempfile.TemporaryDirectory() as root:
+        fit(parse_config(_fit_args(setup, precision, root, setup["warmup"] + setup["steps"])), callbacks=[timer])
+    return timer.tokens_per_sec()
+
+
+VARIANTS = {
+    "a_bare_fp32": (bare_kernel, "32-true"),
+    "b_plain_fp32": (plain_loop, "32-true"),
+    "c_bptt_fp32": (bptt_fit, "32-true"),
+    "a_bare_bf16": (bare_kernel, "bf16-mixed"),
+    "c_bptt_bf16": (bptt_fit, "bf16-mixed"),
+}
+
+
+def throughput(rounds: int) -> dict:
+    results = {}
+    for name, setup in SETUPS.items():
+        data = TextStreamDataModule(corpus="stdlib", stdlib_glob=STDLIB, level=setup["level"],
+                                    min_count=setup["min_count"], batch_size=setup["batch"], bptt=setup["bptt"])
+        data.load()
+        runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for _ in range(rounds):
+            for variant, (measure, precision) in VARIANTS.items():
+                runs[variant].append(measure(setup, data, precision))
+                print(f"{name} {variant}: {runs[variant][-1]:,.0f} tokens/s", flush=True)
+        med = {v: statistics.median(r) for v, r in runs.items()}
+        results[name] = {
+            "vocab_size": data.vocab_size, "tokens_per_sec": med, "runs": runs,
+            "c_over_a": med["c_bptt_fp32"] / med["a_bare_fp32"],
+            "c_over_b": med["c_bptt_fp32"] / med["b_plain_fp32"],
+            "c_bf16_over_b_fp32": med["c_bptt_bf16"] / med["b_plain_fp32"],
+            "bare_bf16_over_bare_fp32": med["a_bare_bf16"] / med["a_bare_fp32"],
+        }
+    return results
+
+
+# ---- memory -----------------------------------------------------------------------------------
+def _rss_anon_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+
+
+class AnonPeak(pl.Callback):
+    """The largest anonymous (process-owned, not page-cache) resident memory seen after each step."""
+
+    def __init__(self) -> None:
+        self.peak_kb = 0
+
+    def on_train_batch_end(self, *args) -> None:
+        self.peak_kb = max(self.peak_kb, _rss_anon_kb())
+
+
+def memory_probe(corpus: Path, steps: int) -> dict:
+    """Train the quickstart model for ``steps`` windows on ``corpus`` (run in a fresh process)."""
+    peak = AnonPeak()
+    with tempfile.TemporaryDirectory() as root:
+        args = ["--config", str(Path(__file__).parents[1] / "conf/lm/quickstart.yaml"), "--data.corpus", corpus.name,
+                "--data.data_dir", str(corpus.parent), "--trainer.max_steps", str(steps),
+                "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+                "--trainer.default_root_dir", root]
+        fit(parse_config(args), callbacks=[peak])
+    return {"peak_rss_anon_mb": peak.peak_kb / 1024}
+
+
+def memory(multiples: tuple[int, ...], base_chars: int, steps: int) -> dict:
+    from bptt.datamodules.corpora import stdlib_text
+
+    base = stdlib_text("*.py")[0][:base_chars]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in multiples:
+            corpus = Path(tmp) / f"corpus_{k}x.txt"
+            corpus.write_text(base * k)
+            env = {**os.environ, "BPTT_CACHE_DIR": str(Path(tmp) / "cache")}
+            probe = [sys.executable, __file__, "--memory-probe", str(corpus), "--probe-steps", str(steps)]
+            subprocess.run([*probe, "--prepare-only"], check=True, env=env, capture_output=True)  # tokenize, cache
+            result = subprocess.run(probe, check=True, env=env, capture_output=True, text=True)
+            out[f"{k}x"] = {"chars": len(base) * k, **json.loads(result.stdout.strip().splitlines()[-1])}
+            print(f"memory {k}x ({len(base) * k:,} chars): {out[f'{k}x']['peak_rss_anon_mb']:.0f} MB", flush=True)
+    first = out[f"{multiples[0]}x"]["peak_rss_anon_mb"]
+    return {"corpora": out, "max_over_1x": max(v["peak_rss_anon_mb"] for v in out.values()) / first}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.json"))
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-steps", type=int, default=30, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        corpus = Path(args.memory_probe)
+        if args.prepare_only:
+            TextStreamDataModule(corpus=corpus.name, data_dir=str(corpus.parent), batch_size=32, bptt=64).load()
+        else:
+            print(json.dumps(memory_probe(corpus, args.probe_steps)))
+        return
+    result = {
+        "hardware": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if not args.skip_throughput:
+        result["throughput"] = throughput(args.rounds)
+    result["memory"] = memory((1, 10, 100), base_chars=200_000, steps=30)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    for name, r in result.get("throughput", {}).items():
+        print(f"{name}: c/a {r['c_over_a']:.3f}  c/b {r['c_over_b']:.3f}  c_bf16/b_fp32 {r['c_bf16_over_b_fp32']:.3f}")
+    print(f"memory: max peak / 1x peak = {result['memory']['max_over_1x']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
