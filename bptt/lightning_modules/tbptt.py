@@ -132,6 +132,7 @@ class TBPTTModule(pl.LightningModule):
         self.steps_clipped = 0
         self.steps_skipped = 0
         self.consecutive_skipped = 0
+        self._clip_now = False
         self._last_step_time: float | None = None
 
     # ---- what a task supplies -------------------------------------------------------------
@@ -242,6 +243,7 @@ class TBPTTModule(pl.LightningModule):
         norm, largest = self._gradient_size()
         if not (math.isfinite(norm) and math.isfinite(largest)):
             if self._scaler() is not None:  # fp16 overflow: the scaler skips the step and lowers its scale
+                self._clip_now = False
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 self.steps_skipped += 1
@@ -249,8 +251,10 @@ class TBPTTModule(pl.LightningModule):
                 self._skip_step(opt, f"gradient norm is {norm}")
             return next_state, next_history, end_state, loss_sum.detach(), count
         self.consecutive_skipped = 0
-        if self.grad_clip is not None:
-            self.steps_clipped += int((norm if self.grad_clip_algorithm == "norm" else largest) > self.grad_clip)
+        self._clip_now = self.grad_clip is not None and (
+            (norm if self.grad_clip_algorithm == "norm" else largest) > self.grad_clip
+        )
+        self.steps_clipped += int(self._clip_now)
         opt.step()  # clipping happens in on_before_optimizer_step, after mixed precision unscaled the gradients
         opt.zero_grad(set_to_none=True)
         self.steps_taken += 1
@@ -288,7 +292,7 @@ class TBPTTModule(pl.LightningModule):
             )
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
-        if self.grad_clip is not None:
+        if self._clip_now:  # only steps over the limit: clipping the others would multiply by 1
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm=self.grad_clip_algorithm)
 
     def _log_train(self, loss_sum: Tensor, count: Tensor) -> None:
