@@ -1,0 +1,63 @@
+"""Model quality in a fixed budget: conf/lm/tinyshakespeare_char.yaml trained for 30 minutes.
+
+Runs the real command, `bptt fit ... --trainer.max_time 00:00:30:00`, then `bptt validate`
+on the best checkpoint, and records the validation loss in nats per character
+(target: <= 1.50 on 2 CPU cores; a plain fp32 PyTorch loop with a 2 x 512 LSTM and Adam
+reaches about 1.53 in that budget). Needs tiny Shakespeare under $BPTT_DATA_DIR
+(default here: ../shared/data).
+
+    python benchmarks/quality_lm.py [--minutes 30] [--out benchmarks/results/quality_lm.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+BPTT = str(Path(sys.executable).parent / "bptt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=int, default=30)
+    parser.add_argument("--out", default=str(PROJECT / "benchmarks/results/quality_lm.json"))
+    parser.add_argument("--run-dir", default=str(PROJECT / "runs/bench/quality_lm"))
+    args = parser.parse_args()
+    env = dict(os.environ)
+    env.setdefault("BPTT_DATA_DIR", str(PROJECT.parent / "shared" / "data"))
+    budget = time.strftime("%d:%H:%M:%S", time.gmtime(args.minutes * 60))
+    config = str(PROJECT / "conf/lm/tinyshakespeare_char.yaml")
+    start = time.time()
+    subprocess.run([BPTT, "fit", "--config", config, "--trainer.max_time", budget, "--trainer.max_epochs", "1000",
+                    "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", args.run_dir],
+                   check=True, env=env)
+    wall = time.time() - start
+    result = subprocess.run([BPTT, "validate", f"{args.run_dir}/checkpoints/best.ckpt",
+                             "--trainer.enable_progress_bar", "false"], check=True, env=env, capture_output=True, text=True)
+    val = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = list(csv.DictReader(open(next(Path(args.run_dir).glob("logs/version_*/metrics.csv")))))
+    steps = max(int(r["step"]) for r in rows)
+    speeds = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")]
+    out = {
+        "config": "conf/lm/tinyshakespeare_char.yaml", "budget_minutes": args.minutes, "wall_seconds": round(wall),
+        "val_loss_nats_per_char": val["val/loss"], "val_bpc": val["val/bpc"], "optimizer_steps": steps,
+        "median_tokens_per_sec": sorted(speeds)[len(speeds) // 2] if speeds else None,
+        "val_history": [(int(r["step"]), float(r["val/loss"])) for r in rows if r.get("val/loss")],
+        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"),
+        "target_met": val["val/loss"] <= 1.50,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"val loss {val['val/loss']:.4f} nats/char after {steps} steps in {args.minutes} min (target <= 1.50)")
+
+
+if __name__ == "__main__":
+    main()
