@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     env = dict(os.environ)
     env.setdefault("BPTT_DATA_DIR", str(PROJECT.parent / "shared" / "data"))
-    budget = time.strftime("%d:%H:%M:%S", time.gmtime(args.minutes * 60))
+    budget = f"00:{args.minutes // 60:02d}:{args.minutes % 60:02d}:00"  # DD:HH:MM:SS
     config = str(PROJECT / "conf/lm/tinyshakespeare_char.yaml")
     start = time.time()
     subprocess.run([BPTT, "fit", "--config", config, "--trainer.max_time", budget, "--trainer.max_epochs", "1000",

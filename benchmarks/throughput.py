@@ -129,6 +129,7 @@ def _fit_args(setup: dict, precision: str, root: str, max_steps: int) -> list[st
         "--trainer.max_steps", str(max_steps), "--trainer.precision", precision, "--trainer.accelerator", "cpu",
         "--trainer.devices", "1", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", root,
+        "--tracking.tracking_uri", f"sqlite:///{root}/mlflow.db", "--tracking.log_model", "false",
     ]
 
 
@@ -196,7 +197,8 @@ def memory_probe(corpus: Path, steps: int) -> dict:
                 "--data.data_dir", str(corpus.parent), "--trainer.max_steps", str(steps),
                 "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
                 "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
-                "--trainer.default_root_dir", root]
+                "--trainer.default_root_dir", root, "--tracking.tracking_uri", f"sqlite:///{root}/mlflow.db",
+                "--tracking.log_model", "false"]
         fit(parse_config(args), callbacks=[peak])
     return {"peak_rss_anon_mb": peak.peak_kb / 1024}
 

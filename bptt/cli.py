@@ -1,11 +1,13 @@
 """The ``bptt`` command.
 
     bptt fit --config conf/lm/quickstart.yaml [--model.hidden_size 512 --trainer.max_steps 100 ...]
+    bptt resume CHECKPOINT | CHECKPOINT_DIR | MLFLOW_RUN_ID [--trainer.devices 1 ...]
+    bptt runs [--experiment NAME] [--tracking.tracking_uri URI]
     bptt validate CHECKPOINT [--data.data_dir DIR ...]
     bptt test CHECKPOINT [...]
     bptt generate CHECKPOINT [--prompt TEXT] [--num-tokens N] [--temperature T] [--seed S]
 
-fit, validate and test end by printing their final metrics as one JSON line. Bad input ends
+fit, resume, validate and test end by printing their final metrics as one JSON line. Bad input ends
 with one line ``bptt: error: ...`` and exit status 2.
 """
 
@@ -23,8 +25,27 @@ USAGE = __doc__.split("\n\n")[1]
 
 def _split_checkpoint(command: str, args: list[str]) -> tuple[str, list[str]]:
     if not args or args[0].startswith("-"):
-        raise BpttError(f"`bptt {command}` needs a checkpoint path first, e.g. bptt {command} runs/lm/quickstart/checkpoints/best.ckpt")
+        raise BpttError(
+            f"`bptt {command}` needs a checkpoint first, e.g. bptt {command} runs/lm/quickstart/checkpoints/last.ckpt"
+        )
     return args[0], args[1:]
+
+
+def _parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
+    try:
+        return parser.parse_args(args)
+    except (argparse.ArgumentError, SystemExit) as err:
+        if isinstance(err, SystemExit) and err.code == 0:
+            raise
+        raise BpttError(f"{err}; see {parser.prog} --help") from None
+
+
+def _runs_args(args: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bptt runs", exit_on_error=False)
+    parser.add_argument("--experiment", default="bptt", help="experiment name (default: bptt)")
+    parser.add_argument("--tracking.tracking_uri", dest="tracking_uri", default=None,
+                        help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    return _parse(parser, args)
 
 
 def _generate_args(args: list[str]) -> argparse.Namespace:
@@ -34,12 +55,7 @@ def _generate_args(args: list[str]) -> argparse.Namespace:
     parser.add_argument("--num-tokens", type=int, default=500, help="tokens to sample")
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 takes the most likely")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
-    try:
-        return parser.parse_args(args)
-    except (argparse.ArgumentError, SystemExit) as err:
-        if isinstance(err, SystemExit) and err.code == 0:
-            raise
-        raise BpttError(f"{err}; see bptt generate --help") from None
+    return _parse(parser, args)
 
 
 def run(argv: list[str]) -> int:
@@ -47,6 +63,7 @@ def run(argv: list[str]) -> int:
     # Imported here so that `bptt --help` answers at once.
     from bptt import training
     from bptt.config import build_parser, parse_config
+    from bptt.tracking import runs_table
 
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -61,6 +78,14 @@ def run(argv: list[str]) -> int:
             return 0
         print(json.dumps(training.fit(parse_config(args))))
         return 0
+    if command == "resume":
+        target, overrides = _split_checkpoint(command, args)
+        print(json.dumps(training.resume(target, overrides)))
+        return 0
+    if command == "runs":
+        opts = _runs_args(args)
+        print(runs_table(opts.experiment, opts.tracking_uri))
+        return 0
     if command in ("validate", "test"):
         checkpoint, overrides = _split_checkpoint(command, args)
         print(json.dumps(training.evaluate(checkpoint, command, overrides)))
@@ -70,7 +95,7 @@ def run(argv: list[str]) -> int:
         print(training.generate(opts.checkpoint, prompt=opts.prompt, num_tokens=opts.num_tokens,
                                 temperature=opts.temperature, seed=opts.seed))
         return 0
-    raise BpttError(f"unknown command {command!r}; commands: fit, validate, test, generate (see bptt --help)")
+    raise BpttError(f"unknown command {command!r}; commands: fit, resume, runs, validate, test, generate (see bptt --help)")
 
 
 def main(argv: list[str] | None = None) -> int:

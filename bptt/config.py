@@ -1,12 +1,14 @@
 """The run config: a jsonargparse parser whose every node maps onto keyword-only ``__init__`` arguments.
 
-A config has five top-level keys::
+A config has these top-level keys::
 
     seed_everything: 0
     trainer: {...}                   # pytorch_lightning.Trainer arguments
     model: {class_path, init_args}   # the network, a plain nn.Module
     task: {class_path, init_args}    # the LightningModule on the TBPTT engine
     data: {class_path, init_args}    # the LightningDataModule
+    tracking: {...}                  # bptt.tracking.MlflowTracking: MLflow URI, experiment, run name
+    checkpoint: {...}                # bptt.checkpointing.CheckpointPolicy: every_n_steps, keep_last
 
 ``model.vocab_size`` is filled in from the DataModule and ``task.model`` is the
 instantiated network, as LightningCLI's ``link_arguments`` does. Dotted overrides on
@@ -21,8 +23,10 @@ import pytorch_lightning as pl
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from torch import nn
 
+from bptt.checkpointing import CheckpointPolicy
 from bptt.errors import BpttError, ConfigError
 from bptt.lightning_modules.tbptt import TBPTTModule
+from bptt.tracking import MlflowTracking
 
 
 def _vocab_size(data: Any) -> int:
@@ -39,6 +43,8 @@ def build_parser(prog: str = "bptt fit") -> ArgumentParser:
     parser.add_subclass_arguments(nn.Module, "model", required=True)
     parser.add_subclass_arguments(TBPTTModule, "task", required=True)
     parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True)
+    parser.add_class_arguments(MlflowTracking, "tracking")
+    parser.add_class_arguments(CheckpointPolicy, "checkpoint")
     parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=_vocab_size, apply_on="instantiate")
     parser.link_arguments("model", "task.init_args.model", apply_on="instantiate")
     return parser
@@ -78,6 +84,17 @@ def parse_config(args: list[str], parser: ArgumentParser | None = None) -> Names
         raise ConfigError(one_line(err)) from None
     check_trainer(cfg.trainer)
     return cfg
+
+
+def parse_tracking(args: list[str]) -> Namespace:
+    """Only the ``--tracking.*`` options of ``args``, for commands that have no run config yet."""
+    parser = ArgumentParser(prog="bptt", exit_on_error=False)
+    parser.add_class_arguments(MlflowTracking, "tracking")
+    picked = [a for i, a in enumerate(args) if a.startswith("--tracking.") or (i and args[i - 1].startswith("--tracking."))]
+    try:
+        return parser.parse_args(picked)
+    except Exception as err:
+        raise ConfigError(one_line(err)) from None
 
 
 def check_trainer(trainer: Namespace) -> None:

@@ -1,4 +1,4 @@
-"""The importable entry points behind the ``bptt`` command: ``fit``, ``evaluate`` and ``generate``.
+"""The importable entry points behind the ``bptt`` command: ``fit``, ``resume``, ``evaluate``, ``generate``.
 
 Nothing happens at import time; ``bptt.cli`` and ``bptt.ray_jobs`` call these.
 """
@@ -12,16 +12,17 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from jsonargparse import Namespace
-from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor
+from pytorch_lightning.loggers import CSVLogger, Logger
 
-from bptt import __version__
+from bptt.checkpointing import AtomicCheckpointIO, RunState, latest_checkpoint, load_checkpoint
+from bptt.config import build_parser, instantiate, parse_config, parse_tracking
 from bptt.datamodules.vocabulary import Vocabulary
-from bptt.config import build_parser, instantiate, parse_config
 from bptt.errors import CheckpointError, ConfigError
 from bptt.lightning_modules.language_model import LanguageModelTask
-from bptt.lightning_modules.tbptt import VAL_LOSS
+from bptt.tracking import CHECKPOINT_DIR_TAG, MlflowTracking, RunLogger, curves_png
 
 
 def _quiet_known_warnings() -> None:
@@ -30,77 +31,113 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning on torch 2.13
 
 
-class RunConfigInCheckpoint(Callback):
-    """Stores the resolved config in every checkpoint, so a checkpoint alone rebuilds its run."""
-
-    def __init__(self, config_yaml: str) -> None:
-        self.config_yaml = config_yaml
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint["bptt"] = {"config": self.config_yaml, "version": __version__}
-
-
-def _trainer(
-    trainer_args: Namespace, config_yaml: str, *, checkpoints: bool = True, extra_callbacks: list[Callback] = ()
-) -> pl.Trainer:
+def _trainer(trainer_args: Namespace, *, callbacks: list[Callback], loggers: list[Logger] | None = None) -> pl.Trainer:
     args = dict(vars(trainer_args))
-    root = Path(args["default_root_dir"])
-    callbacks = list(args.pop("callbacks") or []) + list(extra_callbacks)
-    if checkpoints and args.get("enable_checkpointing") is not False:
-        callbacks.append(
-            ModelCheckpoint(dirpath=root / "checkpoints", filename="best", monitor=VAL_LOSS, mode="min", save_last=True)
-        )
-    callbacks += [RunConfigInCheckpoint(config_yaml), LearningRateMonitor(logging_interval="step")]
+    callbacks = list(args.pop("callbacks") or []) + callbacks + [LearningRateMonitor(logging_interval="step")]
     if args.get("logger") is None:
-        args["logger"] = CSVLogger(save_dir=root, name="logs")
+        args["logger"] = [*(loggers or []), CSVLogger(save_dir=args["default_root_dir"], name="logs")]
+    args["plugins"] = [*(args.get("plugins") or []), AtomicCheckpointIO()]
     return pl.Trainer(callbacks=callbacks, **args)
 
 
 def fit(cfg: Namespace, callbacks: list[Callback] | None = None) -> dict[str, float]:
-    """Train the run that ``cfg`` describes (a parsed ``bptt fit`` config).
+    """Train the run that ``cfg`` describes (a parsed ``bptt fit`` config), as a new MLflow run.
 
     ``callbacks`` are added to the Trainer's (for example a sweep's reporting callback).
 
-    Writes ``config.yaml``, the DataModule's artifacts (e.g. ``vocab.json``), logs and
-    checkpoints (``checkpoints/best.ckpt``, ``checkpoints/last.ckpt``) under
-    ``trainer.default_root_dir``.
+    Writes ``config.yaml``, the DataModule's artifacts (e.g. ``vocab.json``), CSV logs and
+    checkpoints (``checkpoints/step-*.ckpt``, ``best.ckpt``, ``last.ckpt``) under
+    ``trainer.default_root_dir``, and logs params, metrics, tags and artifacts to MLflow.
 
     Returns:
         the last logged metrics (``train/loss``, ``val/loss``, ...).
     """
+    return _run(cfg, callbacks=callbacks or [])
+
+
+def resume(target: str, overrides: list[str], callbacks: list[Callback] | None = None) -> dict[str, float]:
+    """Continue a run from its newest checkpoint, in the same MLflow run, exactly where it stopped.
+
+    Args:
+        target: a checkpoint file, a run's ``checkpoints/`` directory, or an MLflow run id.
+        overrides: dotted config overrides, e.g. ``["--trainer.devices", "1"]`` to continue on
+            another number of processes (the streams are re-sharded).
+    """
+    path = Path(target)
+    if path.is_dir():
+        path = latest_checkpoint(path)
+    elif not path.exists() and not target.endswith(".ckpt") and "/" not in target:
+        path = latest_checkpoint(_checkpoint_dir_of_run(target, overrides))
+    checkpoint = load_checkpoint(path)
+    cfg = parse_config(["--config", checkpoint["bptt"]["config"], *overrides])
+    return _run(cfg, callbacks=callbacks or [], checkpoint_path=path, run_id=checkpoint["bptt"].get("mlflow_run_id"))
+
+
+def _checkpoint_dir_of_run(run_id: str, overrides: list[str]) -> Path:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    tracking = MlflowTracking(**vars(parse_tracking(overrides).tracking))
+    tracking.check()
+    try:
+        run = MlflowClient(tracking.uri()).get_run(run_id)
+    except MlflowException:
+        raise CheckpointError(
+            f"{run_id!r} is neither a checkpoint file nor a run id at {tracking.uri()}; pass a checkpoint path "
+            "or --tracking.tracking_uri"
+        ) from None
+    if CHECKPOINT_DIR_TAG not in run.data.tags:
+        raise CheckpointError(f"run {run_id} has no {CHECKPOINT_DIR_TAG} tag; pass its checkpoint path instead")
+    return Path(run.data.tags[CHECKPOINT_DIR_TAG])
+
+
+def _run(
+    cfg: Namespace, *, callbacks: list[Callback], checkpoint_path: Path | None = None, run_id: str | None = None
+) -> dict[str, float]:
     _quiet_known_warnings()
     parser = build_parser()
     config_yaml = parser.dump(cfg)
     pl.seed_everything(cfg.seed_everything, workers=True, verbose=False)
     init = instantiate(cfg, parser)
     init.data.prepare_data()  # bad data fails here, before the Trainer starts anything
-    trainer = _trainer(init.trainer, config_yaml, extra_callbacks=callbacks or [])
+    tracking: MlflowTracking = init.tracking
+    tracking.check()
+    root = Path(cfg.trainer.default_root_dir)
+    logger = tracking.logger(run_id=run_id)
+    state = RunState(config_yaml)
+    checkpoints = init.checkpoint.callbacks(root / "checkpoints") if cfg.trainer.enable_checkpointing is not False else []
+    trainer = _trainer(init.trainer, callbacks=[*callbacks, state, *checkpoints], loggers=[logger])
     if trainer.is_global_zero:
-        root = Path(cfg.trainer.default_root_dir)
+        state.run_id = logger.run_id
+        logger.log_config(yaml.safe_load(config_yaml))
+        logger.experiment.set_tag(logger.run_id, CHECKPOINT_DIR_TAG, str((root / "checkpoints").resolve()))
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.yaml").write_text(config_yaml)
         if hasattr(init.data, "save_artifacts"):
             init.data.save_artifacts(root)
-    trainer.fit(init.task, datamodule=init.data)
+    trainer.fit(init.task, datamodule=init.data, ckpt_path=str(checkpoint_path) if checkpoint_path else None)
+    if trainer.is_global_zero:
+        _log_artifacts(logger, tracking, root, init.task)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by ``bptt fit``, loaded with ``weights_only=True``.
+def _log_artifacts(logger: RunLogger, tracking: MlflowTracking, root: Path, task: pl.LightningModule) -> None:
+    """The run's config, vocabulary, best and last checkpoints, curves, and the final network."""
+    import mlflow
 
-    Raises:
-        CheckpointError: missing, unreadable, truncated or not written by ``bptt fit``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a .ckpt from a run's checkpoints/ directory")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}); it is damaged or not a checkpoint") from None
-    if not isinstance(checkpoint, dict) or "bptt" not in checkpoint or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path} was not written by `bptt fit` (no run config inside); pass a bptt checkpoint")
-    return checkpoint
+    curves = curves_png(logger.experiment, logger.run_id, root / "curves.png")
+    logger.log_artifacts([root / "config.yaml", root / "vocab.json", curves])
+    logger.log_artifacts([root / "checkpoints" / "best.ckpt", root / "checkpoints" / "last.ckpt"], "checkpoints")
+    if tracking.log_model and hasattr(task, "serving_model"):
+        from mlflow.models import infer_signature
+
+        network, example = task.serving_model()
+        with torch.no_grad():
+            signature = infer_signature(example.numpy(), network(example).numpy())
+        mlflow.set_tracking_uri(tracking.uri())
+        with mlflow.start_run(run_id=logger.run_id):  # pt2: torch.export's traced graph, loads without pickle
+            mlflow.pytorch.log_model(network, name="model", input_example=example.numpy(), signature=signature,
+                                     pip_requirements=[f"torch=={torch.__version__}"], serialization_format="pt2")
 
 
 def _restore(checkpoint_path: str | Path, overrides: list[str]) -> tuple[Namespace, Namespace, dict[str, Any]]:
@@ -139,8 +176,8 @@ def evaluate(checkpoint_path: str | Path, stage: Literal["validate", "test"], ov
     Returns:
         the split's metrics (``val/loss`` and ``val/ppl``, or ``test/...``).
     """
-    cfg, init, _ = _restore(checkpoint_path, overrides)
-    trainer = _trainer(init.trainer, build_parser().dump(cfg), checkpoints=False)
+    _, init, _ = _restore(checkpoint_path, overrides)
+    trainer = _trainer(init.trainer, callbacks=[])
     run = trainer.validate if stage == "validate" else trainer.test
     results = run(init.task, datamodule=init.data, ckpt_path=str(checkpoint_path), verbose=True)
     return {k: float(v) for k, v in results[0].items()}

@@ -109,7 +109,8 @@ class StreamWindows(IterableDataset):
         return window_lengths(self.streams.shape[1], self.bptt, self.random_bptt, self.seed, self.epoch)
 
     def __len__(self) -> int:
-        return len(self._lengths()) - self.start_window
+        # the whole epoch, also when resuming mid-epoch: Lightning counts the consumed windows itself
+        return len(self._lengths())
 
     def __iter__(self) -> Iterator[dict[str, Tensor | int]]:
         lengths = self._lengths()

@@ -43,6 +43,11 @@ class LanguageModelTask(TBPTTModule):
             return {f"{split}/bpc": loss / math.log(2)}
         return {f"{split}/ppl": torch.exp(loss)}
 
+    def serving_model(self) -> tuple[nn.Module, Tensor]:
+        """The network as ``mlflow.pytorch.log_model`` stores it: tokens (B, T) -> logits (B, T, V)
+        from a zero state, and a (1, 8) example input to trace it with."""
+        return _NextTokenLogits(self.model).cpu().eval(), torch.zeros(1, 8, dtype=torch.long)
+
     @torch.no_grad()
     def generate(self, prompt: Tensor, num_tokens: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """Sample a continuation.
@@ -67,3 +72,14 @@ class LanguageModelTask(TBPTTModule):
             out.append(token)
             logits, state = self.model(token, state)  # (B, 1, V)
         return torch.cat(out, dim=1)  # (B, N)
+
+
+class _NextTokenLogits(nn.Module):
+    """``model`` without the state: tokens (B, T) -> logits (B, T, V)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens)[0]

@@ -322,6 +322,48 @@ class TBPTTModule(pl.LightningModule):
             if not isinstance(scheduler, ReduceLROnPlateau):
                 scheduler.step()
 
+    # ---- checkpoints: carried state keyed by global stream index ---------------------------
+    def _gather_rows(self, tensor: Tensor) -> Tensor:
+        """(B_local, ...) on every rank -> (B_global, ...) in global stream order, on the CPU."""
+        if self.trainer.world_size == 1:
+            return tensor.detach().cpu()
+        return self.all_gather(tensor.detach()).flatten(0, 1).cpu()  # (W, B_local, ...) -> (B_global, ...)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        def gather(state: State | None) -> list[Tensor] | None:
+            return None if state is None else [self._gather_rows(s) for s in state]
+
+        checkpoint["tbptt"] = {
+            "train_state": gather(self.train_state),
+            "end_state": gather(self.end_state),
+            "history": None if self.history is None else {k: self._gather_rows(v) for k, v in self.history.items()},
+            "counters": [self.steps_taken, self.steps_clipped, self.steps_skipped, self.consecutive_skipped],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_streams = checkpoint.get("tbptt")
+        if self._restored_streams is not None:
+            self.steps_taken, self.steps_clipped, self.steps_skipped, self.consecutive_skipped = (
+                self._restored_streams["counters"]
+            )
+
+    def on_train_start(self) -> None:
+        """After a resume: take this rank's rows of the saved streams (the world size may differ)."""
+        saved, self._restored_streams = getattr(self, "_restored_streams", None), None
+        if saved is None:
+            return
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+
+        def mine(tensor: Tensor) -> Tensor:
+            per_rank = tensor.shape[0] // world
+            return tensor[rank * per_rank : (rank + 1) * per_rank].to(self.device)
+
+        def shard(state: list[Tensor] | None) -> State | None:
+            return None if state is None else tuple(mine(s) for s in state)
+
+        self.train_state, self.end_state = shard(saved["train_state"]), shard(saved["end_state"])
+        self.history = None if saved["history"] is None else {k: mine(v) for k, v in saved["history"].items()}
+
     # ---- evaluation -----------------------------------------------------------------------
     def _evaluate(self, batch: dict[str, Any], metric: MeanMetric) -> None:
         length = batch["targets"].shape[1]

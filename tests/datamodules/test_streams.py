@@ -42,7 +42,7 @@ def test_start_at_resumes_mid_epoch_and_next_epoch_starts_over():
     full = list(StreamWindows(streams, bptt=6))
     resumed = StreamWindows(streams, bptt=6)
     resumed.start_at(0, 3)
-    assert len(resumed) == len(full) - 3
+    assert len(resumed) == len(full)  # Lightning counts the three consumed windows itself
     rest = list(resumed)
     assert all(torch.equal(a["inputs"], b["inputs"]) for a, b in zip(rest, full[3:]))
     assert [w["window"] for w in list(resumed)] == list(range(len(full)))  # then a whole epoch

@@ -123,6 +123,7 @@ def test_state_dict_resumes_the_read_position(tmp_path):
     resumed = TextStreamDataModule(**kwargs)
     resumed.load_state_dict(state)
     resumed.setup("fit")
+    assert len(resumed.train_dataloader()) == len(full)  # the whole epoch: Lightning counts the five consumed
     rest = list(resumed.train_dataloader())
     assert len(rest) == len(full) - 5
     assert all(torch.equal(a["inputs"], b["inputs"]) for a, b in zip(rest, full[5:]))

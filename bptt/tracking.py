@@ -1,0 +1,235 @@
+"""MLflow tracking: every ``bptt fit`` is an MLflow run; ``bptt runs`` lists an experiment's runs.
+
+The ``tracking`` config node maps onto ``MlflowTracking``. The tracking URI comes from
+``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite file ``mlflow.db`` in
+the working directory with artifacts beside it in ``mlartifacts/``. Open the UI on that
+default store with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pytorch_lightning.loggers import MLFlowLogger
+
+from bptt import __version__
+from bptt.errors import BpttError
+
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # else MLflow 3's UI opens on GenAI
+CHECKPOINT_DIR_TAG = "bptt.checkpoint_dir"
+
+
+class TrackingError(BpttError):
+    """The tracking store cannot be used; the message names the URI and the fix."""
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"model.init_args.hidden_size": "256", ...}`` (lists kept as their YAML text)."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class MlflowTracking:
+    """Where a run is tracked.
+
+    Args:
+        tracking_uri: an MLflow tracking URI (``http://host:5000``, ``sqlite:///path.db``,
+            ``file:/path``); default ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``
+            in the working directory.
+        experiment_name: the MLflow experiment the run belongs to.
+        run_name: the run's name in the UI; default: MLflow's generated name.
+        log_model: also log the final network with ``mlflow.pytorch.log_model``.
+    """
+
+    def __init__(
+        self,
+        *,
+        tracking_uri: str | None = None,
+        experiment_name: str = "bptt",
+        run_name: str | None = None,
+        log_model: bool = True,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.log_model = log_model
+
+    def uri(self) -> str:
+        """The tracking URI in force."""
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+    def check(self) -> None:
+        """Fail fast, before any training, on a store that cannot be written.
+
+        Raises:
+            TrackingError: a server that does not answer within 20 s, or a local store on a
+                path that cannot be written.
+        """
+        uri = self.uri()
+        if uri.startswith(("http://", "https://")):
+            try:
+                with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=20) as response:
+                    response.read()
+            except (urllib.error.URLError, OSError, TimeoutError) as err:
+                reason = getattr(err, "reason", err)
+                raise TrackingError(
+                    f"MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server) or set "
+                    "tracking.tracking_uri / $MLFLOW_TRACKING_URI to a reachable one"
+                ) from None
+            return
+        path = Path(uri.removeprefix("sqlite:///").removeprefix("file://").removeprefix("file:"))
+        directory = path.parent if uri.startswith("sqlite:") else path
+        try:  # a real write: permission bits do not stop root, a read-only mount does
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".bptt-write-check-"):
+                pass
+            if path.exists() and path.is_file():
+                with open(path, "ab"):
+                    pass
+        except OSError as err:
+            raise TrackingError(
+                f"MLflow store {uri} is on a path this process cannot write ({err.strerror}: {directory}); point "
+                "tracking.tracking_uri or $MLFLOW_TRACKING_URI at a writable location"
+            ) from None
+
+    def artifact_location(self) -> str | None:
+        """Artifacts of a local sqlite store live beside it in ``mlartifacts/``."""
+        uri = self.uri()
+        if uri.startswith("sqlite:///"):
+            return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+        return None
+
+    def logger(self, *, run_id: str | None = None, parent_run_id: str | None = None) -> RunLogger:
+        """A Lightning logger on a new run, or continuing ``run_id``."""
+        tags = {
+            "bptt.version": __version__,
+            "host": socket.gethostname(),
+            "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        }
+        commit = _git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        return RunLogger(
+            experiment_name=self.experiment_name, run_name=self.run_name, tracking_uri=self.uri(), tags=tags,
+            artifact_location=self.artifact_location(), run_id=run_id, synchronous=True,
+        )
+
+
+class RunLogger(MLFlowLogger):
+    """Lightning's MLflow logger, plus: the experiment is tagged as model development, params are
+    the flattened config, and a resumed run skips steps that the run already logged (a resumed
+    run recomputes them bit for bit, so no step is logged twice)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.logged_through: dict[str, int] = {}
+
+    @property
+    def experiment(self) -> Any:
+        fresh = not self._initialized
+        client = super().experiment
+        if fresh:
+            client.set_experiment_tag(self._experiment_id, *EXPERIMENT_KIND)
+            if self._run_id is not None:
+                for key in client.get_run(self._run_id).data.metrics:
+                    history = client.get_metric_history(self._run_id, key)
+                    self.logged_through[key] = max(m.step for m in history)
+        return client
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """Every resolved config value as a param with its dotted key (once per run)."""
+        from mlflow.entities import Param
+
+        if self.run_id and self.experiment.get_run(self.run_id).data.params:
+            return  # a resumed run keeps its params
+        params = [Param(k, v[:6000]) for k, v in sorted(flatten(config).items())]
+        for start in range(0, len(params), 100):
+            self.experiment.log_batch(self.run_id, params=params[start : start + 100], synchronous=True)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        fresh = {k: v for k, v in metrics.items() if step is None or step > self.logged_through.get(k, -1)}
+        if fresh:
+            super().log_metrics(fresh, step)
+
+    def log_artifacts(self, paths: list[Path], artifact_dir: str | None = None) -> None:
+        for path in paths:
+            if path.exists():
+                self.experiment.log_artifact(self.run_id, str(path), artifact_dir)
+
+
+def curves_png(client: Any, run_id: str, path: Path) -> Path:
+    """Training and validation curves of a run, read back from MLflow, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(k for k in client.get_run(run_id).data.metrics if k.endswith(("/loss", "/ppl", "/bpc", "grad_norm")))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key in keys:
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        axis = axes[1] if key.endswith("grad_norm") else axes[0]
+        axis.plot([m.step for m in history], [m.value for m in history], label=key, marker="." if "val" in key else None)
+    for axis, title in zip(axes, ("loss", "gradient norm before clipping")):
+        axis.set_xlabel("optimizer step")
+        axis.set_title(title)
+        axis.legend(fontsize=8)
+    axes[1].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def runs_table(experiment_name: str, tracking_uri: str | None = None) -> str:
+    """A text table of an experiment's runs: the params that differ, final metrics, status."""
+    from mlflow.tracking import MlflowClient
+
+    tracking = MlflowTracking(tracking_uri=tracking_uri, experiment_name=experiment_name)
+    tracking.check()
+    client = MlflowClient(tracking.uri())
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        names = [e.name for e in client.search_experiments()]
+        raise TrackingError(f"no experiment {experiment_name!r} at {tracking.uri()}; experiments there: {names}")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    if not runs:
+        return f"experiment {experiment_name!r} has no runs"
+    keys = sorted({k for r in runs for k in r.data.params})
+    differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+    metrics = [m for m in ("train/loss", "val/loss", "val/ppl", "val/bpc", "test/loss") if any(m in r.data.metrics for r in runs)]
+    header = ["run_id", "name", "status", *metrics, *(k.replace(".init_args", "") for k in differing)]
+    rows = [[r.info.run_id[:8], r.info.run_name or "", r.info.status,
+             *(f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "" for m in metrics),
+             *(r.data.params.get(k, "") for k in differing)] for r in runs]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows])
+
