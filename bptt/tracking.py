@@ -8,6 +8,7 @@ default store with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import socket
@@ -20,7 +21,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pytorch_lightning.loggers import MLFlowLogger
 
 from bptt import __version__
@@ -35,14 +35,14 @@ class TrackingError(BpttError):
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> ``{"model.init_args.hidden_size": "256", ...}`` (lists kept as their YAML text)."""
+    """Nested config -> ``{"model.init_args.hidden_size": "256", ...}`` (non-strings as JSON text)."""
     out: dict[str, str] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
             out.update(flatten(value, f"{name}."))
         else:
-            out[name] = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+            out[name] = value if isinstance(value, str) else json.dumps(value)
     return out
 
 

@@ -135,9 +135,12 @@ def _log_artifacts(logger: RunLogger, tracking: MlflowTracking, root: Path, task
         with torch.no_grad():
             signature = infer_signature(example.numpy(), network(example).numpy())
         mlflow.set_tracking_uri(tracking.uri())
-        with mlflow.start_run(run_id=logger.run_id):  # pt2: torch.export's traced graph, loads without pickle
+        # pickle, not pt2: torch.export unrolls the RNN over the example's length and fixes T
+        with mlflow.start_run(run_id=logger.run_id), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             mlflow.pytorch.log_model(network, name="model", input_example=example.numpy(), signature=signature,
-                                     pip_requirements=[f"torch=={torch.__version__}"], serialization_format="pt2")
+                                     pip_requirements=[f"torch=={torch.__version__}"], serialization_format="pickle",
+                                     code_paths=[str(Path(__file__).parent)])  # the bptt package rides along
 
 
 def _restore(checkpoint_path: str | Path, overrides: list[str]) -> tuple[Namespace, Namespace, dict[str, Any]]:

@@ -4,10 +4,7 @@ and bad input that stops before any training with one line."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,19 +16,8 @@ from bptt.datamodules import TextStreamDataModule
 from bptt.datamodules.streams import stream_layout
 from bptt.datamodules.vocabulary import Vocabulary
 from bptt.models import RNNLanguageModel
+from tests.bptt_command import SMALL, bptt
 from tests.conftest import PROJECT
-
-BPTT = str(Path(sys.executable).parent / "bptt")
-QUICK = str(PROJECT / "conf/lm/quickstart.yaml")
-# the quickstart shrunk to seconds: a few stdlib modules, a small LSTM
-SMALL = ["--config", QUICK, "--data.stdlib_glob", "json/*.py", "--model.hidden_size", "32",
-         "--trainer.max_steps", "12", "--trainer.val_check_interval", "6", "--trainer.enable_progress_bar", "false",
-         "--data.batch_size", "4", "--data.eval_batch_size", "4", "--data.bptt", "16"]
-
-
-def bptt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([BPTT, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
-
 
 @pytest.mark.parametrize(
     ("args", "message"),

@@ -45,8 +45,8 @@ class LanguageModelTask(TBPTTModule):
 
     def serving_model(self) -> tuple[nn.Module, Tensor]:
         """The network as ``mlflow.pytorch.log_model`` stores it: tokens (B, T) -> logits (B, T, V)
-        from a zero state, and a (1, 8) example input to trace it with."""
-        return _NextTokenLogits(self.model).cpu().eval(), torch.zeros(1, 8, dtype=torch.long)
+        from a zero state, and a (2, 8) example input to trace it with."""
+        return _NextTokenLogits(self.model).cpu().eval(), torch.zeros(2, 8, dtype=torch.long)  # B, T > 1: dynamic
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, num_tokens: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
