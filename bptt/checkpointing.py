@@ -45,11 +45,29 @@ class CheckpointPolicy:
     def callbacks(self, directory: Path) -> list[ModelCheckpoint]:
         """Step checkpoints, plus at each validation ``best.ckpt`` (lowest ``val/loss``) and ``last.ckpt``."""
         return [
-            ModelCheckpoint(dirpath=directory, filename="step-{step:07d}", monitor="step", mode="max",
-                            save_top_k=self.keep_last, every_n_train_steps=self.every_n_steps,
+            _StepCheckpoint(dirpath=directory, filename="step-{step:07d}", monitor="step", mode="max",
+                            save_top_k=self.keep_last, every_n_steps=self.every_n_steps,
                             auto_insert_metric_name=False),
             ModelCheckpoint(dirpath=directory, filename="best", monitor=VAL_LOSS, mode="min", save_last=True),
         ]
+
+
+class _StepCheckpoint(ModelCheckpoint):
+    """A checkpoint each time the step count passes a multiple of ``every_n_steps`` (a batch can
+    take several optimizer steps when task.k1 is shorter than the window), except after a batch
+    that a validation follows: Lightning resumes a checkpoint written before a due validation by
+    skipping that validation, so there the ``last.ckpt`` written after it stands in."""
+
+    def __init__(self, *, every_n_steps: int, **kwargs: Any) -> None:
+        super().__init__(every_n_train_steps=1, **kwargs)
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step // self.every_n_steps == self._last_global_step_saved // self.every_n_steps:
+            return
+        if trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            return
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -70,7 +70,7 @@ def resume(target: str, overrides: list[str], callbacks: list[Callback] | None =
         path = latest_checkpoint(_checkpoint_dir_of_run(target, overrides))
     checkpoint = load_checkpoint(path)
     cfg = parse_config(["--config", checkpoint["bptt"]["config"], *overrides])
-    return _run(cfg, callbacks=callbacks or [], checkpoint_path=path, run_id=checkpoint["bptt"].get("mlflow_run_id"))
+    return _run(cfg, callbacks=callbacks or [], checkpoint=(path, checkpoint))
 
 
 def _checkpoint_dir_of_run(run_id: str, overrides: list[str]) -> Path:
@@ -92,7 +92,7 @@ def _checkpoint_dir_of_run(run_id: str, overrides: list[str]) -> Path:
 
 
 def _run(
-    cfg: Namespace, *, callbacks: list[Callback], checkpoint_path: Path | None = None, run_id: str | None = None
+    cfg: Namespace, *, callbacks: list[Callback], checkpoint: tuple[Path, dict[str, Any]] | None = None
 ) -> dict[str, float]:
     _quiet_known_warnings()
     parser = build_parser()
@@ -100,10 +100,12 @@ def _run(
     pl.seed_everything(cfg.seed_everything, workers=True, verbose=False)
     init = instantiate(cfg, parser)
     init.data.prepare_data()  # bad data fails here, before the Trainer starts anything
+    if checkpoint is not None:
+        _check_same_model(init.task, checkpoint[1], checkpoint[0])
     tracking: MlflowTracking = init.tracking
     tracking.check()
     root = Path(cfg.trainer.default_root_dir)
-    logger = tracking.logger(run_id=run_id)
+    logger = tracking.logger(run_id=checkpoint[1]["bptt"].get("mlflow_run_id") if checkpoint else None)
     state = RunState(config_yaml)
     checkpoints = init.checkpoint.callbacks(root / "checkpoints") if cfg.trainer.enable_checkpointing is not False else []
     trainer = _trainer(init.trainer, callbacks=[*callbacks, state, *checkpoints], loggers=[logger])
@@ -115,7 +117,7 @@ def _run(
         (root / "config.yaml").write_text(config_yaml)
         if hasattr(init.data, "save_artifacts"):
             init.data.save_artifacts(root)
-    trainer.fit(init.task, datamodule=init.data, ckpt_path=str(checkpoint_path) if checkpoint_path else None)
+    trainer.fit(init.task, datamodule=init.data, ckpt_path=str(checkpoint[0]) if checkpoint else None)
     if trainer.is_global_zero:
         _log_artifacts(logger, tracking, root, init.task)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -157,15 +159,19 @@ def _restore(checkpoint_path: str | Path, overrides: list[str]) -> tuple[Namespa
             args += ["--data.vocab_file", str(vocab_file)]
         cfg = parse_config(args, parser)
         init = instantiate(cfg, parser)
-    expected = {k: tuple(v.shape) for k, v in init.task.state_dict().items()}
+    _check_same_model(init.task, checkpoint, checkpoint_path)
+    return cfg, init, checkpoint
+
+
+def _check_same_model(task: pl.LightningModule, checkpoint: dict[str, Any], path: str | Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in task.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
     if expected != found:
         differing = sorted(set(expected) ^ set(found)) or sorted(k for k in expected if expected[k] != found[k])
         raise CheckpointError(
-            f"{checkpoint_path} holds a different model than its config builds (differs at {differing[:3]}); "
+            f"{path} holds a different model than its config builds (differs at {differing[:3]}); "
             "drop the --model overrides or pass the matching checkpoint"
         )
-    return cfg, init, checkpoint
 
 
 def evaluate(checkpoint_path: str | Path, stage: Literal["validate", "test"], overrides: list[str]) -> dict[str, float]:

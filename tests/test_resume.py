@@ -1,0 +1,143 @@
+"""A run killed with SIGKILL (once mid-step, once inside a checkpoint write) and resumed ends
+bit for bit where an uninterrupted run ends, with the same MLflow history and no step logged
+twice; resuming on another number of processes re-shards the streams; bad checkpoints stop
+with one line and leave everything as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from bptt.cli import main
+from tests.bptt_command import SMALL, bptt
+
+# dropout, random window lengths, TBPTT(8, 12), a step scheduler: everything a resume must restore
+RICH = [*SMALL, "--trainer.max_steps", "30", "--trainer.val_check_interval", "10", "--trainer.log_every_n_steps", "1",
+        "--model.num_layers", "2", "--model.dropout", "0.3", "--data.random_bptt", "true", "--task.k1", "8",
+        "--task.k2", "12", "--task.lr_scheduler.class_path", "torch.optim.lr_scheduler.StepLR",
+        "--task.lr_scheduler.init_args.step_size", "5", "--task.lr_scheduler.init_args.gamma", "0.7",
+        "--checkpoint.every_n_steps", "4", "--checkpoint.keep_last", "2", "--trainer.deterministic", "true"]
+TIMING = {"train/tokens_per_sec"}
+
+
+def _kills(tmp: Path, steps: list[int], armed: bool) -> list[str]:
+    callbacks = []
+    for i, step in enumerate(steps):
+        marker = tmp / f"killed-{i}"
+        if not armed:
+            marker.write_text("disarmed")
+        callbacks.append({"class_path": "tests.kill_switch.KillAt",
+                          "init_args": {"step": step, "marker": str(marker), "during_checkpoint": i == len(steps) - 1}})
+    return ["--trainer.callbacks", json.dumps(callbacks)]
+
+
+def _history(client: MlflowClient, experiment: str) -> tuple[str, dict[str, list[tuple[int, float]]]]:
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run.info.status, {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+                             for key in run.data.metrics if key not in TIMING}
+
+
+def _final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_bit_for_bit(mlflow_server, tmp_path):
+    rng = random.Random()
+    first = rng.randint(6, 13)  # after the first checkpoint (every 4 steps)
+    second = rng.randint(first + 5, 24)
+    tracking = ["--tracking.tracking_uri", mlflow_server]
+    a, b = tmp_path / "uninterrupted", tmp_path / "killed"
+    a.mkdir(), b.mkdir()
+    done = bptt("fit", *RICH, *_kills(a, [first, second], armed=False), *tracking,
+                "--tracking.experiment_name", f"straight-{a.name}-{id(a)}", "--trainer.default_root_dir", str(a / "run"),
+                cwd=a)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    experiment = f"killed-{id(b)}"
+    killed = bptt("fit", *RICH, *_kills(b, [first, second], armed=True), *tracking,
+                  "--tracking.experiment_name", experiment, "--trainer.default_root_dir", str(b / "run"), cwd=b)
+    assert killed.returncode == -9, f"expected SIGKILL at step {first}: {killed.stderr[-2000:]}"
+    again = bptt("resume", str(b / "run/checkpoints"), cwd=b)
+    assert again.returncode == -9, f"expected SIGKILL in a checkpoint write at step >= {second}: {again.stderr[-2000:]}"
+    assert list((b / "run/checkpoints").glob(".*.partial")), "the second kill did not land inside a checkpoint write"
+    finished = bptt("resume", str(b / "run/checkpoints"), cwd=b)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    expected, found = _final_parameters(a / "run"), _final_parameters(b / "run")
+    for name, value in expected.items():
+        assert torch.equal(found[name], value), f"{name} differs after kills at steps {first} and {second}"
+    client = MlflowClient(mlflow_server)
+    status_a, history_a = _history(client, f"straight-{a.name}-{id(a)}")
+    status_b, history_b = _history(client, experiment)
+    assert status_a == status_b == "FINISHED"
+    # equal lists: same steps, same values, same multiplicity (Lightning itself logs "epoch" twice
+    # at a validation step, with training's and with validation's metrics, in any run)
+    assert history_b == history_a, f"logged history differs after kills at steps {first} and {second}"
+    for key, points in history_b.items():
+        steps = [s for s, _ in points]
+        assert key == "epoch" or len(steps) == len(set(steps)), f"{key} logged a step twice"
+
+
+DDP = [*SMALL, "--trainer.max_steps", "16", "--trainer.val_check_interval", "100", "--checkpoint.every_n_steps", "3",
+       "--task.grad_clip", "null", "--task.optimizer.class_path", "torch.optim.SGD",
+       "--task.optimizer.init_args.lr", "1.0", "--trainer.accelerator", "cpu", "--tracking.log_model", "false"]
+
+
+@pytest.mark.slow
+def test_resume_on_fewer_processes_reshards_the_streams(tmp_path):
+    two = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    straight = bptt("fit", *DDP, *two, *_kills(tmp_path, [8], armed=False), "--trainer.default_root_dir",
+                    str(tmp_path / "straight"), cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    (tmp_path / "k").mkdir()
+    killed = bptt("fit", *DDP, *two, *_kills(tmp_path / "k", [8], armed=True), "--trainer.default_root_dir",
+                  str(tmp_path / "killed"), cwd=tmp_path)
+    assert killed.returncode != 0
+    resumed = bptt("resume", str(tmp_path / "killed/checkpoints"), "--trainer.devices", "1", "--trainer.strategy",
+                   "auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "MEMBER: 1/2" not in resumed.stderr
+    expected, found = _final_parameters(tmp_path / "straight"), _final_parameters(tmp_path / "killed")
+    for name, value in expected.items():
+        torch.testing.assert_close(found[name], value, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def _snapshot(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.slow
+def test_bad_checkpoints_fail_in_one_line_and_change_nothing(tmp_path, capsys):
+    run = bptt("fit", *SMALL, "--trainer.default_root_dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    checkpoints = tmp_path / "run/checkpoints"
+    good = (checkpoints / "last.ckpt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(good[: len(good) // 2])
+    (tmp_path / "corrupt.ckpt").write_bytes(bytes(b ^ 0x5A for b in good[:4096]) + good[4096:])
+    torch.save({"state_dict": {}, "global_step": 3}, tmp_path / "foreign.ckpt")
+    before = _snapshot(checkpoints)
+    cases = [
+        (["resume", str(tmp_path / "truncated.ckpt")], "cannot be read"),
+        (["resume", str(tmp_path / "corrupt.ckpt")], "cannot be read"),
+        (["resume", str(tmp_path / "foreign.ckpt")], "was not written by `bptt fit`"),
+        (["resume", str(checkpoints / "last.ckpt"), "--model.hidden_size", "48"], "holds a different model"),
+        (["resume", str(tmp_path / "nothing.ckpt")], "does not exist"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("bptt: error: ") and message in err[-1], (args, err[-1])
+    assert _snapshot(checkpoints) == before
+
+
+def test_resume_by_run_id_needs_a_known_run(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["resume", "0123456789abcdef", "--tracking.tracking_uri", uri]) == 2
+    assert "neither a checkpoint file nor a run id" in capsys.readouterr().err
