@@ -47,8 +47,10 @@ class CheckpointPolicy:
         return [
             _StepCheckpoint(dirpath=directory, filename="step-{step:07d}", monitor="step", mode="max",
                             save_top_k=self.keep_last, every_n_steps=self.every_n_steps,
-                            auto_insert_metric_name=False),
-            ModelCheckpoint(dirpath=directory, filename="best", monitor=VAL_LOSS, mode="min", save_last=True),
+                            auto_insert_metric_name=False, enable_version_counter=False),
+            # a resumed run writes into the same directory: replace, never add "-v1" copies
+            ModelCheckpoint(dirpath=directory, filename="best", monitor=VAL_LOSS, mode="min", save_last=True,
+                            enable_version_counter=False),
         ]
 
 

@@ -141,3 +141,19 @@ def test_resume_by_run_id_needs_a_known_run(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert main(["resume", "0123456789abcdef", "--tracking.tracking_uri", uri]) == 2
     assert "neither a checkpoint file nor a run id" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_by_run_id_continues_the_same_run_with_more_steps(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    short = [*SMALL, "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "1", "--tracking.tracking_uri", uri,
+             "--tracking.experiment_name", "longer", "--trainer.default_root_dir", str(tmp_path / "run")]
+    assert bptt("fit", *short, cwd=tmp_path).returncode == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("longer").experiment_id])
+    result = bptt("resume", run.info.run_id, "--tracking.tracking_uri", uri, "--trainer.max_steps", "12", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (again,) = client.search_runs([client.get_experiment_by_name("longer").experiment_id])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(12))
+    assert torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["global_step"] == 12
