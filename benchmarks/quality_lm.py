@@ -37,7 +37,9 @@ def main() -> None:
     config = str(PROJECT / "conf/lm/tinyshakespeare_char.yaml")
     start = time.time()
     subprocess.run([BPTT, "fit", "--config", config, "--trainer.max_time", budget, "--trainer.max_epochs", "1000",
-                    "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", args.run_dir],
+                    "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", args.run_dir,
+                    "--tracking.tracking_uri", f"sqlite:///{Path(args.run_dir).resolve()}/mlflow.db",
+                    "--tracking.experiment_name", "quality_lm"],
                    check=True, env=env)
     wall = time.time() - start
     result = subprocess.run([BPTT, "validate", f"{args.run_dir}/checkpoints/best.ckpt",
