@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-quality clean
 
 $(BIN)/bptt: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ demo: $(BIN)/bptt
 
 test: $(BIN)/bptt
 	$(BIN)/python -m pytest
+
+# throughput (bare kernel vs plain loop vs bptt fit) and stream-mode memory: about 12 minutes
+bench: $(BIN)/bptt
+	$(BIN)/python benchmarks/throughput.py
+
+# 30 minutes of tiny Shakespeare training; needs $$BPTT_DATA_DIR (default ../shared/data)
+bench-quality: $(BIN)/bptt
+	$(BIN)/python benchmarks/quality_lm.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from bptt import __version__
 from bptt.errors import BpttError
@@ -65,6 +66,7 @@ class MlflowTracking:
         experiment_name: the MLflow experiment the run belongs to.
         run_name: the run's name in the UI; default: MLflow's generated name.
         log_model: also log the final network with ``mlflow.pytorch.log_model``.
+        parent_run_id: nest the run under this run (a sweep's parent run).
     """
 
     def __init__(
@@ -74,11 +76,13 @@ class MlflowTracking:
         experiment_name: str = "bptt",
         run_name: str | None = None,
         log_model: bool = True,
+        parent_run_id: str | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.run_name = run_name
         self.log_model = log_model
+        self.parent_run_id = parent_run_id
 
     def uri(self) -> str:
         """The tracking URI in force."""
@@ -125,7 +129,7 @@ class MlflowTracking:
             return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
         return None
 
-    def logger(self, *, run_id: str | None = None, parent_run_id: str | None = None) -> RunLogger:
+    def logger(self, *, run_id: str | None = None) -> RunLogger:
         """A Lightning logger on a new run, or continuing ``run_id``."""
         tags = {
             "bptt.version": __version__,
@@ -135,8 +139,8 @@ class MlflowTracking:
         commit = _git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
         return RunLogger(
             experiment_name=self.experiment_name, run_name=self.run_name, tracking_uri=self.uri(), tags=tags,
             artifact_location=self.artifact_location(), run_id=run_id, synchronous=True,
@@ -155,8 +159,8 @@ class RunLogger(MLFlowLogger):
     @property
     def experiment(self) -> Any:
         fresh = not self._initialized
-        client = super().experiment
-        if fresh:
+        client = super().experiment  # on ranks other than 0: Lightning's no-op stand-in
+        if fresh and rank_zero_only.rank == 0:
             client.set_experiment_tag(self._experiment_id, *EXPERIMENT_KIND)
             if self._run_id is not None:
                 for key in client.get_run(self._run_id).data.metrics:

@@ -133,7 +133,8 @@ class TBPTTModule(pl.LightningModule):
         self.steps_skipped = 0
         self.consecutive_skipped = 0
         self._clip_now, self._grad_norm = False, 0.0
-        self._last_step_time: float | None = None
+        self._last_log_time: float | None = None
+        self._tokens_since_log = 0.0
 
     # ---- what a task supplies -------------------------------------------------------------
     def window_step(self, window: dict[str, Tensor], state: State | None) -> tuple[Tensor, State]:
@@ -175,7 +176,7 @@ class TBPTTModule(pl.LightningModule):
             state, history, end_state = self.train_state, self.history, self.end_state
             if bool(batch["reset"].any()):  # restarted streams: drop the shared history, zero their rows
                 state, history = _zero_rows(end_state, batch["reset"]), None
-        total_loss, total_count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        total_loss, total_count = torch.zeros((), device=self.device), 0.0
         for start in range(0, length, k1):
             new = self._slice(batch, start, min(start + k1, length))
             state, history, end_state, loss_sum, count = self._train_window(new, state, history, k2 - k1)
@@ -189,7 +190,7 @@ class TBPTTModule(pl.LightningModule):
 
     def _train_window(
         self, new: dict[str, Tensor], state: State | None, history: dict[str, Tensor] | None, keep: int
-    ) -> tuple[State | None, dict[str, Tensor] | None, State | None, Tensor, Tensor]:
+    ) -> tuple[State | None, dict[str, Tensor] | None, State | None, Tensor, float]:
         """One optimizer step on ``new`` steps, backpropagating through ``history`` too.
 
         Args:
@@ -224,9 +225,11 @@ class TBPTTModule(pl.LightningModule):
         mask = new.get("mask")
         if mask is not None:
             step_losses = step_losses * mask
-        count = torch.tensor(float(mask.sum()) if mask is not None else float(step_losses.numel()), device=self.device)
+        count = float(mask.sum()) if mask is not None else float(step_losses.numel())
         loss_sum = step_losses.sum()
-        global_count = self.trainer.strategy.reduce(count.clone(), reduce_op="sum") if self.trainer.world_size > 1 else count
+        global_count = count
+        if self.trainer.world_size > 1:
+            global_count = float(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="sum"))
 
         opt = self.optimizers()
         row_bad = ~torch.isfinite(step_losses.detach().float().sum(dim=1))
@@ -239,7 +242,7 @@ class TBPTTModule(pl.LightningModule):
                 next_state, next_history = _zero_rows(end_state, row_bad), None
             return next_state, next_history, _zero_rows(end_state, row_bad), loss_sum.detach(), count
         # DDP averages gradients over ranks; scaling by world / global count makes that the mean over all targets.
-        self.manual_backward(loss_sum * (self.trainer.world_size / global_count.clamp(min=1)))
+        self.manual_backward(loss_sum * (self.trainer.world_size / max(global_count, 1.0)))
         norm, largest = self._gradient_size()
         if not (math.isfinite(norm) and math.isfinite(largest)):
             if self._scaler() is not None:  # fp16 overflow: the scaler skips the step and lowers its scale
@@ -263,7 +266,6 @@ class TBPTTModule(pl.LightningModule):
             scheduler = self._scheduler()
             if not isinstance(scheduler, ReduceLROnPlateau):
                 scheduler.step()
-        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         return next_state, next_history, end_state, loss_sum.detach(), count
 
     def _scaler(self) -> Any:
@@ -302,17 +304,22 @@ class TBPTTModule(pl.LightningModule):
             params = [p for p in self.parameters() if p.grad is not None]
             torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, torch.tensor(self._grad_norm))
 
-    def _log_train(self, loss_sum: Tensor, count: Tensor) -> None:
+    def _log_train(self, loss_sum: Tensor, count: float) -> None:
+        loss = loss_sum / max(count, 1.0)
+        self.log(TRAIN_LOSS, loss, on_step=True, on_epoch=False, prog_bar=True)  # the progress bar shows it
+        self._tokens_since_log += count * self.trainer.world_size
+        # Lightning keeps step values only every trainer.log_every_n_steps; a self.log costs ~1 ms
+        if not self.trainer._logger_connector.should_update_logs:
+            return
         now = time.perf_counter()
-        if self._last_step_time is not None:
-            tokens = float(count) * self.trainer.world_size
-            self.log("train/tokens_per_sec", tokens / max(now - self._last_step_time, 1e-9), on_step=True, on_epoch=False)
-        self._last_step_time = now
-        loss = loss_sum / count.clamp(min=1)
-        self.log(TRAIN_LOSS, loss, on_step=True, on_epoch=False, prog_bar=True)
+        if self._last_log_time is not None:
+            self.log("train/tokens_per_sec", self._tokens_since_log / max(now - self._last_log_time, 1e-9),
+                     on_step=True, on_epoch=False)
+        self._last_log_time, self._tokens_since_log = now, 0.0
         for name, value in self.derived_metrics("train", loss).items():
             self.log(name, value, on_step=True, on_epoch=False)
         attempted = max(self.steps_taken + self.steps_skipped, 1)
+        self.log("train/grad_norm", self._grad_norm, on_step=True, on_epoch=False)
         self.log("train/clip_fraction", self.steps_clipped / attempted, on_step=True, on_epoch=False)
         self.log("train/skipped_steps", float(self.steps_skipped), on_step=True, on_epoch=False)
 
@@ -348,7 +355,9 @@ class TBPTTModule(pl.LightningModule):
             )
 
     def on_train_start(self) -> None:
-        """After a resume: take this rank's rows of the saved streams (the world size may differ)."""
+        """Start the throughput clock; after a resume, take this rank's rows of the saved streams
+        (the world size may differ)."""
+        self._last_log_time, self._tokens_since_log = time.perf_counter(), 0.0
         saved, self._restored_streams = getattr(self, "_restored_streams", None), None
         if saved is None:
             return
