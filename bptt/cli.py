@@ -31,31 +31,29 @@ def _split_checkpoint(command: str, args: list[str]) -> tuple[str, list[str]]:
     return args[0], args[1:]
 
 
-def _parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
-    try:
-        return parser.parse_args(args)
-    except (argparse.ArgumentError, SystemExit) as err:
-        if isinstance(err, SystemExit) and err.code == 0:
-            raise
-        raise BpttError(f"{err}; see {parser.prog} --help") from None
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises one-line errors instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise BpttError(f"{message}; see {self.prog} --help")
 
 
 def _runs_args(args: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bptt runs", exit_on_error=False)
+    parser = _Parser(prog="bptt runs")
     parser.add_argument("--experiment", default="bptt", help="experiment name (default: bptt)")
     parser.add_argument("--tracking.tracking_uri", dest="tracking_uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
-    return _parse(parser, args)
+    return parser.parse_args(args)
 
 
 def _generate_args(args: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bptt generate", exit_on_error=False)
+    parser = _Parser(prog="bptt generate")
     parser.add_argument("checkpoint")
     parser.add_argument("--prompt", default="\n", help="text to continue (default: a new line)")
     parser.add_argument("--num-tokens", type=int, default=500, help="tokens to sample")
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 takes the most likely")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
-    return _parse(parser, args)
+    return parser.parse_args(args)
 
 
 def run(argv: list[str]) -> int:

@@ -29,6 +29,8 @@ def _quiet_known_warnings() -> None:
     """Silence warnings that are about library internals, not about the user's run."""
     warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")  # ours is exact
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning on torch 2.13
+    # step checkpoints hold the state after the step, which is what resuming needs
+    warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization and every_n_train_steps.*")
 
 
 def _trainer(trainer_args: Namespace, *, callbacks: list[Callback], loggers: list[Logger] | None = None) -> pl.Trainer:

@@ -46,6 +46,8 @@ def test_bad_input_fails_in_one_line_before_training(args, message, tmp_path, ca
 def test_unknown_command_and_checkpoint_errors(tmp_path, capsys):
     assert main(["train"]) == 2
     assert "unknown command 'train'" in capsys.readouterr().err
+    assert main(["runs", "--bogus", "1"]) == 2
+    assert capsys.readouterr().err == "bptt: error: unrecognized arguments: --bogus 1; see bptt runs --help\n"
     assert main(["validate", str(tmp_path / "none.ckpt")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")

@@ -19,14 +19,16 @@ from tests.conftest import free_port
 @pytest.fixture(scope="module")
 def tracked_run(mlflow_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("tracked")
+    client = MlflowClient(mlflow_server)
+    parent = client.create_run(client.create_experiment("tracking-parents")).info.run_id
     args = [*SMALL, "--trainer.log_every_n_steps", "1", "--tracking.tracking_uri", mlflow_server,
             "--tracking.experiment_name", "tracking-e2e", "--tracking.log_model", "true",
-            "--trainer.default_root_dir", str(root / "run")]
+            "--tracking.parent_run_id", parent, "--trainer.default_root_dir", str(root / "run")]
     result = bptt("fit", *args, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
-    client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("tracking-e2e")
     (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["mlflow.parentRunId"] == parent
     return client, experiment, run, root
 
 

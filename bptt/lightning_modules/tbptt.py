@@ -127,6 +127,7 @@ class TBPTTModule(pl.LightningModule):
         self.history: dict[str, Tensor] | None = None
         self.end_state: State | None = None
         self.eval_state: State | None = None
+        self._restored_streams: dict[str, Any] | None = None  # from a checkpoint, until on_train_start
         # counters behind the logged fractions
         self.steps_taken = 0
         self.steps_clipped = 0
@@ -358,7 +359,7 @@ class TBPTTModule(pl.LightningModule):
         """Start the throughput clock; after a resume, take this rank's rows of the saved streams
         (the world size may differ)."""
         self._last_log_time, self._tokens_since_log = time.perf_counter(), 0.0
-        saved, self._restored_streams = getattr(self, "_restored_streams", None), None
+        saved, self._restored_streams = self._restored_streams, None
         if saved is None:
             return
         rank, world = self.trainer.global_rank, self.trainer.world_size
