@@ -1,6 +1,7 @@
 """Throughput and memory of `bptt fit` against the bare kernel and a plain PyTorch TBPTT loop.
 
-Measured side by side in one process, rounds interleaved, medians reported:
+Measured side by side in one process, rounds interleaved (every other round in reverse
+order), medians reported:
 
   (a) bare kernel: the model's forward + loss + backward + SGD step on one preloaded window;
   (b) plain loop: pytorch/examples word_language_model's TBPTT loop (streams, carried and
@@ -41,9 +42,9 @@ from bptt.training import fit
 
 SETUPS = {
     "word_2x650": dict(level="word", min_count=3, embedding=650, hidden=650, dropout=0.5, tie=True, batch=20, bptt=35,
-                       lr=20.0, clip=0.25, warmup=5, steps=40),
+                       lr=20.0, clip=0.25, warmup=5, steps=30),
     "char_2x512": dict(level="char", min_count=1, embedding=128, hidden=512, dropout=0.0, tie=False, batch=64, bptt=128,
-                       lr=1.0, clip=0.25, warmup=2, steps=10),
+                       lr=1.0, clip=0.25, warmup=2, steps=8),
 }
 STDLIB = "**/*.py"
 
@@ -156,8 +157,9 @@ def throughput(rounds: int) -> dict:
                                     min_count=setup["min_count"], batch_size=setup["batch"], bptt=setup["bptt"])
         data.load()
         runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        for _ in range(rounds):
-            for variant, (measure, precision) in VARIANTS.items():
+        for round_ in range(rounds):
+            order = list(VARIANTS.items())
+            for variant, (measure, precision) in order if round_ % 2 == 0 else order[::-1]:  # no position favoured
                 runs[variant].append(measure(setup, data, precision))
                 print(f"{name} {variant}: {runs[variant][-1]:,.0f} tokens/s", flush=True)
         med = {v: statistics.median(r) for v, r in runs.items()}
