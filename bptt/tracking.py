@@ -107,6 +107,8 @@ class MlflowTracking:
                     "tracking.tracking_uri / $MLFLOW_TRACKING_URI to a reachable one"
                 ) from None
             return
+        if "://" in uri and not uri.startswith(("sqlite:///", "file://")):
+            return  # a database or remote store: its client reports its own errors
         path = Path(uri.removeprefix("sqlite:///").removeprefix("file://").removeprefix("file:"))
         directory = path.parent if uri.startswith("sqlite:") else path
         try:  # a real write: permission bits do not stop root, a read-only mount does
