@@ -17,7 +17,12 @@ from jsonargparse import Namespace
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, Logger
 
-from bptt.checkpointing import AtomicCheckpointIO, RunState, latest_checkpoint, load_checkpoint
+from bptt.checkpointing import (
+    AtomicCheckpointIO,
+    RunState,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from bptt.config import build_parser, instantiate, parse_config, parse_tracking
 from bptt.datamodules.vocabulary import Vocabulary
 from bptt.errors import CheckpointError, ConfigError

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bptt.lightning_modules.tbptt import State, TBPTTModule
 from bptt.errors import ConfigError
+from bptt.lightning_modules.tbptt import State, TBPTTModule
 
 
 class LanguageModelTask(TBPTTModule):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
+
 from bptt.errors import ConfigError
 
 # A recurrent state is a tuple of batch-first tensors (B, L, H): (h,) for GRU/RNN, (h, c) for LSTM.
