@@ -174,7 +174,8 @@ def latest_checkpoint(directory: Path) -> Path:
     best: tuple[int, Path] | None = None
     for path in directory.glob("*.ckpt"):
         try:
-            step = int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+            # mmap: only the pages holding global_step are read, not every tensor of every file
+            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
         except Exception:  # a damaged file is skipped: an older checkpoint still resumes the run
             continue
         if best is None or step > best[0]:

@@ -155,8 +155,7 @@ class TextStreamDataModule(pl.LightningDataModule):
             return None
         settings = [self.level, self.min_count, list(self.split_fractions), self.vocab.fingerprint() if self.vocab else None]
         key = hashlib.sha256(json.dumps([identity, settings]).encode()).hexdigest()[:20]
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        return self.cache_dir / f"corpus-{key}.json"
+        return self.cache_dir / f"corpus-{key}.json"  # written after tokenize_split created the directory
 
     def _check_stream_lengths(self) -> None:
         for split, streams_global in self._stream_counts().items():

@@ -240,8 +240,9 @@ class TBPTTModule(pl.LightningModule):
         if not finite:  # no update; streams whose loss or state went non-finite start again from zeros
             self._skip_step(opt, f"loss is {loss_sum.item()}")
             if bool(row_bad.any()):
-                next_state, next_history = _zero_rows(end_state, row_bad), None
-            return next_state, next_history, _zero_rows(end_state, row_bad), loss_sum.detach(), count
+                end_state = _zero_rows(end_state, row_bad)
+                next_state, next_history = end_state, None
+            return next_state, next_history, end_state, loss_sum.detach(), count
         # DDP averages gradients over ranks; scaling by world / global count makes that the mean over all targets.
         self.manual_backward(loss_sum * (self.trainer.world_size / max(global_count, 1.0)))
         norm, largest = self._gradient_size()
