@@ -44,7 +44,7 @@ SETUPS = {
     "word_2x650": dict(level="word", min_count=3, embedding=650, hidden=650, dropout=0.5, tie=True, batch=20, bptt=35,
                        lr=20.0, clip=0.25, warmup=5, steps=30),
     "char_2x512": dict(level="char", min_count=1, embedding=128, hidden=512, dropout=0.0, tie=False, batch=64, bptt=128,
-                       lr=1.0, clip=0.25, warmup=2, steps=8),
+                       lr=1.0, clip=0.25, warmup=2, steps=20),
 }
 STDLIB = "**/*.py"
 
@@ -150,9 +150,10 @@ VARIANTS = {
 }
 
 
-def throughput(rounds: int) -> dict:
+def throughput(rounds: int, names: list[str]) -> dict:
     results = {}
-    for name, setup in SETUPS.items():
+    for name in names:
+        setup = SETUPS[name]
         data = TextStreamDataModule(corpus="stdlib", stdlib_glob=STDLIB, level=setup["level"],
                                     min_count=setup["min_count"], batch_size=setup["batch"], bptt=setup["bptt"])
         data.load()
@@ -228,7 +229,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.json"))
+    parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS))
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     parser.add_argument("--probe-steps", type=int, default=30, help=argparse.SUPPRESS)
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
@@ -246,13 +249,15 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     if not args.skip_throughput:
-        result["throughput"] = throughput(args.rounds)
-    result["memory"] = memory((1, 10, 100), base_chars=200_000, steps=30)
+        result["throughput"] = throughput(args.rounds, args.setups)
+    if not args.skip_memory:
+        result["memory"] = memory((1, 10, 100), base_chars=200_000, steps=30)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     for name, r in result.get("throughput", {}).items():
         print(f"{name}: c/a {r['c_over_a']:.3f}  c/b {r['c_over_b']:.3f}  c_bf16/b_fp32 {r['c_bf16_over_b_fp32']:.3f}")
-    print(f"memory: max peak / 1x peak = {result['memory']['max_over_1x']:.3f}")
+    if "memory" in result:
+        print(f"memory: max peak / 1x peak = {result['memory']['max_over_1x']:.3f}")
 
 
 if __name__ == "__main__":
