@@ -2,6 +2,8 @@
 
     bptt fit --config conf/lm/quickstart.yaml [--model.hidden_size 512 --trainer.max_steps 100 ...]
     bptt resume CHECKPOINT | CHECKPOINT_DIR | MLFLOW_RUN_ID [--trainer.devices 1 ...]
+    bptt sweep --config conf/sweep/NAME.yaml [--address auto | ray://HOST:10001] [--storage-path PATH]
+    bptt sweep --resume EXPERIMENT_DIR [--address ...]
     bptt runs [--experiment NAME] [--tracking.tracking_uri URI]
     bptt validate CHECKPOINT [--data.data_dir DIR ...]
     bptt test CHECKPOINT [...]
@@ -46,6 +48,19 @@ def _runs_args(args: list[str]) -> argparse.Namespace:
     return parser.parse_args(args)
 
 
+def _sweep_args(args: list[str]) -> argparse.Namespace:
+    parser = _Parser(prog="bptt sweep", description="A Ray Tune sweep; every trial a Ray Train data-parallel job.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", help="a sweep file, e.g. conf/sweep/quickstart.yaml")
+    what.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue a sweep whose driver stopped")
+    parser.add_argument("--address", default=None,
+                        help="an existing Ray cluster: auto, or ray://HOST:10001 (default: start a local Ray instance)")
+    parser.add_argument("--storage-path", default=None,
+                        help="where Tune and Train persist results and checkpoints (default: the sweep file's "
+                             "storage_path, else ~/ray_results); a shared filesystem or s3://... on several nodes")
+    return parser.parse_args(args)
+
+
 def _generate_args(args: list[str]) -> argparse.Namespace:
     parser = _Parser(prog="bptt generate")
     parser.add_argument("checkpoint")
@@ -80,6 +95,12 @@ def run(argv: list[str]) -> int:
         target, overrides = _split_checkpoint(command, args)
         print(json.dumps(training.resume(target, overrides)))
         return 0
+    if command == "sweep":
+        from bptt.ray_jobs.sweep import sweep
+
+        opts = _sweep_args(args)
+        sweep(opts.config, resume=opts.resume, address=opts.address, storage_path=opts.storage_path)
+        return 0
     if command == "runs":
         opts = _runs_args(args)
         print(runs_table(opts.experiment, opts.tracking_uri))
@@ -93,7 +114,7 @@ def run(argv: list[str]) -> int:
         print(training.generate(opts.checkpoint, prompt=opts.prompt, num_tokens=opts.num_tokens,
                                 temperature=opts.temperature, seed=opts.seed))
         return 0
-    raise BpttError(f"unknown command {command!r}; commands: fit, resume, runs, validate, test, generate (see bptt --help)")
+    raise BpttError(f"unknown command {command!r}; commands: fit, resume, sweep, runs, validate, test, generate (see bptt --help)")
 
 
 def main(argv: list[str] | None = None) -> int:

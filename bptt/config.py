@@ -35,7 +35,7 @@ def _vocab_size(data: Any) -> int:
 
 def build_parser(prog: str = "bptt fit") -> ArgumentParser:
     """The parser of ``bptt fit``; ``bptt validate``/``test``/``generate`` reuse it on a checkpoint's config."""
-    parser = ArgumentParser(prog=prog, exit_on_error=False, description="Train with truncated BPTT.")
+    parser = ArgumentParser(prog=prog, exit_on_error=False, allow_abbrev=False, description="Train with truncated BPTT.")
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML config, e.g. conf/lm/quickstart.yaml")
     parser.add_argument("--seed_everything", type=int, default=0, help="seed of torch, numpy and random")
     parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False)

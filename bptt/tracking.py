@@ -8,6 +8,7 @@ default store with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -15,9 +16,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +149,60 @@ class MlflowTracking:
             experiment_name=self.experiment_name, run_name=self.run_name, tracking_uri=self.uri(), tags=tags,
             artifact_location=self.artifact_location(), run_id=run_id, synchronous=True,
         )
+
+
+def is_local_store(uri: str) -> bool:
+    """A store in a local file (sqlite, file:) rather than behind a server."""
+    return uri.startswith(("sqlite:///", "file:")) or "://" not in uri
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_store(tracking: MlflowTracking, *, log: Path) -> Iterator[str]:
+    """Serve a local store with ``mlflow server`` on 127.0.0.1 while the block runs; yields its URI.
+
+    Concurrent trials then write through one server process instead of each opening the sqlite
+    file (whose writers lock one another out). A server URI is yielded unchanged.
+    """
+    uri = tracking.uri()
+    if not is_local_store(uri):
+        yield uri
+        return
+    if not uri.startswith("sqlite:///"):
+        raise TrackingError(f"a sweep serves only sqlite stores; {uri} is not one: use sqlite:///PATH.db or a server")
+    store = Path(uri.removeprefix("sqlite:///"))
+    port = free_port()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", uri, "--artifacts-destination", str(store.parent / "mlartifacts"),
+             "--workers", "1"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=store.parent,
+        )
+    served = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{served}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise TrackingError(f"mlflow server on {uri} did not start; its log: {log}") from None
+                time.sleep(0.5)
+        yield served
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 class RunLogger(MLFlowLogger):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import tempfile
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -38,12 +39,22 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization and every_n_train_steps.*")
 
 
-def _trainer(trainer_args: Namespace, *, callbacks: list[Callback], loggers: list[Logger] | None = None) -> pl.Trainer:
+def _trainer(
+    trainer_args: Namespace,
+    *,
+    callbacks: list[Callback],
+    loggers: list[Logger] | None = None,
+    placement: dict[str, Any] | None = None,
+) -> pl.Trainer:
+    """A Trainer from the config's ``trainer`` node; ``placement`` (strategy, plugins, devices,
+    accelerator) replaces the config's when the processes are started by someone else (Ray Train)."""
     args = dict(vars(trainer_args))
     callbacks = list(args.pop("callbacks") or []) + callbacks + [LearningRateMonitor(logging_interval="step")]
     if args.get("logger") is None:
         args["logger"] = [*(loggers or []), CSVLogger(save_dir=args["default_root_dir"], name="logs")]
-    args["plugins"] = [*(args.get("plugins") or []), AtomicCheckpointIO()]
+    placement = dict(placement or {})
+    args["plugins"] = [*(args.get("plugins") or []), *placement.pop("plugins", []), AtomicCheckpointIO()]
+    args.update(placement)
     return pl.Trainer(callbacks=callbacks, **args)
 
 
@@ -99,8 +110,17 @@ def _checkpoint_dir_of_run(run_id: str, overrides: list[str]) -> Path:
 
 
 def _run(
-    cfg: Namespace, *, callbacks: list[Callback], checkpoint: tuple[Path, dict[str, Any]] | None = None
+    cfg: Namespace,
+    *,
+    callbacks: list[Callback],
+    checkpoint: tuple[Path, dict[str, Any]] | None = None,
+    run_id: str | None = None,
+    placement: dict[str, Any] | None = None,
+    prepare: Callable[[pl.Trainer], pl.Trainer] | None = None,
 ) -> dict[str, float]:
+    """Train ``cfg``, from ``checkpoint`` when given, logging to the MLflow run ``run_id`` (else
+    the checkpoint's run, else a new one); ``placement`` and ``prepare`` are for processes that
+    Ray Train started (its strategy and environment, ``ray.train.lightning.prepare_trainer``)."""
     _quiet_known_warnings()
     parser = build_parser()
     config_yaml = parser.dump(cfg)
@@ -109,17 +129,21 @@ def _run(
     init.data.prepare_data()  # bad data fails here, before the Trainer starts anything
     if checkpoint is not None:
         _check_same_model(init.task, checkpoint[1], checkpoint[0])
+        callbacks = [*callbacks, *_changed_optimizer_settings(cfg, checkpoint[1], parser)]
     tracking: MlflowTracking = init.tracking
     tracking.check()
     root = Path(cfg.trainer.default_root_dir)
-    logger = tracking.logger(run_id=checkpoint[1]["bptt"].get("mlflow_run_id") if checkpoint else None)
+    logger = tracking.logger(run_id=run_id or (checkpoint[1]["bptt"].get("mlflow_run_id") if checkpoint else None))
     state = RunState(config_yaml)
     checkpoints = init.checkpoint.callbacks(root / "checkpoints") if cfg.trainer.enable_checkpointing is not False else []
-    trainer = _trainer(init.trainer, callbacks=[*callbacks, state, *checkpoints], loggers=[logger])
+    trainer = _trainer(init.trainer, callbacks=[*callbacks, state, *checkpoints], loggers=[logger], placement=placement)
+    if prepare is not None:
+        trainer = prepare(trainer)
     if trainer.is_global_zero:
         state.run_id = logger.run_id
         logger.log_config(yaml.safe_load(config_yaml))
-        logger.experiment.set_tag(logger.run_id, CHECKPOINT_DIR_TAG, str((root / "checkpoints").resolve()))
+        if checkpoints:
+            logger.experiment.set_tag(logger.run_id, CHECKPOINT_DIR_TAG, str((root / "checkpoints").resolve()))
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.yaml").write_text(config_yaml)
         if hasattr(init.data, "save_artifacts"):
@@ -128,6 +152,35 @@ def _run(
     if trainer.is_global_zero:
         _log_artifacts(logger, tracking, root, init.task)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+class _OptimizerSettings(Callback):
+    """Puts the configured optimizer settings (lr, weight decay, ...) into the optimizer after its
+    state came back from a checkpoint taken under other settings: the checkpoint's would win."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group.update({k: v for k, v in self.settings.items() if k in group})
+        for config in trainer.lr_scheduler_configs:
+            if "lr" in self.settings and hasattr(config.scheduler, "base_lrs"):
+                config.scheduler.base_lrs = [self.settings["lr"]] * len(config.scheduler.base_lrs)
+
+
+def _changed_optimizer_settings(cfg: Namespace, checkpoint: dict[str, Any], parser: Any) -> list[Callback]:
+    """An ``_OptimizerSettings`` callback when ``cfg`` sets the optimizer otherwise than the
+    checkpoint's run did (``bptt resume ... --task.optimizer.init_args.lr``, or a PBT exploit)."""
+    def settings(config: Namespace) -> dict[str, Any]:
+        optimizer = config.task.init_args.get("optimizer")
+        return dict(vars(optimizer.init_args)) if optimizer is not None and optimizer.get("init_args") else {}
+
+    new = settings(cfg)
+    old = settings(parse_config(["--config", checkpoint["bptt"]["config"]], parser))
+    changed = {k: v for k, v in new.items() if old.get(k) != v}
+    return [_OptimizerSettings(changed)] if changed else []
 
 
 def _log_artifacts(logger: RunLogger, tracking: MlflowTracking, root: Path, task: pl.LightningModule) -> None:

@@ -157,3 +157,22 @@ def test_resume_by_run_id_continues_the_same_run_with_more_steps(tmp_path):
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(12))
     assert torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["global_step"] == 12
+
+
+@pytest.mark.slow
+def test_resume_with_another_learning_rate_uses_it(tmp_path):
+    """The checkpoint's optimizer state comes back, but a learning rate set on resume (by hand, or
+    by a PBT exploit) is the one the optimizer steps with from then on."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = [*SMALL, "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "1", "--tracking.tracking_uri", uri,
+           "--tracking.experiment_name", "new-lr", "--trainer.default_root_dir", str(tmp_path / "run")]
+    assert bptt("fit", *run, cwd=tmp_path).returncode == 0
+    last = tmp_path / "run/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["optimizer_states"][0]["param_groups"][0]["lr"] == 0.003
+    result = bptt("resume", str(last), "--trainer.max_steps", "10", "--task.optimizer.init_args.lr", "0.0005", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(last, weights_only=True)["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0005
+    client = MlflowClient(uri)
+    (only,) = client.search_runs([client.get_experiment_by_name("new-lr").experiment_id])
+    lrs = {m.step: m.value for m in client.get_metric_history(only.info.run_id, "lr-Adam")}
+    assert lrs[5] == 0.003 and all(lrs[s] == 0.0005 for s in range(6, 10))

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps whose every trial is a Ray Train data-parallel job (``bptt sweep``)."""

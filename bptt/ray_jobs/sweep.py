@@ -1,0 +1,299 @@
+"""``bptt sweep``: a Ray Tune sweep whose every trial is a Ray Train data-parallel job.
+
+    bptt sweep --config conf/sweep/quickstart.yaml [--address auto | ray://HOST:10001] [--storage-path P]
+    bptt sweep --resume EXPERIMENT_DIR [--address ...]
+
+Order of work: the sweep file and every trial's config are checked (no Ray yet); the MLflow
+store is checked and, when it is a local file, served by ``mlflow server`` on 127.0.0.1 for
+the sweep's duration; Ray starts (or joins ``--address``) and the trial resources are checked
+against its nodes; then the parent MLflow run opens and Tune runs the trials. At the end the
+parent run gets the leaderboard and the best trial's config, and the leaderboard is printed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bptt.errors import ConfigError
+from bptt.ray_jobs.sweep_config import (
+    SweepSpec,
+    load_sweep,
+    resolved_config,
+    scheduler,
+    search_algorithm,
+    tune_space,
+)
+from bptt.ray_jobs.trial import PARENT_TAG, SWEEP_TAG, TRIAL_TAG, SweepContext, run_trial
+from bptt.tracking import EXPERIMENT_KIND, MlflowTracking, TrackingError, flatten, is_local_store, serve_store
+
+STATE_FILE = "bptt-sweep.json"  # in the experiment directory: what --resume needs
+SERVED_URI_ENV = "BPTT_SWEEP_TRACKING_URI"
+HEAD_NODE = "node:__internal_head__"  # a resource only the head node has
+
+
+def sweep(config: str | None = None, *, resume: str | None = None, address: str | None = None,
+          storage_path: str | None = None) -> str:
+    """Run (or, with ``resume``, continue) a sweep; returns the printed leaderboard."""
+    if resume is not None:
+        directory = Path(resume).resolve()
+        state_file = directory / STATE_FILE
+        if not state_file.is_file():
+            raise ConfigError(f"{directory} is not a bptt sweep directory (no {STATE_FILE}); pass the directory "
+                              "`bptt sweep` printed, e.g. ~/ray_results/quickstart-20261125-120000")
+        state = json.loads(state_file.read_text())
+        spec, base = load_sweep(state["sweep_file"], state["sweep_yaml"])
+        name, storage = directory.name, str(directory.parent)
+    else:
+        if config is None:
+            raise ConfigError("bptt sweep needs --config conf/sweep/NAME.yaml or --resume EXPERIMENT_DIR")
+        spec, base = load_sweep(config)
+        state = {"sweep_file": str(Path(config).resolve()), "sweep_yaml": Path(config).read_text(),
+                 "cwd": os.getcwd(), "parent_run_id": None}
+        name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        storage = str(Path(storage_path or spec.storage_path or "~/ray_results").expanduser().resolve())
+        directory = Path(storage) / name
+    tracking = _tracking(spec, base)
+    tracking.check()
+    import ray  # after every check that needs no cluster
+
+    with serve_store(tracking, log=directory / "mlflow-server.log") as served_uri:
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(address=address, log_to_driver=False,  # the dashboard stays: Train cleans up through its state API
+                 runtime_env={"env_vars": _forwarded_env()} if address is None else None)
+        try:
+            check_resources(spec)
+            return _tune(spec, base, state, name, storage, directory, tracking, served_uri, resume is not None)
+        finally:
+            ray.shutdown()
+
+
+def _tracking(spec: SweepSpec, base: str) -> MlflowTracking:
+    """The base config's tracking node, with the sweep's tracking settings on top."""
+    from bptt.config import build_parser, parse_config
+
+    cfg = parse_config(["--config", base], build_parser())
+    tracking = dict(vars(cfg.tracking))
+    tracking["experiment_name"] = spec.tracking.experiment_name or f"{spec.name}-sweep"
+    if spec.tracking.tracking_uri:
+        tracking["tracking_uri"] = spec.tracking.tracking_uri
+    return MlflowTracking(**tracking)
+
+
+def _forwarded_env() -> dict[str, str]:
+    """Settings that the trials must see as this process sees them (a local Ray instance)."""
+    keep = ("BPTT_DATA_DIR", "BPTT_CACHE_DIR", "PYTHONPATH", "HF_DATASETS_OFFLINE", "HF_HOME")
+    return {k: os.environ[k] for k in keep if k in os.environ}
+
+
+def check_resources(spec: SweepSpec) -> None:
+    """Fail before any trial starts when the cluster can never place one trial's workers."""
+    import ray
+
+    r = spec.resources
+    if not r.check:
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need = {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
+
+    def fits(node: dict[str, float]) -> int:
+        return min((math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0), default=r.num_workers)
+
+    per_node = [fits(n) for n in nodes]
+    have = ", ".join(f"CPU {n.get('CPU', 0):g} GPU {n.get('GPU', 0):g}" for n in nodes)
+    if not any(per_node):
+        raise ConfigError(
+            f"no node can hold one worker with {r.cpus_per_worker:g} CPU and {r.gpus_per_worker:g} GPU (nodes: {have}); "
+            "lower resources.cpus_per_worker / gpus_per_worker, or add nodes (resources.check: false on autoscaling "
+            "clusters)"
+        )
+    if sum(per_node) < r.num_workers:
+        raise ConfigError(
+            f"the cluster holds {sum(per_node)} of the {r.num_workers} workers a trial needs (nodes: {have}); "
+            "lower resources.num_workers or its per-worker resources"
+        )
+
+
+def _concurrency(spec: SweepSpec) -> int:
+    """How many trials' worker groups the cluster holds at once (the default max_concurrent_trials)."""
+    import ray
+
+    total = ray.cluster_resources()
+    r = spec.resources
+    limits = [total.get(k, 0.0) / (v * r.num_workers) for k, v in (("CPU", r.cpus_per_worker), ("GPU", r.gpus_per_worker))
+              if v > 0]
+    return max(1, math.floor(min(limits, default=1) + 1e-9))
+
+
+def _tune(spec: SweepSpec, base: str, state: dict[str, Any], name: str, storage: str, directory: Path,
+          tracking: MlflowTracking, served_uri: str, resuming: bool) -> str:
+    import ray.tune
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(served_uri)
+    experiment_id = _experiment(client, tracking)
+    if state.get("parent_run_id") is None:
+        parent = client.create_run(experiment_id, run_name=name, tags={SWEEP_TAG: name, "bptt.kind": "sweep"})
+        state["parent_run_id"] = parent.info.run_id
+        _log_sweep_params(client, state["parent_run_id"], spec, base)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
+        client.log_text(state["parent_run_id"], state["sweep_yaml"], "sweep.yaml")
+        client.log_text(state["parent_run_id"], yaml.safe_dump(spec.space, sort_keys=False), "search_space.yaml")
+    else:
+        client.update_run(state["parent_run_id"], status="RUNNING")
+    context = SweepContext(sweep=name, base=base, spec=spec, tracking_uri=served_uri,
+                           experiment_name=tracking.experiment_name, parent_run_id=state["parent_run_id"],
+                           storage_path=storage, cwd=state["cwd"])
+    driver = {"CPU": spec.resources.driver_cpus} if spec.resources.driver_cpus > 0 else {HEAD_NODE: 0.001}
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), driver)
+    os.environ[SERVED_URI_ENV] = served_uri  # where _ChildRunStatus, restored from an older run, writes
+    status = _ChildRunStatus(experiment_id, state["parent_run_id"])
+    print(f"bptt sweep: experiment {directory}  (continue after a crash: bptt sweep --resume {directory})", flush=True)
+    if resuming:
+        tuner = ray.tune.Tuner.restore(str(directory), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=tune_space(spec.space),
+            tune_config=ray.tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples, scheduler=scheduler(spec),
+                search_alg=search_algorithm(spec),
+                max_concurrent_trials=spec.max_concurrent_trials or _concurrency(spec),
+            ),
+            run_config=ray.tune.RunConfig(
+                name=name, storage_path=storage, stop=spec.stop or None, callbacks=[status],
+                failure_config=ray.tune.FailureConfig(max_failures=spec.failure.trial_retries),
+                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=spec.checkpoints_to_keep),
+                verbose=1,
+            ),
+        )
+    results = tuner.fit()
+    board = leaderboard(results, spec, client, experiment_id, state["parent_run_id"])
+    _finish_parent(client, state["parent_run_id"], spec, base, board, results)
+    table = _format(board, spec)
+    print(table)
+    print(f"\nMLflow: {_ui_command(tracking)}  (experiment {tracking.experiment_name!r}, parent run {name})")
+    return table
+
+
+def _experiment(client: Any, tracking: MlflowTracking) -> str:
+    experiment = client.get_experiment_by_name(tracking.experiment_name)
+    if experiment is None:
+        return client.create_experiment(tracking.experiment_name, artifact_location=tracking.artifact_location(),
+                                        tags=dict([EXPERIMENT_KIND]))
+    return experiment.experiment_id
+
+
+def _log_sweep_params(client: Any, run_id: str, spec: SweepSpec, base: str) -> None:
+    from mlflow.entities import Param
+
+    params = flatten({"sweep": {k: v for k, v in asdict(spec).items() if k != "space"}, "space": spec.space})
+    params["base"] = base
+    items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def _status_callback_base() -> type:
+    from ray.tune import Callback
+
+    return Callback
+
+
+class _ChildRunStatus(_status_callback_base()):  # type: ignore[misc]
+    """Closes each trial's MLflow run when Tune is done with the trial (the trial's processes are
+    ended by Tune, e.g. an ASHA stop, and cannot close it themselves)."""
+
+    def __init__(self, experiment_id: str, parent_run_id: str) -> None:
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+
+    def _close(self, trial: Any, status: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(os.environ[SERVED_URI_ENV])
+        for run in client.search_runs([self.experiment_id], filter_string=(
+                f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial.trial_id}'")):
+            client.set_terminated(run.info.run_id, status)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial, "FAILED")
+
+
+def leaderboard(results: Any, spec: SweepSpec, client: Any, experiment_id: str, parent_run_id: str) -> list[dict]:
+    """One row per trial, best first: its best ``metric``, the sampled values, status, MLflow run."""
+    runs = {r.data.tags.get(TRIAL_TAG): r for r in client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")}
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        values = history[spec.metric].dropna() if history is not None and spec.metric in history else None
+        best = None if values is None or values.empty else float(values.min() if spec.mode == "min" else values.max())
+        run = runs.get(trial_id)
+        rows.append({
+            "trial": trial_id, "status": "ERROR" if result.error else "DONE",
+            f"best {spec.metric}": best, "reports": int(len(values)) if values is not None else 0,
+            **{k: result.config.get(k) for k in spec.space},
+            "mlflow_run": run.info.run_id if run else None,
+            "config": result.config,
+        })
+    sign = 1 if spec.mode == "min" else -1
+    rows.sort(key=lambda r: (r[f"best {spec.metric}"] is None, sign * (r[f"best {spec.metric}"] or 0.0)))
+    return rows
+
+
+def _format(board: list[dict], spec: SweepSpec) -> str:
+    header = [k for k in board[0] if k != "config"] if board else []
+    cells = [[_cell(row[k]) for k in header] for row in board]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *cells)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *cells]]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _finish_parent(client: Any, run_id: str, spec: SweepSpec, base: str, board: list[dict], results: Any) -> None:
+    out = io.StringIO()
+    header = [k for k in board[0] if k != "config"] if board else []
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows([[row[k] for k in header] for row in board])
+    client.log_text(run_id, out.getvalue(), "leaderboard.csv")
+    client.log_text(run_id, _format(board, spec), "leaderboard.txt")
+    best = next((row for row in board if row[f"best {spec.metric}"] is not None), None)
+    if best is not None:
+        client.log_metric(run_id, f"best/{spec.metric}", best[f"best {spec.metric}"])
+        client.set_tag(run_id, "bptt.best_trial", best["trial"])
+        sampled = {k: best["config"][k] for k in spec.space}
+        client.log_text(run_id, resolved_config(base, spec, sampled, []), "best_config.yaml")
+    failed = any(result.error for result in results)
+    client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+
+def _ui_command(tracking: MlflowTracking) -> str:
+    uri = tracking.uri()
+    if is_local_store(uri):
+        store = Path(uri.removeprefix("sqlite:///"))
+        return f"mlflow ui --backend-store-uri {uri} --artifacts-destination {store.parent / 'mlartifacts'}"
+    return f"open {uri}"
+
+
+__all__ = ["sweep", "check_resources", "leaderboard", "TrackingError"]

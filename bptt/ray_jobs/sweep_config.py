@@ -1,0 +1,285 @@
+"""The sweep YAML of ``bptt sweep --config conf/sweep/NAME.yaml``: parsed, checked against the base
+training config, and turned into Ray Tune's search space, scheduler and search algorithm.
+
+A sweep file::
+
+    name: quickstart                      # experiment name: Tune's directory, MLflow's parent run
+    base: conf/lm/quickstart.yaml         # the training config every trial starts from
+    overrides: {trainer.max_steps: 600}   # dotted keys set in every trial
+    space:                                # dotted keys sampled per trial
+      task.optimizer.init_args.lr: {loguniform: [0.001, 0.01]}
+      model.hidden_size: {choice: [128, 256]}
+      seed_everything: {grid: [0, 1]}     # also: uniform [lo, hi], randint [lo, hi)
+    metric: val/loss
+    mode: min
+    scheduler: {type: asha, grace_period: 2}   # fifo | asha | pbt (perturbs `mutations`, default: space)
+    search: {type: optuna}                # optional: optuna | hyperopt (pip install 'bptt[optuna]')
+    num_samples: 4
+    max_concurrent_trials: 2              # default: as many as the cluster's resources hold
+    resources: {num_workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}
+    stop: {training_iteration: 20}        # any Tune stop condition (time_total_s, a metric bound)
+    failure: {trial_retries: 2, worker_retries: 3}
+    storage_path: null                    # default ~/ray_results; shared FS or s3://... on several nodes
+    tracking: {tracking_uri: null, experiment_name: quickstart-sweep}
+
+Relative paths (``base``) resolve against the sweep file's directory, else the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from jsonargparse import ArgumentParser, Namespace
+
+from bptt.config import build_parser, one_line, parse_config
+from bptt.errors import ConfigError
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class Scheduler:
+    """``fifo`` runs every trial to its stop condition; ``asha`` stops the worse trials early
+    (per reported validation); ``pbt`` copies the better trials' checkpoints into the worse ones
+    every ``perturbation_interval`` reports and perturbs ``mutations`` (default: the space)."""
+
+    type: Literal["fifo", "asha", "pbt"] = "fifo"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    max_t: int = 100
+    perturbation_interval: int = 2
+    mutations: dict[str, Any] | None = None
+    quantile_fraction: float = 0.25
+    resample_probability: float = 0.25
+
+
+@dataclass
+class Search:
+    """A model-based search algorithm in place of random/grid sampling."""
+
+    type: Literal["optuna", "hyperopt"] = "optuna"
+    seed: int | None = None
+
+
+@dataclass
+class Resources:
+    """Per trial: ``num_workers`` data-parallel Ray Train workers with these resources each.
+    The trial's driver process only launches and watches its workers: with ``driver_cpus: 0`` it
+    takes no CPU and runs on the head node (the node least likely to go away), as Ray advises."""
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    driver_cpus: float = 0.0
+    check: bool = True  # fail before any trial when no node can hold a worker (off for autoscaling clusters)
+
+
+@dataclass
+class Failure:
+    """``trial_retries``: a failed trial restarts from its last checkpoint this often (Tune);
+    ``worker_retries``: a dead worker restarts the trial's workers from the last checkpoint (Train)."""
+
+    trial_retries: int = 2
+    worker_retries: int = 3
+
+
+@dataclass
+class Tracking:
+    tracking_uri: str | None = None
+    experiment_name: str | None = None
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: str
+    space: dict[str, Any]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    metric: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    search: Search | None = None
+    num_samples: int = 1
+    max_concurrent_trials: int | None = None
+    resources: Resources = field(default_factory=Resources)
+    stop: dict[str, float] = field(default_factory=dict)
+    failure: Failure = field(default_factory=Failure)
+    checkpoints_to_keep: int = 2
+    storage_path: str | None = None
+    tracking: Tracking = field(default_factory=Tracking)
+
+
+def load_sweep(path: str | Path, text: str | None = None) -> tuple[SweepSpec, str]:
+    """Read and check a sweep file (or its saved ``text``): (spec, base config path).
+
+    Every check that needs no cluster happens here: keys and types of the sweep file, the
+    distributions, the scheduler and search algorithm, and that each space key is a key of the
+    base config taking the values the space can draw.
+
+    Raises:
+        ConfigError: one line naming the problem and the fix.
+    """
+    path = Path(path)
+    if text is None:
+        if not path.is_file():
+            raise ConfigError(f"sweep file {path} does not exist; pass e.g. --config conf/sweep/quickstart.yaml")
+        text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML ({one_line(err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping with at least name, base and space")
+    parser = ArgumentParser(prog="bptt sweep", exit_on_error=False)
+    parser.add_class_arguments(SweepSpec, "sweep")
+    try:
+        spec_ns = parser.parse_object({"sweep": raw})
+        spec: SweepSpec = parser.instantiate_classes(spec_ns).sweep
+    except Exception as err:  # jsonargparse: unknown key, wrong type, a value outside a Literal
+        raise ConfigError(f"{path}: {one_line(err).replace('; `bptt fit --help` lists every key and type', '')}"
+                          "; see conf/sweep/quickstart.yaml for the keys") from None
+    base = _resolve(spec.base, path)
+    if not spec.space:
+        raise ConfigError(f"{path}: space is empty; give at least one dotted key with a distribution")
+    for key, dist in spec.space.items():
+        _check_distribution(path, key, dist)
+    if spec.scheduler.type == "pbt":
+        for key, dist in (spec.scheduler.mutations or {}).items():
+            _check_distribution(path, key, dist)
+    if spec.search is not None:
+        if spec.scheduler.type == "pbt":
+            raise ConfigError(f"{path}: a search algorithm cannot drive PBT; drop search or use scheduler asha/fifo")
+        if any(_kind(d) == "grid" for d in spec.space.values()):
+            raise ConfigError(f"{path}: grid values do not combine with search {spec.search.type}; use choice")
+        module = {"optuna": "optuna", "hyperopt": "hyperopt"}[spec.search.type]
+        try:
+            __import__(module)
+        except ImportError:
+            raise ConfigError(
+                f"search {spec.search.type} needs the {module} package; pip install 'bptt[{module}]' or drop search"
+            ) from None
+    if spec.num_samples < 1 or spec.resources.num_workers < 1 or spec.checkpoints_to_keep < 1:
+        raise ConfigError(f"{path}: num_samples, resources.num_workers and checkpoints_to_keep must be >= 1")
+    if spec.max_concurrent_trials is not None and spec.max_concurrent_trials < 1:
+        raise ConfigError(f"{path}: max_concurrent_trials must be >= 1 (or left out)")
+    _check_against_base(path, spec, base)
+    return spec, str(base)
+
+
+def _resolve(base: str, sweep_file: Path) -> Path:
+    for candidate in (sweep_file.parent / base, Path(base)):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"base config {base} not found next to {sweep_file} or in {Path.cwd()}; fix `base:`")
+
+
+def _kind(dist: Any) -> str | None:
+    return next(iter(dist)) if isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS else None
+
+
+def _check_distribution(path: Path, key: str, dist: Any) -> None:
+    kind = _kind(dist)
+    if kind is None:
+        raise ConfigError(
+            f"{path}: space key {key!r} must be one of {{{', '.join(DISTRIBUTIONS)}: [...]}}, got {dist!r}"
+        )
+    values = dist[kind]
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{path}: {key}: {kind} takes a non-empty list, got {values!r}")
+    if kind in ("uniform", "loguniform", "randint"):
+        if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+            raise ConfigError(f"{path}: {key}: {kind} takes [low, high] with low < high, got {values!r}")
+        if kind == "loguniform" and values[0] <= 0:
+            raise ConfigError(f"{path}: {key}: loguniform needs low > 0, got {values!r}")
+
+
+def _samples(dist: dict[str, list]) -> list[Any]:
+    """Values a distribution can draw that are worth type-checking: all listed ones, or the bounds."""
+    kind, values = next(iter(dist.items()))
+    if kind == "randint":
+        return [int(values[0]), int(values[1]) - 1]
+    return list(values)
+
+
+def as_args(settings: dict[str, Any]) -> list[str]:
+    """``{"model.hidden_size": 256}`` -> ``["--model.hidden_size", "256"]`` (values as JSON, strings bare)."""
+    out: list[str] = []
+    for key, value in settings.items():
+        out += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return out
+
+
+def trial_args(base: str, spec: SweepSpec, sampled: dict[str, Any]) -> list[str]:
+    """The ``bptt fit`` arguments of one trial."""
+    return ["--config", base, *as_args(spec.overrides), *as_args(sampled)]
+
+
+def _check_against_base(path: Path, spec: SweepSpec, base: Path) -> None:
+    parser = build_parser()
+    try:
+        parse_config(trial_args(str(base), spec, {}), parser)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: base config with the sweep's overrides: {err}") from None
+    keys = {**spec.space, **(spec.scheduler.mutations or {} if spec.scheduler.type == "pbt" else {})}
+    for key, dist in keys.items():
+        if key in spec.overrides:
+            raise ConfigError(f"{path}: {key!r} is both in overrides and in space; keep one")
+        for value in _samples(dist):
+            try:
+                parse_config(trial_args(str(base), spec, {key: value}), parser)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: space key {key!r} = {value!r} does not fit {base.name}: {err}") from None
+
+
+def tune_space(space: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's distributions as Ray Tune search-space objects, keyed by dotted config key."""
+    from ray import tune
+
+    make = {
+        "choice": lambda v: tune.choice(v),
+        "grid": lambda v: tune.grid_search(v),
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+        "randint": lambda v: tune.randint(*v),
+    }
+    return {key: make[_kind(dist)](dist[_kind(dist)]) for key, dist in space.items()}
+
+
+def scheduler(spec: SweepSpec) -> Any:
+    """Ray Tune's trial scheduler for ``spec.scheduler``."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    s = spec.scheduler
+    if s.type == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=s.max_t, grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor)
+    if s.type == "pbt":
+        mutations = s.mutations or {k: d for k, d in spec.space.items() if _kind(d) != "grid"}
+        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
+                                       hyperparam_mutations=tune_space(mutations), quantile_fraction=s.quantile_fraction,
+                                       resample_probability=s.resample_probability)
+    return FIFOScheduler()
+
+
+def search_algorithm(spec: SweepSpec) -> Any:
+    """Optuna or HyperOpt over the space, or None for Tune's own random/grid sampling."""
+    if spec.search is None:
+        return None
+    if spec.search.type == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=spec.search.seed)
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    return HyperOptSearch(random_state_seed=spec.search.seed)
+
+
+def resolved_config(base: str, spec: SweepSpec, sampled: dict[str, Any], extra: list[str]) -> str:
+    """One trial's whole training config as YAML (what its workers train and MLflow records)."""
+    parser = build_parser()
+    cfg: Namespace = parse_config([*trial_args(base, spec, sampled), *extra], parser)
+    return parser.dump(cfg)

@@ -1,0 +1,180 @@
+"""One sweep trial: a Ray Tune function that launches a Ray Train ``TorchTrainer`` running the same
+Lightning training as ``bptt fit`` on N data-parallel workers.
+
+Three processes take part, and checkpoints flow through all three::
+
+    Train worker (rank r)          Train controller              Tune trial (``run_trial``)
+    ---------------------          ----------------              ---------------------------
+    Lightning fit, streams of      gathers reports; restarts     reports to Tune; restarts
+    rank r; at each validation     dead workers from the last    from Tune's checkpoint (PBT
+    ray.train.report(metrics,  ->  checkpoint (worker_retries) -> exploit, trial_retries)
+    checkpoint = the full .ckpt)   ``_ForwardToTune``
+
+The checkpoint is a ``bptt fit`` checkpoint (model, optimizer, carried hidden states, data
+position, RNG), so both kinds of restart continue exactly, in the trial's own MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import threading
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+CHECKPOINT_FILE = "checkpoint.ckpt"
+TRIAL_TAG, SWEEP_TAG, PARENT_TAG = "bptt.trial_id", "bptt.sweep", "mlflow.parentRunId"
+
+
+@dataclass
+class SweepContext:
+    """What every trial of one sweep shares (pickled into each trial)."""
+
+    sweep: str  # the experiment directory's name
+    base: str
+    spec: Any  # SweepSpec
+    tracking_uri: str  # what trials log to (the served store while a sweep runs)
+    experiment_name: str
+    parent_run_id: str
+    storage_path: str
+    cwd: str
+
+    def child_run(self, trial_id: str, trial_name: str) -> str:
+        """The trial's MLflow run under the sweep's parent: found again on a restart, else created."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        experiment = client.get_experiment_by_name(self.experiment_name)
+        found = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+        )
+        if found:
+            return found[0].info.run_id
+        run = client.create_run(experiment.experiment_id, run_name=trial_name,
+                                tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep})
+        return run.info.run_id
+
+
+def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
+    """The Tune trainable: one ``TorchTrainer`` fit of the sampled config, reports forwarded to Tune."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    from bptt.ray_jobs.sweep_config import resolved_config
+
+    trial = ray.tune.get_context()
+    trial_id = trial.get_trial_id()
+    run_id = context.child_run(trial_id, trial.get_trial_name())
+    os.chdir(context.cwd) if Path(context.cwd).is_dir() else None  # relative paths as in `bptt fit`
+    config_yaml = resolved_config(context.base, context.spec, sampled, [
+        "--tracking.tracking_uri", context.tracking_uri, "--tracking.experiment_name", context.experiment_name,
+        "--tracking.parent_run_id", context.parent_run_id, "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",
+    ])
+    resources = context.spec.resources
+    reports: Queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config_yaml, "run_id": run_id, "start": ray.tune.get_checkpoint(),
+                           "cwd": context.cwd, "trial_id": trial_id, "use_gpu": resources.gpus_per_worker > 0},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.num_workers, use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            # a fresh Train run per start: restarts resume from Tune's checkpoint, which holds every report
+            name=f"{context.sweep}-{trial_id}-{uuid.uuid4().hex[:6]}",
+            storage_path=str(Path(context.storage_path) / context.sweep / "train"),
+            failure_config=ray.train.FailureConfig(max_failures=context.spec.failure.worker_retries),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=context.spec.checkpoints_to_keep),
+            callbacks=[_ForwardToTune(reports)],
+        ),
+    )
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # re-raised in the trial's thread, where Tune sees it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="train-driver", daemon=True)
+    thread.start()
+    while thread.is_alive() or not reports.empty():
+        try:
+            metrics, checkpoint = reports.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        ray.tune.report(metrics, checkpoint=checkpoint)
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _forward_to_tune_base() -> type:
+    from ray.train.v2.api.callback import UserCallback
+
+    return UserCallback
+
+
+class _ForwardToTune(_forward_to_tune_base()):  # type: ignore[misc]
+    """Runs in the Train controller: hands each report and its persisted checkpoint to the Tune trial
+    (a one-slot queue, so the controller waits until Tune has taken the previous one)."""
+
+    def __init__(self, reports: Any) -> None:
+        self.reports = reports
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.reports.put((metrics[0], checkpoint))
+
+
+def train_worker(loop: dict[str, Any]) -> None:
+    """One Ray Train worker: ``bptt fit`` of the trial's config on this rank's streams, resumed from
+    Train's latest checkpoint after a worker failure, else from Tune's (PBT exploit, trial retry)."""
+    import ray.train
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+
+    from bptt.config import parse_config
+    from bptt.checkpointing import load_checkpoint
+    from bptt.training import _run
+
+    if Path(loop["cwd"]).is_dir():
+        os.chdir(loop["cwd"])
+    context = ray.train.get_context()
+    root = Path(tempfile.gettempdir()) / "bptt-trials" / context.get_experiment_name() / f"rank{context.get_world_rank()}"
+    cfg = parse_config(["--config", loop["config"], "--trainer.default_root_dir", str(root)])
+    placement = {"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()], "devices": "auto",
+                 "accelerator": "gpu" if loop["use_gpu"] else "cpu", "num_nodes": 1}
+    start = ray.train.get_checkpoint() or loop["start"]
+    with start.as_directory() if start is not None else nullcontext(None) as directory:
+        checkpoint = None
+        if directory is not None:
+            path = Path(directory) / CHECKPOINT_FILE
+            checkpoint = (path, load_checkpoint(path))
+        _run(cfg, callbacks=[ReportToRay()], checkpoint=checkpoint, run_id=loop["run_id"], placement=placement,
+             prepare=prepare_trainer)
+
+
+class ReportToRay(pl.Callback):
+    """After each validation: the metrics and a full checkpoint to ``ray.train.report`` (every rank
+    takes part; rank 0 writes the file). Tune counts one report as one training iteration."""
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import ray.train
+
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics["step"] = trainer.global_step
+        with tempfile.TemporaryDirectory(prefix="bptt-report-") as directory:
+            trainer.save_checkpoint(Path(directory) / CHECKPOINT_FILE)  # collective: gathers every rank's streams
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if trainer.is_global_zero else None
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{trainer.global_step:07d}")

@@ -1,0 +1,148 @@
+"""`bptt sweep` end to end on a 2-node Ray cluster simulated on this machine (ray.cluster_utils):
+trials of 2 data-parallel workers each; a worker SIGKILLed mid-trial; the sweep's driver SIGKILLed
+and the sweep resumed; MLflow (the sweep's own served sqlite store) holds one parent and a child
+per trial with complete histories; resources no node holds stop the sweep before any trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import PROJECT
+
+pytestmark = pytest.mark.slow
+BPTT = str(Path(sys.executable).parent / "bptt")
+STEPS, EVERY = 40, 10  # validation (a Tune report with a checkpoint) after batches 10, 20, 30, 40
+VAL_STEPS = [9, 19, 29, 39]  # Lightning logs a validation at the step count before it
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a worker node of 2 CPUs each, on this machine."""
+    from ray.cluster_utils import Cluster
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def _sweep_file(tmp: Path, *, space: dict, extra: dict | None = None, **spec) -> Path:
+    overrides = {
+        "data.stdlib_glob": "json/*.py", "model.hidden_size": 32, "data.batch_size": 4, "data.eval_batch_size": 4,
+        "data.bptt": 16, "trainer.max_steps": STEPS, "trainer.val_check_interval": EVERY,
+        "trainer.log_every_n_steps": 1, "tracking.log_model": False, **(extra or {}),
+    }
+    body = {"name": "e2e", "base": str(PROJECT / "conf/lm/quickstart.yaml"), "overrides": overrides, "space": space,
+            "scheduler": {"type": "fifo"}, "resources": {"num_workers": 2, "cpus_per_worker": 1},
+            "failure": {"trial_retries": 1, "worker_retries": 2}, "tracking": {"experiment_name": "e2e"}, **spec}
+    path = tmp / "sweep.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def _bptt(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([BPTT, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+
+
+def _children(cwd: Path) -> tuple[object, list]:
+    client = MlflowClient(f"sqlite:///{cwd}/mlflow.db")
+    experiment = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("bptt.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    return client, parents[0], children
+
+
+def _history(client, run, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+
+
+def _assert_complete(client, child) -> None:
+    """Every step logged exactly once, validations where they belong, the run closed."""
+    assert [s for s, _ in _history(client, child, "train/loss")] == list(range(STEPS))
+    assert [s for s, _ in _history(client, child, "val/loss")] == VAL_STEPS
+    assert child.info.status == "FINISHED"
+
+
+def test_killed_worker_resumes_its_trial_from_the_checkpoint(cluster, tmp_path):
+    """Two trials with the same config; rank 1 of one of them is SIGKILLed at step 15. Train restarts
+    that trial's workers from the step-10 checkpoint, and the trial ends where the untouched one ends."""
+    marker = tmp_path / "killed"
+    kill = [{"class_path": "tests.kill_switch.KillAt", "init_args": {"step": 15, "marker": str(marker), "rank": 1}}]
+    sweep = _sweep_file(tmp_path, space={"seed_everything": {"grid": [3, 3]}}, extra={"trainer.callbacks": kill},
+                        max_concurrent_trials=2)
+    done = _bptt("sweep", "--config", str(sweep), "--address", cluster.address, "--storage-path",
+                 str(tmp_path / "results"), cwd=tmp_path)
+    out, _ = done.communicate(timeout=900)
+    assert done.returncode == 0, out[-4000:]
+    assert marker.exists(), "no worker was killed"
+    client, parent, children = _children(tmp_path)
+    assert len(children) == 2 and parent.info.status == "FINISHED"
+    for child in children:
+        _assert_complete(client, child)
+    straight, resumed = (_history(client, c, "val/loss") for c in children)
+    assert [v for _, v in straight] == pytest.approx([v for _, v in resumed], rel=1e-6, abs=1e-6)
+    assert "best val/loss" in out and "mlflow ui --backend-store-uri" in out
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.csv", "best_config.yaml", "sweep.yaml", "search_space.yaml"} <= artifacts
+
+
+def test_killed_driver_then_resume_finishes_every_trial_once(cluster, tmp_path):
+    sweep = _sweep_file(tmp_path, space={"task.optimizer.init_args.lr": {"grid": [0.003, 0.01]}},
+                        max_concurrent_trials=1)
+    results = tmp_path / "results"
+    driver = _bptt("sweep", "--config", str(sweep), "--address", cluster.address, "--storage-path", str(results),
+                   cwd=tmp_path)
+    deadline = time.time() + 600
+    while True:  # kill once the first trial is done and the second has reported
+        reports = {p.parent.name: len(p.read_text().splitlines()) for p in results.glob("*/*/result.json")}
+        if sorted(reports.values()) and min(reports.values()) >= 1 and max(reports.values()) >= len(VAL_STEPS) \
+                and len(reports) == 2:
+            break
+        assert driver.poll() is None, driver.communicate()[0][-4000:]
+        assert time.time() < deadline, "the sweep made no progress"
+        time.sleep(1)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the mlflow server it started
+    driver.wait()
+    (experiment,) = results.iterdir()
+    first_done = {name: n for name, n in reports.items() if n == len(VAL_STEPS)}
+    resumed = _bptt("sweep", "--resume", str(experiment), "--address", cluster.address, cwd=tmp_path)
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-4000:]
+    after = {p.parent.name: p.read_text().splitlines() for p in experiment.glob("*/result.json")}
+    for name in first_done:  # finished before the kill: not run again
+        assert len(after[name]) == len(VAL_STEPS)
+    assert all(len(lines) >= len(VAL_STEPS) for lines in after.values())
+    client, parent, children = _children(tmp_path)
+    assert len(children) == 2 and parent.info.status == "FINISHED"
+    for child in children:
+        _assert_complete(client, child)
+    state = json.loads((experiment / "bptt-sweep.json").read_text())
+    assert state["parent_run_id"] == parent.info.run_id
+
+
+def test_resources_no_node_holds_stop_before_any_trial(cluster, tmp_path):
+    sweep = _sweep_file(tmp_path, space={"model.dropout": {"choice": [0.0]}},
+                        resources={"num_workers": 1, "cpus_per_worker": 3})
+    done = _bptt("sweep", "--config", str(sweep), "--address", cluster.address, "--storage-path",
+                 str(tmp_path / "results"), cwd=tmp_path)
+    out, _ = done.communicate(timeout=300)
+    assert done.returncode == 2
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("bptt: error: no node can hold one worker with 3 CPU"), out[-2000:]
+    assert not list((tmp_path / "results").glob("*/*/result.json"))
