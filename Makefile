@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench bench-quality clean
+.PHONY: setup demo test bench bench-quality bench-sweep clean
 
 $(BIN)/bptt: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,9 @@ $(BIN)/bptt: pyproject.toml
 
 setup: $(BIN)/bptt
 
+# the main job: a Ray Tune sweep of 4 quickstart trials, each a Ray Train job, tracked in ./mlflow.db
 demo: $(BIN)/bptt
-	$(BIN)/bptt fit --config conf/lm/quickstart.yaml
+	$(BIN)/bptt sweep --config conf/sweep/quickstart.yaml
 
 test: $(BIN)/bptt
 	$(BIN)/python -m pytest

@@ -64,6 +64,7 @@ def sweep(config: str | None = None, *, resume: str | None = None, address: str 
         directory = Path(storage) / name
     tracking = _tracking(spec, base)
     tracking.check()
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the served URL ends with the sweep
     import ray  # after every check that needs no cluster
 
     with serve_store(tracking, log=directory / "mlflow-server.log") as served_uri:
@@ -73,6 +74,7 @@ def sweep(config: str | None = None, *, resume: str | None = None, address: str 
                  runtime_env={"env_vars": _forwarded_env()} if address is None else None)
         try:
             check_resources(spec)
+            _check_store_reachable(tracking)
             return _tune(spec, base, state, name, storage, directory, tracking, served_uri, resume is not None)
         finally:
             ray.shutdown()
@@ -121,6 +123,18 @@ def check_resources(spec: SweepSpec) -> None:
         raise ConfigError(
             f"the cluster holds {sum(per_node)} of the {r.num_workers} workers a trial needs (nodes: {have}); "
             "lower resources.num_workers or its per-worker resources"
+        )
+
+
+def _check_store_reachable(tracking: MlflowTracking) -> None:
+    """A local store is served on 127.0.0.1: only trials on this machine reach it."""
+    import ray
+
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    if is_local_store(tracking.uri()) and len(hosts) > 1:
+        raise ConfigError(
+            f"the MLflow store {tracking.uri()} is a local file, which trials on the cluster's other machines "
+            f"({len(hosts)} hosts) cannot reach; set tracking.tracking_uri (or $MLFLOW_TRACKING_URI) to an MLflow server"
         )
 
 
@@ -174,17 +188,24 @@ def _tune(spec: SweepSpec, base: str, state: dict[str, Any], name: str, storage:
             run_config=ray.tune.RunConfig(
                 name=name, storage_path=storage, stop=spec.stop or None, callbacks=[status],
                 failure_config=ray.tune.FailureConfig(max_failures=spec.failure.trial_retries),
-                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=spec.checkpoints_to_keep),
+                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=_tune_checkpoints_to_keep(spec)),
                 verbose=1,
             ),
         )
     results = tuner.fit()
     board = leaderboard(results, spec, client, experiment_id, state["parent_run_id"])
-    _finish_parent(client, state["parent_run_id"], spec, base, board, results)
+    _finish_parent(client, state["parent_run_id"], spec, base, board)
     table = _format(board, spec)
     print(table)
     print(f"\nMLflow: {_ui_command(tracking)}  (experiment {tracking.experiment_name!r}, parent run {name})")
     return table
+
+
+def _tune_checkpoints_to_keep(spec: SweepSpec) -> int:
+    """PBT clones a better trial's latest checkpoint while that trial trains on: keep a few more of
+    Tune's copies so the one being cloned is never already deleted (Tune warns below 3)."""
+    return max(spec.checkpoints_to_keep, 2 * spec.scheduler.perturbation_interval + 2) if spec.scheduler.type == "pbt" \
+        else spec.checkpoints_to_keep
 
 
 def _experiment(client: Any, tracking: MlflowTracking) -> str:
@@ -234,22 +255,25 @@ class _ChildRunStatus(_status_callback_base()):  # type: ignore[misc]
 
 
 def leaderboard(results: Any, spec: SweepSpec, client: Any, experiment_id: str, parent_run_id: str) -> list[dict]:
-    """One row per trial, best first: its best ``metric``, the sampled values, status, MLflow run."""
+    """One row per trial, best first: its best ``metric``, its values of the space (PBT: the latest
+    perturbed ones), reports, status and MLflow run."""
+    from ray.tune import ExperimentAnalysis
+
     runs = {r.data.tags.get(TRIAL_TAG): r for r in client.search_runs(
         [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")}
+    analysis = ExperimentAnalysis(results.experiment_path)
     rows = []
-    for result in results:
-        history = result.metrics_dataframe
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+    for trial in analysis.trials:
+        history = analysis.trial_dataframes.get(trial.trial_id)
         values = history[spec.metric].dropna() if history is not None and spec.metric in history else None
         best = None if values is None or values.empty else float(values.min() if spec.mode == "min" else values.max())
-        run = runs.get(trial_id)
+        run = runs.get(trial.trial_id)
         rows.append({
-            "trial": trial_id, "status": "ERROR" if result.error else "DONE",
+            "trial": trial.trial_id, "status": trial.status,
             f"best {spec.metric}": best, "reports": int(len(values)) if values is not None else 0,
-            **{k: result.config.get(k) for k in spec.space},
+            **{k: trial.config.get(k) for k in spec.space},
             "mlflow_run": run.info.run_id if run else None,
-            "config": result.config,
+            "config": trial.config,
         })
     sign = 1 if spec.mode == "min" else -1
     rows.sort(key=lambda r: (r[f"best {spec.metric}"] is None, sign * (r[f"best {spec.metric}"] or 0.0)))
@@ -270,7 +294,7 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _finish_parent(client: Any, run_id: str, spec: SweepSpec, base: str, board: list[dict], results: Any) -> None:
+def _finish_parent(client: Any, run_id: str, spec: SweepSpec, base: str, board: list[dict]) -> None:
     out = io.StringIO()
     header = [k for k in board[0] if k != "config"] if board else []
     writer = csv.writer(out)
@@ -284,7 +308,7 @@ def _finish_parent(client: Any, run_id: str, spec: SweepSpec, base: str, board: 
         client.set_tag(run_id, "bptt.best_trial", best["trial"])
         sampled = {k: best["config"][k] for k in spec.space}
         client.log_text(run_id, resolved_config(base, spec, sampled, []), "best_config.yaml")
-    failed = any(result.error for result in results)
+    failed = any(row["status"] == "ERROR" for row in board)
     client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 

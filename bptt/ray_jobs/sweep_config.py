@@ -97,7 +97,7 @@ class Tracking:
 class SweepSpec:
     name: str
     base: str
-    space: dict[str, Any]
+    space: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
     metric: str = "val/loss"
     mode: Literal["min", "max"] = "min"
@@ -134,11 +134,20 @@ def load_sweep(path: str | Path, text: str | None = None) -> tuple[SweepSpec, st
         raise ConfigError(f"{path} is not valid YAML ({one_line(err)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping with at least name, base and space")
+    # config values stay as written (jsonargparse would build the objects of class_path entries)
+    verbatim = {k: raw.pop(k) for k in ("space", "overrides") if k in raw}
+    scheduler_raw = raw.get("scheduler")
+    mutations = scheduler_raw.pop("mutations", None) if isinstance(scheduler_raw, dict) else None
+    for key, value in [*verbatim.items(), ("scheduler.mutations", mutations or {})]:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {key} must be a mapping of dotted config keys, got {value!r}")
     parser = ArgumentParser(prog="bptt sweep", exit_on_error=False)
     parser.add_class_arguments(SweepSpec, "sweep")
     try:
         spec_ns = parser.parse_object({"sweep": raw})
         spec: SweepSpec = parser.instantiate_classes(spec_ns).sweep
+        spec.space, spec.overrides = verbatim.get("space", {}), verbatim.get("overrides", {})
+        spec.scheduler.mutations = mutations
     except Exception as err:  # jsonargparse: unknown key, wrong type, a value outside a Literal
         raise ConfigError(f"{path}: {one_line(err).replace('; `bptt fit --help` lists every key and type', '')}"
                           "; see conf/sweep/quickstart.yaml for the keys") from None

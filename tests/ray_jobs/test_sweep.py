@@ -146,3 +146,24 @@ def test_resources_no_node_holds_stop_before_any_trial(cluster, tmp_path):
     last = out.strip().splitlines()[-1]
     assert last.startswith("bptt: error: no node can hold one worker with 3 CPU"), out[-2000:]
     assert not list((tmp_path / "results").glob("*/*/result.json"))
+
+
+def test_pbt_clones_the_better_trial_and_applies_the_perturbed_learning_rate(cluster, tmp_path):
+    """With two trials and quantile 0.5, the worse one is replaced by a copy of the better one at every
+    report: it continues from that checkpoint (its streams' hidden states and read position) with a
+    perturbed learning rate, in its own MLflow run."""
+    sweep = _sweep_file(tmp_path, space={"task.optimizer.init_args.lr": {"loguniform": [0.001, 0.01]}},
+                        num_samples=2, max_concurrent_trials=2, resources={"num_workers": 1},
+                        scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5})
+    done = _bptt("sweep", "--config", str(sweep), "--address", cluster.address, "--storage-path",
+                 str(tmp_path / "results"), cwd=tmp_path)
+    out, _ = done.communicate(timeout=900)
+    assert done.returncode == 0, out[-4000:]
+    assert "[Exploit] Cloning trial" in out
+    client, parent, children = _children(tmp_path)
+    assert len(children) == 2 and parent.info.status == "FINISHED"
+    learning_rates = []
+    for child in children:
+        _assert_complete(client, child)
+        learning_rates.append({v for _, v in _history(client, child, "lr-Adam")})
+    assert max(len(lrs) for lrs in learning_rates) > 1, "no trial ever trained with a perturbed learning rate"
