@@ -29,5 +29,9 @@ bench: $(BIN)/bptt
 bench-quality: $(BIN)/bptt
 	$(BIN)/python benchmarks/quality_lm.py
 
+# sweep overhead against `bptt fit` one after another, and 1 vs 2 workers per trial: about 12 minutes
+bench-sweep: $(BIN)/bptt
+	$(BIN)/python benchmarks/sweep_overhead.py
+
 clean:
 	rm -rf runs .pytest_cache

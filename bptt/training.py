@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl

@@ -19,6 +19,7 @@ from bptt.models import RNNLanguageModel
 from tests.bptt_command import SMALL, bptt
 from tests.conftest import PROJECT
 
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

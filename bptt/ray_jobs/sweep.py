@@ -33,8 +33,21 @@ from bptt.ray_jobs.sweep_config import (
     search_algorithm,
     tune_space,
 )
-from bptt.ray_jobs.trial import PARENT_TAG, SWEEP_TAG, TRIAL_TAG, SweepContext, run_trial
-from bptt.tracking import EXPERIMENT_KIND, MlflowTracking, TrackingError, flatten, is_local_store, serve_store
+from bptt.ray_jobs.trial import (
+    PARENT_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    SweepContext,
+    run_trial,
+)
+from bptt.tracking import (
+    EXPERIMENT_KIND,
+    MlflowTracking,
+    TrackingError,
+    flatten,
+    is_local_store,
+    serve_store,
+)
 
 STATE_FILE = "bptt-sweep.json"  # in the experiment directory: what --resume needs
 SERVED_URI_ENV = "BPTT_SWEEP_TRACKING_URI"

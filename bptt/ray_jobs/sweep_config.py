@@ -260,7 +260,11 @@ def tune_space(space: dict[str, Any]) -> dict[str, Any]:
 
 def scheduler(spec: SweepSpec) -> Any:
     """Ray Tune's trial scheduler for ``spec.scheduler``."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import (
+        ASHAScheduler,
+        FIFOScheduler,
+        PopulationBasedTraining,
+    )
 
     s = spec.scheduler
     if s.type == "asha":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import uuid
@@ -74,7 +75,8 @@ def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
     trial = ray.tune.get_context()
     trial_id = trial.get_trial_id()
     run_id = context.child_run(trial_id, trial.get_trial_name())
-    os.chdir(context.cwd) if Path(context.cwd).is_dir() else None  # relative paths as in `bptt fit`
+    if Path(context.cwd).is_dir():  # relative paths in configs mean what they mean to `bptt fit` there
+        os.chdir(context.cwd)
     config_yaml = resolved_config(context.base, context.spec, sampled, [
         "--tracking.tracking_uri", context.tracking_uri, "--tracking.experiment_name", context.experiment_name,
         "--tracking.parent_run_id", context.parent_run_id, "--trainer.enable_progress_bar", "false",
@@ -140,10 +142,14 @@ def train_worker(loop: dict[str, Any]) -> None:
     """One Ray Train worker: ``bptt fit`` of the trial's config on this rank's streams, resumed from
     Train's latest checkpoint after a worker failure, else from Tune's (PBT exploit, trial retry)."""
     import ray.train
-    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+    from ray.train.lightning import (
+        RayDDPStrategy,
+        RayLightningEnvironment,
+        prepare_trainer,
+    )
 
-    from bptt.config import parse_config
     from bptt.checkpointing import load_checkpoint
+    from bptt.config import parse_config
     from bptt.training import _run
 
     if Path(loop["cwd"]).is_dir():
@@ -154,13 +160,16 @@ def train_worker(loop: dict[str, Any]) -> None:
     placement = {"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()], "devices": "auto",
                  "accelerator": "gpu" if loop["use_gpu"] else "cpu", "num_nodes": 1}
     start = ray.train.get_checkpoint() or loop["start"]
-    with start.as_directory() if start is not None else nullcontext(None) as directory:
-        checkpoint = None
-        if directory is not None:
-            path = Path(directory) / CHECKPOINT_FILE
-            checkpoint = (path, load_checkpoint(path))
-        _run(cfg, callbacks=[ReportToRay()], checkpoint=checkpoint, run_id=loop["run_id"], placement=placement,
-             prepare=prepare_trainer)
+    try:
+        with start.as_directory() if start is not None else nullcontext(None) as directory:
+            checkpoint = None
+            if directory is not None:
+                path = Path(directory) / CHECKPOINT_FILE
+                checkpoint = (path, load_checkpoint(path))
+            _run(cfg, callbacks=[ReportToRay()], checkpoint=checkpoint, run_id=loop["run_id"], placement=placement,
+                 prepare=prepare_trainer)
+    finally:  # config, vocabulary, curves and CSV logs: all of it is in MLflow by now
+        shutil.rmtree(root, ignore_errors=True)
 
 
 class ReportToRay(pl.Callback):

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bptt.datamodules.streams import StreamWindows, shard_streams, stream_layout, window_lengths
+from bptt.datamodules.streams import (
+    StreamWindows,
+    shard_streams,
+    stream_layout,
+    window_lengths,
+)
 
 
 def test_row_b_of_batch_k_plus_1_continues_row_b_of_batch_k():

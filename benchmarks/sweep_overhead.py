@@ -1,0 +1,120 @@
+"""What a sweep costs on top of its trials, and what a second data-parallel worker buys.
+
+1. Overhead: the same N quickstart trials (one learning rate each, about a minute of training)
+   run (a) by `bptt fit` one after another, each on as many CPU threads as a sweep worker gets,
+   and (b) by `bptt sweep` (FIFO, every trial a Ray Train job of one worker), C at a time.
+   overhead = sweep wall time / (sum of the fit wall times / C) - 1; both walls include process
+   start, data loading and MLflow logging; the sweep's also Ray's start and the served MLflow store.
+2. Scaling: tokens/s of one trial with 1 and with 2 workers (same global batch of streams, one CPU
+   per worker), read from the trial's MLflow history (the median after the first fifth).
+
+    python benchmarks/sweep_overhead.py [--trials 4] [--concurrency 2] [--steps 1500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+BPTT = str(Path(sys.executable).parent / "bptt")
+QUICKSTART = PROJECT / "conf/lm/quickstart.yaml"
+LRS = [0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009]
+
+
+def _common(steps: int) -> dict:
+    return {"trainer.max_steps": steps, "trainer.val_check_interval": max(steps // 6, 1),
+            "trainer.log_every_n_steps": 20, "tracking.log_model": False}
+
+
+def _run(args: list[str], cwd: Path, env: dict | None = None) -> float:
+    start = time.perf_counter()
+    done = subprocess.run([BPTT, *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if done.returncode != 0:
+        raise SystemExit(f"bptt {' '.join(args[:3])} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    return time.perf_counter() - start
+
+
+def _sweep_file(directory: Path, name: str, lrs: list[float], steps: int, workers: int, concurrency: int) -> Path:
+    spec = {"name": name, "base": str(QUICKSTART), "overrides": _common(steps),
+            "space": {"task.optimizer.init_args.lr": {"grid": lrs}}, "scheduler": {"type": "fifo"},
+            "max_concurrent_trials": concurrency, "resources": {"num_workers": workers, "cpus_per_worker": 1},
+            "tracking": {"experiment_name": name}}
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def overhead(trials: int, concurrency: int, steps: int) -> dict:
+    lrs = LRS[:trials]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fits = []
+        for lr in lrs:  # one CPU thread each: what a sweep worker with cpus_per_worker 1 gets
+            overrides = [a for k, v in {**_common(steps), "task.optimizer.init_args.lr": lr}.items()
+                         for a in (f"--{k}", json.dumps(v))]
+            fits.append(_run(["fit", "--config", str(QUICKSTART), *overrides, "--trainer.enable_progress_bar", "false",
+                              "--trainer.default_root_dir", str(tmp / f"fit-{lr}")], tmp, {"OMP_NUM_THREADS": "1"}))
+            print(f"bptt fit lr={lr}: {fits[-1]:.1f} s", flush=True)
+        sweep = _run(["sweep", "--config", str(_sweep_file(tmp, "overhead", lrs, steps, 1, concurrency)),
+                      "--storage-path", str(tmp / "results")], tmp)
+        print(f"bptt sweep of {trials} trials, {concurrency} at a time: {sweep:.1f} s", flush=True)
+    ideal = sum(fits) / concurrency
+    return {"trials": trials, "concurrency": concurrency, "steps": steps, "fit_wall_s": fits,
+            "sweep_wall_s": sweep, "ideal_wall_s": ideal, "overhead": sweep / ideal - 1}
+
+
+def scaling(steps: int) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    out = {}
+    for workers in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            name = f"scaling{workers}"
+            _run(["sweep", "--config", str(_sweep_file(tmp, name, [0.003], steps, workers, 1)),
+                  "--storage-path", str(tmp / "results")], tmp)
+            client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+            (trial,) = [r for r in client.search_runs([client.get_experiment_by_name(name).experiment_id])
+                        if "bptt.trial_id" in r.data.tags]
+            history = sorted((m.step, m.value) for m in client.get_metric_history(trial.info.run_id,
+                                                                                   "train/tokens_per_sec"))
+            values = [v for _, v in history[len(history) // 5 :]]
+            out[f"{workers}_workers_tokens_per_sec"] = statistics.median(values)
+            print(f"1 trial, {workers} worker(s): {out[f'{workers}_workers_tokens_per_sec']:,.0f} tokens/s", flush=True)
+    out["speedup_2_over_1"] = out["2_workers_tokens_per_sec"] / out["1_workers_tokens_per_sec"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1500, help="training steps per trial (1500: about a minute)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sweep_overhead.json"))
+    args = parser.parse_args()
+    result = {
+        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count()},
+        "date": time.strftime("%Y-%m-%d"),
+        "overhead": overhead(args.trials, args.concurrency, args.steps),
+        "scaling": scaling(args.steps),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    o, s = result["overhead"], result["scaling"]
+    print(f"sweep overhead: {o['overhead']:+.1%} ({o['sweep_wall_s']:.0f} s against {o['ideal_wall_s']:.0f} s); "
+          f"2 workers / 1 worker: {s['speedup_2_over_1']:.2f}x tokens/s")
+
+
+if __name__ == "__main__":
+    main()
