@@ -8,7 +8,6 @@ default store with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -19,7 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -162,47 +161,62 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextlib.contextmanager
-def serve_store(tracking: MlflowTracking, *, log: Path) -> Iterator[str]:
-    """Serve a local store with ``mlflow server`` on 127.0.0.1 while the block runs; yields its URI.
+class ServedStore:
+    """A local sqlite store served by ``mlflow server`` on 127.0.0.1 while the ``with`` block runs.
 
     Concurrent trials then write through one server process instead of each opening the sqlite
-    file (whose writers lock one another out). A server URI is yielded unchanged.
+    file (whose writers lock one another out). The server starts on entering the block and is
+    waited for only in ``wait()``, so its start overlaps other work (Ray's). A store that is
+    already a server is used as it is.
     """
-    uri = tracking.uri()
-    if not is_local_store(uri):
-        yield uri
-        return
-    if not uri.startswith("sqlite:///"):
-        raise TrackingError(f"a sweep serves only sqlite stores; {uri} is not one: use sqlite:///PATH.db or a server")
-    store = Path(uri.removeprefix("sqlite:///"))
-    port = free_port()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", uri, "--artifacts-destination", str(store.parent / "mlartifacts"),
-             "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, cwd=store.parent,
-        )
-    served = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
+
+    def __init__(self, tracking: MlflowTracking, *, log: Path) -> None:
+        self.store_uri, self.log = tracking.uri(), log
+        self.uri = self.store_uri
+        self._server: subprocess.Popen | None = None
+
+    def __enter__(self) -> ServedStore:
+        if not is_local_store(self.store_uri):
+            return self
+        if not self.store_uri.startswith("sqlite:///"):
+            raise TrackingError(f"a sweep serves only sqlite stores; {self.store_uri} is not one: use sqlite:///PATH.db "
+                                "or an MLflow server")
+        store = Path(self.store_uri.removeprefix("sqlite:///"))
+        port = free_port()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as out:
+            self._server = subprocess.Popen(
+                [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                 "--backend-store-uri", self.store_uri, "--artifacts-destination", str(store.parent / "mlartifacts"),
+                 "--workers", "1"],
+                stdout=out, stderr=subprocess.STDOUT, cwd=store.parent,
+            )
+        self.uri = f"http://127.0.0.1:{port}"
+        return self
+
+    def wait(self, timeout: float = 120.0) -> None:
+        """Block until the server answers ``/health``."""
+        if self._server is None:
+            return
+        deadline = time.time() + timeout
         while True:
             try:
-                with urllib.request.urlopen(f"{served}/health", timeout=2):
-                    break
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
+                    return
             except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise TrackingError(f"mlflow server on {uri} did not start; its log: {log}") from None
-                time.sleep(0.5)
-        yield served
-    finally:
-        server.terminate()
+                if self._server.poll() is not None or time.time() > deadline:
+                    raise TrackingError(f"mlflow server on {self.store_uri} did not start; its log: {self.log}") from None
+                time.sleep(0.25)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._server is None:
+            return
+        self._server.terminate()  # every request has been answered, so sqlite has committed it
         try:
-            server.wait(timeout=30)
+            self._server.wait(timeout=3)
         except subprocess.TimeoutExpired:
-            server.kill()
+            self._server.kill()
+            self._server.wait()
 
 
 class RunLogger(MLFlowLogger):

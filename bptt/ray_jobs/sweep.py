@@ -43,10 +43,10 @@ from bptt.ray_jobs.trial import (
 from bptt.tracking import (
     EXPERIMENT_KIND,
     MlflowTracking,
+    ServedStore,
     TrackingError,
     flatten,
     is_local_store,
-    serve_store,
 )
 
 STATE_FILE = "bptt-sweep.json"  # in the experiment directory: what --resume needs
@@ -80,7 +80,7 @@ def sweep(config: str | None = None, *, resume: str | None = None, address: str 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the served URL ends with the sweep
     import ray  # after every check that needs no cluster
 
-    with serve_store(tracking, log=directory / "mlflow-server.log") as served_uri:
+    with ServedStore(tracking, log=directory / "mlflow-server.log") as store:
         if ray.is_initialized():
             ray.shutdown()
         ray.init(address=address, log_to_driver=False,  # the dashboard stays: Train cleans up through its state API
@@ -88,7 +88,8 @@ def sweep(config: str | None = None, *, resume: str | None = None, address: str 
         try:
             check_resources(spec)
             _check_store_reachable(tracking)
-            return _tune(spec, base, state, name, storage, directory, tracking, served_uri, resume is not None)
+            store.wait()
+            return _tune(spec, base, state, name, storage, directory, tracking, store.uri, resume is not None)
         finally:
             ray.shutdown()
 
@@ -179,7 +180,7 @@ def _tune(spec: SweepSpec, base: str, state: dict[str, Any], name: str, storage:
         client.log_text(state["parent_run_id"], yaml.safe_dump(spec.space, sort_keys=False), "search_space.yaml")
     else:
         client.update_run(state["parent_run_id"], status="RUNNING")
-    context = SweepContext(sweep=name, base=base, spec=spec, tracking_uri=served_uri,
+    context = SweepContext(sweep=name, base_yaml=Path(base).read_text(), spec=spec, tracking_uri=served_uri,
                            experiment_name=tracking.experiment_name, parent_run_id=state["parent_run_id"],
                            storage_path=storage, cwd=state["cwd"])
     driver = {"CPU": spec.resources.driver_cpus} if spec.resources.driver_cpus > 0 else {HEAD_NODE: 0.001}
@@ -320,7 +321,7 @@ def _finish_parent(client: Any, run_id: str, spec: SweepSpec, base: str, board: 
         client.log_metric(run_id, f"best/{spec.metric}", best[f"best {spec.metric}"])
         client.set_tag(run_id, "bptt.best_trial", best["trial"])
         sampled = {k: best["config"][k] for k in spec.space}
-        client.log_text(run_id, resolved_config(base, spec, sampled, []), "best_config.yaml")
+        client.log_text(run_id, resolved_config(base, spec, sampled), "best_config.yaml")
     failed = any(row["status"] == "ERROR" for row in board)
     client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 

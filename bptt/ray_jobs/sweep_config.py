@@ -33,9 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from jsonargparse import ArgumentParser, Namespace
 
-from bptt.config import build_parser, one_line, parse_config
 from bptt.errors import ConfigError
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -123,6 +121,10 @@ def load_sweep(path: str | Path, text: str | None = None) -> tuple[SweepSpec, st
     Raises:
         ConfigError: one line naming the problem and the fix.
     """
+    from jsonargparse import ArgumentParser
+
+    from bptt.config import one_line
+
     path = Path(path)
     if text is None:
         if not path.is_file():
@@ -223,11 +225,13 @@ def as_args(settings: dict[str, Any]) -> list[str]:
 
 
 def trial_args(base: str, spec: SweepSpec, sampled: dict[str, Any]) -> list[str]:
-    """The ``bptt fit`` arguments of one trial."""
+    """The ``bptt fit`` arguments of one trial (``base``: the base config's path or its YAML text)."""
     return ["--config", base, *as_args(spec.overrides), *as_args(sampled)]
 
 
 def _check_against_base(path: Path, spec: SweepSpec, base: Path) -> None:
+    from bptt.config import build_parser, parse_config
+
     parser = build_parser()
     try:
         parse_config(trial_args(str(base), spec, {}), parser)
@@ -291,8 +295,9 @@ def search_algorithm(spec: SweepSpec) -> Any:
     return HyperOptSearch(random_state_seed=spec.search.seed)
 
 
-def resolved_config(base: str, spec: SweepSpec, sampled: dict[str, Any], extra: list[str]) -> str:
-    """One trial's whole training config as YAML (what its workers train and MLflow records)."""
+def resolved_config(base: str, spec: SweepSpec, sampled: dict[str, Any]) -> str:
+    """One trial's whole training config as YAML (``base``: the base config's path or text)."""
+    from bptt.config import build_parser, parse_config
+
     parser = build_parser()
-    cfg: Namespace = parse_config([*trial_args(base, spec, sampled), *extra], parser)
-    return parser.dump(cfg)
+    return parser.dump(parse_config(trial_args(base, spec, sampled), parser))

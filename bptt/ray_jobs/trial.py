@@ -1,5 +1,5 @@
 """One sweep trial: a Ray Tune function that launches a Ray Train ``TorchTrainer`` running the same
-Lightning training as ``bptt fit`` on N data-parallel workers.
+Lightning training as ``bptt fit`` on N data-parallel workers (their side: ``worker.py``).
 
 Three processes take part, and checkpoints flow through all three::
 
@@ -12,24 +12,20 @@ Three processes take part, and checkpoints flow through all three::
 
 The checkpoint is a ``bptt fit`` checkpoint (model, optimizer, carried hidden states, data
 position, RNG), so both kinds of restart continue exactly, in the trial's own MLflow run.
+
+This module stays free of torch and Lightning: the trial and the controller processes import it
+and only watch; the workers import ``worker.py``.
 """
 
 from __future__ import annotations
 
-import os
 import queue
-import shutil
-import tempfile
 import threading
 import uuid
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
-
-CHECKPOINT_FILE = "checkpoint.ckpt"
 TRIAL_TAG, SWEEP_TAG, PARENT_TAG = "bptt.trial_id", "bptt.sweep", "mlflow.parentRunId"
 
 
@@ -38,7 +34,7 @@ class SweepContext:
     """What every trial of one sweep shares (pickled into each trial)."""
 
     sweep: str  # the experiment directory's name
-    base: str
+    base_yaml: str  # the base config's text: trials may run where its file is not
     spec: Any  # SweepSpec
     tracking_uri: str  # what trials log to (the served store while a sweep runs)
     experiment_name: str
@@ -70,23 +66,20 @@ def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    from bptt.ray_jobs.sweep_config import resolved_config
+    from bptt.ray_jobs.sweep_config import trial_args
 
     trial = ray.tune.get_context()
     trial_id = trial.get_trial_id()
     run_id = context.child_run(trial_id, trial.get_trial_name())
-    if Path(context.cwd).is_dir():  # relative paths in configs mean what they mean to `bptt fit` there
-        os.chdir(context.cwd)
-    config_yaml = resolved_config(context.base, context.spec, sampled, [
-        "--tracking.tracking_uri", context.tracking_uri, "--tracking.experiment_name", context.experiment_name,
-        "--tracking.parent_run_id", context.parent_run_id, "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false",
-    ])
+    args = [*trial_args(context.base_yaml, context.spec, sampled),
+            "--tracking.tracking_uri", context.tracking_uri, "--tracking.experiment_name", context.experiment_name,
+            "--tracking.parent_run_id", context.parent_run_id, "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false"]
     resources = context.spec.resources
     reports: Queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": config_yaml, "run_id": run_id, "start": ray.tune.get_checkpoint(),
+        _train_worker,
+        train_loop_config={"args": args, "run_id": run_id, "start": ray.tune.get_checkpoint(),
                            "cwd": context.cwd, "trial_id": trial_id, "use_gpu": resources.gpus_per_worker > 0},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers, use_gpu=resources.gpus_per_worker > 0,
@@ -121,6 +114,13 @@ def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
         raise outcome["error"]
 
 
+def _train_worker(loop: dict[str, Any]) -> None:
+    """Imports the worker side (torch, Lightning) only in the worker processes."""
+    from bptt.ray_jobs.worker import train_worker
+
+    train_worker(loop)
+
+
 def _forward_to_tune_base() -> type:
     from ray.train.v2.api.callback import UserCallback
 
@@ -136,54 +136,3 @@ class _ForwardToTune(_forward_to_tune_base()):  # type: ignore[misc]
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         self.reports.put((metrics[0], checkpoint))
-
-
-def train_worker(loop: dict[str, Any]) -> None:
-    """One Ray Train worker: ``bptt fit`` of the trial's config on this rank's streams, resumed from
-    Train's latest checkpoint after a worker failure, else from Tune's (PBT exploit, trial retry)."""
-    import ray.train
-    from ray.train.lightning import (
-        RayDDPStrategy,
-        RayLightningEnvironment,
-        prepare_trainer,
-    )
-
-    from bptt.checkpointing import load_checkpoint
-    from bptt.config import parse_config
-    from bptt.training import _run
-
-    if Path(loop["cwd"]).is_dir():
-        os.chdir(loop["cwd"])
-    context = ray.train.get_context()
-    root = Path(tempfile.gettempdir()) / "bptt-trials" / context.get_experiment_name() / f"rank{context.get_world_rank()}"
-    cfg = parse_config(["--config", loop["config"], "--trainer.default_root_dir", str(root)])
-    placement = {"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()], "devices": "auto",
-                 "accelerator": "gpu" if loop["use_gpu"] else "cpu", "num_nodes": 1}
-    start = ray.train.get_checkpoint() or loop["start"]
-    try:
-        with start.as_directory() if start is not None else nullcontext(None) as directory:
-            checkpoint = None
-            if directory is not None:
-                path = Path(directory) / CHECKPOINT_FILE
-                checkpoint = (path, load_checkpoint(path))
-            _run(cfg, callbacks=[ReportToRay()], checkpoint=checkpoint, run_id=loop["run_id"], placement=placement,
-                 prepare=prepare_trainer)
-    finally:  # config, vocabulary, curves and CSV logs: all of it is in MLflow by now
-        shutil.rmtree(root, ignore_errors=True)
-
-
-class ReportToRay(pl.Callback):
-    """After each validation: the metrics and a full checkpoint to ``ray.train.report`` (every rank
-    takes part; rank 0 writes the file). Tune counts one report as one training iteration."""
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        import ray.train
-
-        if trainer.sanity_checking:
-            return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        metrics["step"] = trainer.global_step
-        with tempfile.TemporaryDirectory(prefix="bptt-report-") as directory:
-            trainer.save_checkpoint(Path(directory) / CHECKPOINT_FILE)  # collective: gathers every rank's streams
-            checkpoint = ray.train.Checkpoint.from_directory(directory) if trainer.is_global_zero else None
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{trainer.global_step:07d}")

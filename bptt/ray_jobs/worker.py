@@ -1,0 +1,67 @@
+"""The Ray Train worker side of a sweep trial (``trial.py`` has the Tune and controller side):
+``bptt fit``'s Lightning training on this rank's streams under Ray Train's DDP, reporting metrics
+and a full checkpoint to ``ray.train.report`` after every validation."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+from bptt.checkpointing import load_checkpoint
+from bptt.config import parse_config
+from bptt.training import _run
+
+CHECKPOINT_FILE = "checkpoint.ckpt"
+
+
+def train_worker(loop: dict[str, Any]) -> None:
+    """One Ray Train worker: ``bptt fit`` of the trial's config on this rank's streams, resumed from
+    Train's latest checkpoint after a worker failure, else from Tune's (PBT exploit, trial retry)."""
+    import ray.train
+    from ray.train.lightning import (
+        RayDDPStrategy,
+        RayLightningEnvironment,
+        prepare_trainer,
+    )
+
+    if Path(loop["cwd"]).is_dir():  # relative paths in configs mean what they mean to `bptt fit` there
+        os.chdir(loop["cwd"])
+    context = ray.train.get_context()
+    root = Path(tempfile.gettempdir()) / "bptt-trials" / context.get_experiment_name() / f"rank{context.get_world_rank()}"
+    cfg = parse_config([*loop["args"], "--trainer.default_root_dir", str(root)])
+    placement = {"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()], "devices": "auto",
+                 "accelerator": "gpu" if loop["use_gpu"] else "cpu", "num_nodes": 1}
+    start = ray.train.get_checkpoint() or loop["start"]
+    try:
+        with start.as_directory() if start is not None else nullcontext(None) as directory:
+            checkpoint = None
+            if directory is not None:
+                path = Path(directory) / CHECKPOINT_FILE
+                checkpoint = (path, load_checkpoint(path))
+            _run(cfg, callbacks=[ReportToRay()], checkpoint=checkpoint, run_id=loop["run_id"], placement=placement,
+                 prepare=prepare_trainer)
+    finally:  # config, vocabulary, curves and CSV logs: all of it is in MLflow by now
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class ReportToRay(pl.Callback):
+    """After each validation: the metrics and a full checkpoint to ``ray.train.report`` (every rank
+    takes part; rank 0 writes the file). Tune counts one report as one training iteration."""
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import ray.train
+
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics["step"] = trainer.global_step
+        with tempfile.TemporaryDirectory(prefix="bptt-report-") as directory:
+            trainer.save_checkpoint(Path(directory) / CHECKPOINT_FILE)  # collective: gathers every rank's streams
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if trainer.is_global_zero else None
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{trainer.global_step:07d}")
