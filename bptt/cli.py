@@ -9,8 +9,9 @@
     bptt test CHECKPOINT [...]
     bptt generate CHECKPOINT [--prompt TEXT] [--num-tokens N] [--temperature T] [--seed S]
 
-fit, resume, validate and test end by printing their final metrics as one JSON line. Bad input ends
-with one line ``bptt: error: ...`` and exit status 2.
+fit, resume, validate and test end by printing their final metrics as one JSON line; sweep ends with
+its leaderboard and exits 1 when a trial failed. Bad input ends with one line ``bptt: error: ...``
+and exit status 2.
 """
 
 from __future__ import annotations
@@ -99,7 +100,12 @@ def run(argv: list[str]) -> int:
         from bptt.ray_jobs.sweep import sweep
 
         opts = _sweep_args(args)
-        sweep(opts.config, resume=opts.resume, address=opts.address, storage_path=opts.storage_path)
+        board = sweep(opts.config, resume=opts.resume, address=opts.address, storage_path=opts.storage_path)
+        failed = [row["trial"] for row in board if row["status"] == "ERROR"]
+        if failed:
+            print(f"bptt: {len(failed)} of {len(board)} trials failed ({', '.join(failed)}); Tune's output above "
+                  "names each one's error.txt", file=sys.stderr)
+            return 1
         return 0
     if command == "runs":
         opts = _runs_args(args)

@@ -70,7 +70,7 @@ def fit(cfg: Namespace, callbacks: list[Callback] | None = None) -> dict[str, fl
     Returns:
         the last logged metrics (``train/loss``, ``val/loss``, ...).
     """
-    return _run(cfg, callbacks=callbacks or [])
+    return train(cfg, callbacks=callbacks or [])
 
 
 def resume(target: str, overrides: list[str], callbacks: list[Callback] | None = None) -> dict[str, float]:
@@ -88,7 +88,7 @@ def resume(target: str, overrides: list[str], callbacks: list[Callback] | None =
         path = latest_checkpoint(_checkpoint_dir_of_run(target, overrides))
     checkpoint = load_checkpoint(path)
     cfg = parse_config(["--config", checkpoint["bptt"]["config"], *overrides])
-    return _run(cfg, callbacks=callbacks or [], checkpoint=(path, checkpoint))
+    return train(cfg, callbacks=callbacks or [], checkpoint=(path, checkpoint))
 
 
 def _checkpoint_dir_of_run(run_id: str, overrides: list[str]) -> Path:
@@ -109,7 +109,7 @@ def _checkpoint_dir_of_run(run_id: str, overrides: list[str]) -> Path:
     return Path(run.data.tags[CHECKPOINT_DIR_TAG])
 
 
-def _run(
+def train(
     cfg: Namespace,
     *,
     callbacks: list[Callback],

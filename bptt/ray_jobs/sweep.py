@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.tune import Callback
 
 from bptt.errors import ConfigError
 from bptt.ray_jobs.sweep_config import (
@@ -44,7 +45,6 @@ from bptt.tracking import (
     EXPERIMENT_KIND,
     MlflowTracking,
     ServedStore,
-    TrackingError,
     flatten,
     is_local_store,
 )
@@ -55,8 +55,8 @@ HEAD_NODE = "node:__internal_head__"  # a resource only the head node has
 
 
 def sweep(config: str | None = None, *, resume: str | None = None, address: str | None = None,
-          storage_path: str | None = None) -> str:
-    """Run (or, with ``resume``, continue) a sweep; returns the printed leaderboard."""
+          storage_path: str | None = None) -> list[dict]:
+    """Run (or, with ``resume``, continue) a sweep; prints and returns the leaderboard (best first)."""
     if resume is not None:
         directory = Path(resume).resolve()
         state_file = directory / STATE_FILE
@@ -164,7 +164,7 @@ def _concurrency(spec: SweepSpec) -> int:
 
 
 def _tune(spec: SweepSpec, base: str, state: dict[str, Any], name: str, storage: str, directory: Path,
-          tracking: MlflowTracking, served_uri: str, resuming: bool) -> str:
+          tracking: MlflowTracking, served_uri: str, resuming: bool) -> list[dict]:
     import ray.tune
     from mlflow.tracking import MlflowClient
 
@@ -209,17 +209,19 @@ def _tune(spec: SweepSpec, base: str, state: dict[str, Any], name: str, storage:
     results = tuner.fit()
     board = leaderboard(results, spec, client, experiment_id, state["parent_run_id"])
     _finish_parent(client, state["parent_run_id"], spec, base, board)
-    table = _format(board, spec)
-    print(table)
+    print(_format(board, spec))
     print(f"\nMLflow: {_ui_command(tracking)}  (experiment {tracking.experiment_name!r}, parent run {name})")
-    return table
+    return board
 
 
-def _tune_checkpoints_to_keep(spec: SweepSpec) -> int:
-    """PBT clones a better trial's latest checkpoint while that trial trains on: keep a few more of
-    Tune's copies so the one being cloned is never already deleted (Tune warns below 3)."""
-    return max(spec.checkpoints_to_keep, 2 * spec.scheduler.perturbation_interval + 2) if spec.scheduler.type == "pbt" \
-        else spec.checkpoints_to_keep
+def _tune_checkpoints_to_keep(spec: SweepSpec) -> int | None:
+    """How many of each trial's checkpoints Tune keeps: ``checkpoints_to_keep``, by default 2, and
+    under PBT all of them: a clone adopts the donor's checkpoint while the donor trains on, and
+    Tune deletes an adopted checkpoint when either trial moves past its limit, so with quick
+    reports the checkpoint being cloned can be gone before the clone has started."""
+    if spec.checkpoints_to_keep is not None:
+        return spec.checkpoints_to_keep
+    return None if spec.scheduler.type == "pbt" else 2
 
 
 def _experiment(client: Any, tracking: MlflowTracking) -> str:
@@ -240,13 +242,7 @@ def _log_sweep_params(client: Any, run_id: str, spec: SweepSpec, base: str) -> N
         client.log_batch(run_id, params=items[start : start + 100])
 
 
-def _status_callback_base() -> type:
-    from ray.tune import Callback
-
-    return Callback
-
-
-class _ChildRunStatus(_status_callback_base()):  # type: ignore[misc]
+class _ChildRunStatus(Callback):
     """Closes each trial's MLflow run when Tune is done with the trial (the trial's processes are
     ended by Tune, e.g. an ASHA stop, and cannot close it themselves)."""
 
@@ -334,4 +330,3 @@ def _ui_command(tracking: MlflowTracking) -> str:
     return f"open {uri}"
 
 
-__all__ = ["sweep", "check_resources", "leaderboard", "TrackingError"]

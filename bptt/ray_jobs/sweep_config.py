@@ -106,7 +106,7 @@ class SweepSpec:
     resources: Resources = field(default_factory=Resources)
     stop: dict[str, float] = field(default_factory=dict)
     failure: Failure = field(default_factory=Failure)
-    checkpoints_to_keep: int = 2
+    checkpoints_to_keep: int | None = None  # per trial; default 2, and every one under PBT
     storage_path: str | None = None
     tracking: Tracking = field(default_factory=Tracking)
 
@@ -173,7 +173,7 @@ def load_sweep(path: str | Path, text: str | None = None) -> tuple[SweepSpec, st
             raise ConfigError(
                 f"search {spec.search.type} needs the {module} package; pip install 'bptt[{module}]' or drop search"
             ) from None
-    if spec.num_samples < 1 or spec.resources.num_workers < 1 or spec.checkpoints_to_keep < 1:
+    if spec.num_samples < 1 or spec.resources.num_workers < 1 or (spec.checkpoints_to_keep is not None and spec.checkpoints_to_keep < 1):
         raise ConfigError(f"{path}: num_samples, resources.num_workers and checkpoints_to_keep must be >= 1")
     if spec.max_concurrent_trials is not None and spec.max_concurrent_trials < 1:
         raise ConfigError(f"{path}: max_concurrent_trials must be >= 1 (or left out)")

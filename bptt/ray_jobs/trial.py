@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray.train.v2.api.callback import UserCallback
+
 TRIAL_TAG, SWEEP_TAG, PARENT_TAG = "bptt.trial_id", "bptt.sweep", "mlflow.parentRunId"
 
 
@@ -80,7 +82,7 @@ def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"args": args, "run_id": run_id, "start": ray.tune.get_checkpoint(),
-                           "cwd": context.cwd, "trial_id": trial_id, "use_gpu": resources.gpus_per_worker > 0},
+                           "cwd": context.cwd, "use_gpu": resources.gpus_per_worker > 0},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers, use_gpu=resources.gpus_per_worker > 0,
             resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},
@@ -90,7 +92,7 @@ def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
             name=f"{context.sweep}-{trial_id}-{uuid.uuid4().hex[:6]}",
             storage_path=str(Path(context.storage_path) / context.sweep / "train"),
             failure_config=ray.train.FailureConfig(max_failures=context.spec.failure.worker_retries),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=context.spec.checkpoints_to_keep),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=context.spec.checkpoints_to_keep or 2),
             callbacks=[_ForwardToTune(reports)],
         ),
     )
@@ -121,13 +123,7 @@ def _train_worker(loop: dict[str, Any]) -> None:
     train_worker(loop)
 
 
-def _forward_to_tune_base() -> type:
-    from ray.train.v2.api.callback import UserCallback
-
-    return UserCallback
-
-
-class _ForwardToTune(_forward_to_tune_base()):  # type: ignore[misc]
+class _ForwardToTune(UserCallback):
     """Runs in the Train controller: hands each report and its persisted checkpoint to the Tune trial
     (a one-slot queue, so the controller waits until Tune has taken the previous one)."""
 

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 
 from bptt.checkpointing import load_checkpoint
 from bptt.config import parse_config
-from bptt.training import _run
+from bptt.training import train
 
 CHECKPOINT_FILE = "checkpoint.ckpt"
 
@@ -44,8 +44,8 @@ def train_worker(loop: dict[str, Any]) -> None:
             if directory is not None:
                 path = Path(directory) / CHECKPOINT_FILE
                 checkpoint = (path, load_checkpoint(path))
-            _run(cfg, callbacks=[ReportToRay()], checkpoint=checkpoint, run_id=loop["run_id"], placement=placement,
-                 prepare=prepare_trainer)
+            train(cfg, callbacks=[ReportToRay()], checkpoint=checkpoint, run_id=loop["run_id"], placement=placement,
+                  prepare=prepare_trainer)
     finally:  # config, vocabulary, curves and CSV logs: all of it is in MLflow by now
         shutil.rmtree(root, ignore_errors=True)
 

@@ -151,19 +151,29 @@ def test_resources_no_node_holds_stop_before_any_trial(cluster, tmp_path):
 def test_pbt_clones_the_better_trial_and_applies_the_perturbed_learning_rate(cluster, tmp_path):
     """With two trials and quantile 0.5, the worse one is replaced by a copy of the better one at every
     report: it continues from that checkpoint (its streams' hidden states and read position) with a
-    perturbed learning rate, in its own MLflow run."""
+    perturbed learning rate, which its optimizer then uses (the restored optimizer state holds the
+    donor's), in its own MLflow run."""
+    steps = 100
     sweep = _sweep_file(tmp_path, space={"task.optimizer.init_args.lr": {"loguniform": [0.001, 0.01]}},
-                        num_samples=2, max_concurrent_trials=2, resources={"num_workers": 1},
+                        extra={"trainer.max_steps": steps}, num_samples=2, max_concurrent_trials=2,
+                        resources={"num_workers": 1},
                         scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5})
     done = _bptt("sweep", "--config", str(sweep), "--address", cluster.address, "--storage-path",
                  str(tmp_path / "results"), cwd=tmp_path)
     out, _ = done.communicate(timeout=900)
     assert done.returncode == 0, out[-4000:]
     assert "[Exploit] Cloning trial" in out
+    reports = [[json.loads(line) for line in p.read_text().splitlines()]
+               for p in (tmp_path / "results").glob("*/*/result.json")]
+    assert len(reports) == 2
+    used = [(r["lr-Adam"], r["config"]["task.optimizer.init_args.lr"]) for trial in reports for r in trial]
+    # the logged lr went through float32; a perturbation moves it by 20% or more
+    assert all(actual == pytest.approx(configured, rel=1e-6) for actual, configured in used), used
     client, parent, children = _children(tmp_path)
     assert len(children) == 2 and parent.info.status == "FINISHED"
-    learning_rates = []
-    for child in children:
-        _assert_complete(client, child)
-        learning_rates.append({v for _, v in _history(client, child, "lr-Adam")})
-    assert max(len(lrs) for lrs in learning_rates) > 1, "no trial ever trained with a perturbed learning rate"
+    for child in children:  # a clone takes over the donor's step count: steps may jump ahead, never repeat
+        logged = [s for s, _ in _history(client, child, "train/loss")]
+        assert logged == sorted(set(logged)) and logged[0] == 0 and logged[-1] == steps - 1
+        assert child.info.status == "FINISHED"
+    learning_rates = [{v for _, v in _history(client, child, "lr-Adam")} for child in children]
+    assert max(len(lrs) for lrs in learning_rates) > 1, "no trial trained on with a perturbed learning rate"
