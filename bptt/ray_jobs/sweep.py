@@ -76,9 +76,12 @@ def sweep(config: str | None = None, *, resume: str | None = None, address: str 
         storage = str(Path(storage_path or spec.storage_path or "~/ray_results").expanduser().resolve())
         directory = Path(storage) / name
     tracking = _tracking(spec, base)
+    if state.get("tracking_uri"):  # a resumed sweep writes where it started, wherever it is resumed from
+        tracking.tracking_uri = state["tracking_uri"]
+    state["tracking_uri"] = tracking.uri()
     tracking.check()
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the served URL ends with the sweep
-    import ray  # after every check that needs no cluster
+    import ray  # Ray starts below, after every check that needs no cluster
 
     with ServedStore(tracking, log=directory / "mlflow-server.log") as store:
         if ray.is_initialized():

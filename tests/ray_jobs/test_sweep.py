@@ -121,7 +121,9 @@ def test_killed_driver_then_resume_finishes_every_trial_once(cluster, tmp_path):
     driver.wait()
     (experiment,) = results.iterdir()
     first_done = {name: n for name, n in reports.items() if n == len(VAL_STEPS)}
-    resumed = _bptt("sweep", "--resume", str(experiment), "--address", cluster.address, cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"  # resumed from another directory: it still writes to the sweep's store
+    elsewhere.mkdir()
+    resumed = _bptt("sweep", "--resume", str(experiment), "--address", cluster.address, cwd=elsewhere)
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-4000:]
     after = {p.parent.name: p.read_text().splitlines() for p in experiment.glob("*/result.json")}
@@ -134,6 +136,7 @@ def test_killed_driver_then_resume_finishes_every_trial_once(cluster, tmp_path):
         _assert_complete(client, child)
     state = json.loads((experiment / "bptt-sweep.json").read_text())
     assert state["parent_run_id"] == parent.info.run_id
+    assert not (elsewhere / "mlflow.db").exists()
 
 
 def test_resources_no_node_holds_stop_before_any_trial(cluster, tmp_path):
