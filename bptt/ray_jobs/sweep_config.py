@@ -102,6 +102,7 @@ class SweepSpec:
     scheduler: Scheduler = field(default_factory=Scheduler)
     search: Search | None = None
     num_samples: int = 1
+    seed: int | None = 0  # of the sampling (Tune's random search, or the search algorithm's); null: unseeded
     max_concurrent_trials: int | None = None
     resources: Resources = field(default_factory=Resources)
     stop: dict[str, float] = field(default_factory=dict)
@@ -283,16 +284,19 @@ def scheduler(spec: SweepSpec) -> Any:
 
 
 def search_algorithm(spec: SweepSpec) -> Any:
-    """Optuna or HyperOpt over the space, or None for Tune's own random/grid sampling."""
+    """Optuna or HyperOpt over the space, else Tune's own random/grid sampling, seeded by ``seed``."""
+    seed = spec.search.seed if spec.search is not None and spec.search.seed is not None else spec.seed
     if spec.search is None:
-        return None
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=seed)
     if spec.search.type == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=spec.search.seed)
+        return OptunaSearch(seed=seed)
     from ray.tune.search.hyperopt import HyperOptSearch
 
-    return HyperOptSearch(random_state_seed=spec.search.seed)
+    return HyperOptSearch(random_state_seed=seed)
 
 
 def resolved_config(base: str, spec: SweepSpec, sampled: dict[str, Any]) -> str:

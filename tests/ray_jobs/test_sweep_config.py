@@ -98,3 +98,22 @@ def test_example_sweep_files_load():
     for path in sorted((PROJECT / "conf/sweep").glob("*.yaml")):
         spec, base = load_sweep(path)
         assert Path(base).is_file() and spec.space, path
+
+
+def test_random_search_is_seeded(tmp_path):
+    """The same sweep file samples the same trials (seed 0 unless the file sets one)."""
+    from bptt.ray_jobs.sweep_config import search_algorithm
+
+    spec, _ = load_sweep(_sweep_file(tmp_path, num_samples=5))
+
+    from ray.tune import register_trainable
+
+    register_trainable("noop", lambda config: None)
+
+    def draws() -> list[dict]:
+        generator = search_algorithm(spec)
+        generator.add_configurations({"trial": {"run": "noop", "config": tune_space(spec.space), "num_samples": 5}})
+        return [generator.next_trial().config for _ in range(5)]
+
+    assert draws() == draws()
+    assert len({d["task.optimizer.init_args.lr"] for d in draws()}) == 5
