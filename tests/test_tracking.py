@@ -11,9 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from bptt.cli import main
 from bptt.models import RNNLanguageModel
-from bptt.tracking import EXPERIMENT_KIND
+from bptt.tracking import EXPERIMENT_KIND, free_port
 from tests.bptt_command import SMALL, bptt
-from tests.conftest import free_port
 
 
 @pytest.fixture(scope="module")
