@@ -35,11 +35,11 @@ from bptt.ray_jobs.sweep_config import (
     tune_space,
 )
 from bptt.ray_jobs.trial import (
-    PARENT_TAG,
     SWEEP_TAG,
     TRIAL_TAG,
     SweepContext,
     run_trial,
+    trial_runs,
 )
 from bptt.tracking import (
     EXPERIMENT_KIND,
@@ -205,26 +205,17 @@ def _tune(spec: SweepSpec, base: str, state: dict[str, Any], name: str, storage:
             run_config=ray.tune.RunConfig(
                 name=name, storage_path=storage, stop=spec.stop or None, callbacks=[status],
                 failure_config=ray.tune.FailureConfig(max_failures=spec.failure.trial_retries),
-                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=_tune_checkpoints_to_keep(spec)),
+                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=spec.tune_checkpoints_to_keep()),
                 verbose=1,
             ),
         )
     results = tuner.fit()
     board = leaderboard(results, spec, client, experiment_id, state["parent_run_id"])
-    _finish_parent(client, state["parent_run_id"], spec, base, board)
-    print(_format(board, spec))
+    table = _format(board)
+    _finish_parent(client, state["parent_run_id"], spec, base, board, table)
+    print(table)
     print(f"\nMLflow: {_ui_command(tracking)}  (experiment {tracking.experiment_name!r}, parent run {name})")
     return board
-
-
-def _tune_checkpoints_to_keep(spec: SweepSpec) -> int | None:
-    """How many of each trial's checkpoints Tune keeps: ``checkpoints_to_keep``, by default 2, and
-    under PBT all of them: a clone adopts the donor's checkpoint while the donor trains on, and
-    Tune deletes an adopted checkpoint when either trial moves past its limit, so with quick
-    reports the checkpoint being cloned can be gone before the clone has started."""
-    if spec.checkpoints_to_keep is not None:
-        return spec.checkpoints_to_keep
-    return None if spec.scheduler.type == "pbt" else 2
 
 
 def _experiment(client: Any, tracking: MlflowTracking) -> str:
@@ -256,8 +247,7 @@ class _ChildRunStatus(Callback):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(os.environ[SERVED_URI_ENV])
-        for run in client.search_runs([self.experiment_id], filter_string=(
-                f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial.trial_id}'")):
+        for run in trial_runs(client, self.experiment_id, self.parent_run_id, trial.trial_id):
             client.set_terminated(run.info.run_id, status)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -272,8 +262,7 @@ def leaderboard(results: Any, spec: SweepSpec, client: Any, experiment_id: str, 
     perturbed ones), reports, status and MLflow run."""
     from ray.tune import ExperimentAnalysis
 
-    runs = {r.data.tags.get(TRIAL_TAG): r for r in client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")}
+    runs = {r.data.tags.get(TRIAL_TAG): r for r in trial_runs(client, experiment_id, parent_run_id)}
     analysis = ExperimentAnalysis(results.experiment_path)
     rows = []
     for trial in analysis.trials:
@@ -293,8 +282,13 @@ def leaderboard(results: Any, spec: SweepSpec, client: Any, experiment_id: str, 
     return rows
 
 
-def _format(board: list[dict], spec: SweepSpec) -> str:
-    header = [k for k in board[0] if k != "config"] if board else []
+def _columns(board: list[dict]) -> list[str]:
+    """The leaderboard's printed columns (every key but the whole config)."""
+    return [k for k in board[0] if k != "config"] if board else []
+
+
+def _format(board: list[dict]) -> str:
+    header = _columns(board)
     cells = [[_cell(row[k]) for k in header] for row in board]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *cells)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *cells]]
@@ -307,14 +301,14 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _finish_parent(client: Any, run_id: str, spec: SweepSpec, base: str, board: list[dict]) -> None:
+def _finish_parent(client: Any, run_id: str, spec: SweepSpec, base: str, board: list[dict], table: str) -> None:
     out = io.StringIO()
-    header = [k for k in board[0] if k != "config"] if board else []
+    header = _columns(board)
     writer = csv.writer(out)
     writer.writerow(header)
     writer.writerows([[row[k] for k in header] for row in board])
     client.log_text(run_id, out.getvalue(), "leaderboard.csv")
-    client.log_text(run_id, _format(board, spec), "leaderboard.txt")
+    client.log_text(run_id, table, "leaderboard.txt")
     best = next((row for row in board if row[f"best {spec.metric}"] is not None), None)
     if best is not None:
         client.log_metric(run_id, f"best/{spec.metric}", best[f"best {spec.metric}"])

@@ -37,6 +37,7 @@ import yaml
 from bptt.errors import ConfigError
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+DEFAULT_CHECKPOINTS_TO_KEEP = 2
 
 
 @dataclass
@@ -110,6 +111,19 @@ class SweepSpec:
     checkpoints_to_keep: int | None = None  # per trial; default 2, and every one under PBT
     storage_path: str | None = None
     tracking: Tracking = field(default_factory=Tracking)
+
+    def train_checkpoints_to_keep(self) -> int:
+        """Ray Train's checkpoints kept per trial run: ``checkpoints_to_keep``, by default 2."""
+        return self.checkpoints_to_keep or DEFAULT_CHECKPOINTS_TO_KEEP
+
+    def tune_checkpoints_to_keep(self) -> int | None:
+        """Tune's checkpoints kept per trial: as Train's, except that under PBT all are kept unless set:
+        a clone adopts the donor's checkpoint while the donor trains on, and Tune deletes an adopted
+        checkpoint when either trial moves past its limit, so with quick reports the checkpoint being
+        cloned can be gone before the clone has started."""
+        if self.checkpoints_to_keep is None and self.scheduler.type == "pbt":
+            return None
+        return self.train_checkpoints_to_keep()
 
 
 def load_sweep(path: str | Path, text: str | None = None) -> tuple[SweepSpec, str]:

@@ -50,15 +50,20 @@ class SweepContext:
 
         client = MlflowClient(self.tracking_uri)
         experiment = client.get_experiment_by_name(self.experiment_name)
-        found = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
-        )
+        found = trial_runs(client, experiment.experiment_id, self.parent_run_id, trial_id)
         if found:
             return found[0].info.run_id
         run = client.create_run(experiment.experiment_id, run_name=trial_name,
                                 tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep})
         return run.info.run_id
+
+
+def trial_runs(client: Any, experiment_id: str, parent_run_id: str, trial_id: str | None = None) -> list:
+    """The MLflow runs of a sweep's trials (of one trial, given ``trial_id``)."""
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    if trial_id is not None:
+        query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
+    return client.search_runs([experiment_id], filter_string=query)
 
 
 def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
@@ -92,7 +97,7 @@ def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
             name=f"{context.sweep}-{trial_id}-{uuid.uuid4().hex[:6]}",
             storage_path=str(Path(context.storage_path) / context.sweep / "train"),
             failure_config=ray.train.FailureConfig(max_failures=context.spec.failure.worker_retries),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=context.spec.checkpoints_to_keep or 2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=context.spec.train_checkpoints_to_keep()),
             callbacks=[_ForwardToTune(reports)],
         ),
     )
