@@ -1,6 +1,7 @@
 """LightningModules: the TBPTT engine and the tasks built on it."""
 
 from bptt.lightning_modules.language_model import LanguageModelTask
+from bptt.lightning_modules.speech_recognizer import CTCSpeechTask
 from bptt.lightning_modules.tbptt import NonFiniteLossError, TBPTTModule
 
-__all__ = ["LanguageModelTask", "NonFiniteLossError", "TBPTTModule"]
+__all__ = ["CTCSpeechTask", "LanguageModelTask", "NonFiniteLossError", "TBPTTModule"]

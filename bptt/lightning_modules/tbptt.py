@@ -28,17 +28,35 @@ Batches come in two layouts, told apart by a ``reset`` key:
 
 Time-indexed entries of a batch (``time_keys``) are (B, T, ...); an optional ``mask``
 (B, T) marks valid steps. A recurrent state is a tuple of batch-first tensors.
+
+*Sequence-level losses* (``loss_per = "sequence"``, e.g. CTC) are defined over a whole
+sequence and cannot be cut into per-window losses. Split mode only; the engine runs
+three passes over windows of k1 steps, so that activation memory grows with k1, not
+with T::
+
+    1. no graph:   s0 -> [w0] -> s1 -> [w1] -> s2 -> [w2]      keep s_i and the outputs
+    2. loss:       g = d loss / d outputs (whole sequence, outputs only)
+    3. per window: recompute [w_i] from s_i with graph, backpropagate g_i into it
+
+``backprop="truncated"`` starts every recomputed window from the detached s_i (the
+gradient stops at window boundaries); ``backprop="exact"`` goes through the windows
+last to first and carries d loss / d s_i back into the previous window, which is full
+BPTT with only one window's activations alive. Dropout sees the same random numbers in
+pass 1 and pass 3 (each window has its own seed).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.strategies import ParallelStrategy
 from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
@@ -82,9 +100,12 @@ class TBPTTModule(pl.LightningModule):
         grad_clip_algorithm: ``norm`` (global 2-norm) or ``value``.
         max_consecutive_nonfinite: stop training with an error after this many
             consecutive steps skipped for a NaN/Inf loss or gradient.
+        backprop: for sequence-level losses: ``truncated`` stops the gradient at window
+            boundaries, ``exact`` carries it back through every window (full BPTT).
     """
 
     time_keys: tuple[str, ...] = ("inputs", "targets", "mask")
+    loss_per: Literal["step", "sequence"] = "step"  # a task with a loss over whole sequences sets "sequence"
 
     def __init__(
         self,
@@ -97,6 +118,7 @@ class TBPTTModule(pl.LightningModule):
         grad_clip: float | None = None,
         grad_clip_algorithm: Literal["norm", "value"] = "norm",
         max_consecutive_nonfinite: int = 10,
+        backprop: Literal["truncated", "exact"] = "truncated",
     ) -> None:
         super().__init__()
         if k2 is not None and k1 is None:
@@ -110,6 +132,16 @@ class TBPTTModule(pl.LightningModule):
             )
         if grad_clip is not None and grad_clip <= 0:
             raise ConfigError(f"task.grad_clip must be > 0 or null, got {grad_clip}")
+        if self.loss_per == "step" and backprop != "truncated":
+            raise ConfigError(
+                "task.backprop: exact applies to sequence-level losses (CTC); per-step losses reach full BPTT "
+                "with task.k1: null"
+            )
+        if self.loss_per == "sequence" and k2 is not None and k2 != k1:
+            raise ConfigError(
+                f"task.k2={k2}: a sequence-level loss backpropagates window by window (task.k1) and has no k2; "
+                "drop task.k2, or set task.backprop: exact for the full gradient"
+            )
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -119,6 +151,7 @@ class TBPTTModule(pl.LightningModule):
         self.grad_clip = grad_clip
         self.grad_clip_algorithm = grad_clip_algorithm
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.backprop = backprop
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         # carried across batches in stream mode: the state where the history starts, the history,
@@ -150,6 +183,28 @@ class TBPTTModule(pl.LightningModule):
         """
         raise NotImplementedError
 
+    def window_outputs(self, window: dict[str, Tensor], state: State | None) -> tuple[Tensor, State]:
+        """For ``loss_per = "sequence"``: run the network over one window.
+
+        Returns:
+            outputs (B, t', ...) (e.g. log-probabilities; t' may be t / subsampling) and the
+            state after the window. Outputs of consecutive windows concatenate along dim 1.
+        """
+        raise NotImplementedError
+
+    def sequence_losses(self, outputs: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """For ``loss_per = "sequence"``: the loss of every whole sequence.
+
+        Args:
+            outputs: (B, T', ...) the windows' outputs, concatenated.
+            batch: the whole batch (lengths, targets, ...).
+
+        Returns:
+            per-sequence loss sums (B,) and the number of targets each counts (B,); a sequence
+            left out of the loss has loss 0 and count 0.
+        """
+        raise NotImplementedError
+
     def derived_metrics(self, split: str, loss: Tensor) -> dict[str, Tensor]:
         """Metrics computed from a split's mean loss (e.g. perplexity); logged beside ``{split}/loss``."""
         return {}
@@ -168,7 +223,10 @@ class TBPTTModule(pl.LightningModule):
 
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        length = batch["targets"].shape[1]
+        if self.loss_per == "sequence":
+            self._train_sequences(batch)
+            return
+        length = batch[self.time_keys[0]].shape[1]
         k1 = self.k1 or length
         k2 = self.k2 or k1
         stream = "reset" in batch
@@ -228,23 +286,41 @@ class TBPTTModule(pl.LightningModule):
             step_losses = step_losses * mask
         count = float(mask.sum()) if mask is not None else float(step_losses.numel())
         loss_sum = step_losses.sum()
-        global_count = count
-        if self.trainer.world_size > 1:
-            global_count = float(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="sum"))
-
-        opt = self.optimizers()
         row_bad = ~torch.isfinite(step_losses.detach().float().sum(dim=1))
         for s in end_state or ():
             row_bad |= ~torch.isfinite(s.float().flatten(1)).all(dim=1)
+
+        def backward(scale: float) -> None:
+            self.manual_backward(loss_sum * scale)
+
+        if not self._optimizer_step(backward, row_bad, loss_sum, count) and bool(row_bad.any()):
+            # no update; streams whose loss or state went non-finite start again from zeros
+            end_state = _zero_rows(end_state, row_bad)
+            next_state, next_history = end_state, None
+        return next_state, next_history, end_state, loss_sum.detach(), count
+
+    def _optimizer_step(self, backward: Callable[[float], None], row_bad: Tensor, loss_sum: Tensor, count: float) -> bool:
+        """One optimizer step over this rank's ``count`` targets, unless a rank saw a non-finite value.
+
+        Args:
+            backward: backpropagates the loss sum times the given factor.
+            row_bad: (B,) rows whose loss (or state) is not finite.
+            loss_sum: this rank's loss sum, for the error message.
+            count: this rank's number of targets in the loss.
+
+        Returns:
+            False when the step was skipped before the backward pass for a non-finite loss.
+        """
+        global_count = count
+        if self.trainer.world_size > 1:
+            global_count = float(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="sum"))
+        opt = self.optimizers()
         finite = self.trainer.strategy.reduce_boolean_decision(not bool(row_bad.any()), all=True)
-        if not finite:  # no update; streams whose loss or state went non-finite start again from zeros
+        if not finite:
             self._skip_step(opt, f"loss is {loss_sum.item()}")
-            if bool(row_bad.any()):
-                end_state = _zero_rows(end_state, row_bad)
-                next_state, next_history = end_state, None
-            return next_state, next_history, end_state, loss_sum.detach(), count
+            return False
         # DDP averages gradients over ranks; scaling by world / global count makes that the mean over all targets.
-        self.manual_backward(loss_sum * (self.trainer.world_size / max(global_count, 1.0)))
+        backward(self.trainer.world_size / max(global_count, 1.0))
         norm, largest = self._gradient_size()
         if not (math.isfinite(norm) and math.isfinite(largest)):
             if self._scaler() is not None:  # fp16 overflow: the scaler skips the step and lowers its scale
@@ -254,7 +330,7 @@ class TBPTTModule(pl.LightningModule):
                 self.steps_skipped += 1
             else:
                 self._skip_step(opt, f"gradient norm is {norm}")
-            return next_state, next_history, end_state, loss_sum.detach(), count
+            return True
         self.consecutive_skipped = 0
         self._grad_norm = norm
         self._clip_now = self.grad_clip is not None and (
@@ -268,7 +344,76 @@ class TBPTTModule(pl.LightningModule):
             scheduler = self._scheduler()
             if not isinstance(scheduler, ReduceLROnPlateau):
                 scheduler.step()
-        return next_state, next_history, end_state, loss_sum.detach(), count
+        return True
+
+    # ---- sequence-level losses: three passes over the windows (see the module docstring) ----
+    def _windows(self, batch: dict[str, Any]) -> list[dict[str, Tensor]]:
+        length = batch[self.time_keys[0]].shape[1]
+        size = self.k1 or length
+        return [self._slice(batch, start, min(start + size, length)) for start in range(0, length, size)]
+
+    @contextmanager
+    def _window_rng(self, seed: int) -> Iterator[None]:
+        """The same random numbers (dropout) each time a window runs with this seed."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
+
+    def sequence_outputs(self, batch: dict[str, Any]) -> Tensor:
+        """The outputs (B, T', ...) of whole sequences, run window by window with the state carried."""
+        pieces, state = [], None
+        for window in self._windows(batch):
+            out, state = self.window_outputs(window, state)
+            pieces.append(out)
+        return torch.cat(pieces, dim=1)
+
+    def _train_sequences(self, batch: dict[str, Any]) -> None:
+        if "reset" in batch:
+            raise ConfigError(
+                f"{type(self).__name__} has a loss over whole sequences and needs batches of whole sequences; "
+                "its DataModule yields streams (stream mode): use one that yields sequences"
+            )
+        windows = self._windows(batch)
+        seeds = torch.randint(2**62, (len(windows),)).tolist()  # from the global generator: resumes exactly
+        starts: list[State | None] = []
+        pieces, state = [], None
+        with torch.no_grad():  # pass 1: the state where each window starts, and the outputs
+            for window, seed in zip(windows, seeds):
+                starts.append(state)
+                with self._window_rng(seed):
+                    out, state = self.window_outputs(window, state)
+                pieces.append(out)
+        outputs = torch.cat(pieces, dim=1).requires_grad_()  # (B, T', ...)
+        with torch.enable_grad():  # pass 2: the loss over whole sequences, differentiated w.r.t. the outputs only
+            losses, counts = self.sequence_losses(outputs, batch)  # (B,), (B,)
+        loss_sum, count = losses.sum(), float(counts.sum())
+        row_bad = ~torch.isfinite(losses.detach().float())
+        sizes = [p.shape[1] for p in pieces]
+
+        def backward(scale: float) -> None:  # pass 3: each window again, with graph
+            (grad,) = torch.autograd.grad(loss_sum * scale, outputs)
+            grads = grad.split(sizes, dim=1)
+            carried: State | None = None  # d loss / d (state where the later window starts), exact mode
+            order = range(len(windows) - 1, -1, -1) if self.backprop == "exact" else range(len(windows))
+            for n, i in enumerate(order):
+                start = starts[i]
+                if start is not None and self.backprop == "exact":
+                    start = tuple(s.detach().requires_grad_() for s in start)
+                with self._window_rng(seeds[i]):
+                    out, end = self.window_outputs(windows[i], start)
+                surrogate = (out * grads[i]).sum()  # its gradient is the vector-Jacobian product with grads[i]
+                if carried is not None:
+                    surrogate = surrogate + sum((e * c).sum() for e, c in zip(end, carried))
+                last = n == len(windows) - 1
+                parallel = isinstance(self.trainer.strategy, ParallelStrategy)
+                with self.trainer.strategy.block_backward_sync() if parallel and not last else nullcontext():
+                    self.manual_backward(surrogate)  # DDP all-reduces the gradients once, after the last window
+                if self.backprop == "exact" and start is not None:
+                    unscale = self._scaler().get_scale() if self._scaler() is not None else 1.0
+                    carried = tuple(s.grad / unscale for s in start)
+
+        self._optimizer_step(backward, row_bad, loss_sum.detach(), count)
+        self._log_train(loss_sum.detach(), count)
 
     def _scaler(self) -> Any:
         return getattr(self.trainer.precision_plugin, "scaler", None)
@@ -376,8 +521,21 @@ class TBPTTModule(pl.LightningModule):
         self.history = None if saved["history"] is None else {k: mine(v) for k, v in saved["history"].items()}
 
     # ---- evaluation -----------------------------------------------------------------------
-    def _evaluate(self, batch: dict[str, Any], metric: MeanMetric) -> None:
-        length = batch["targets"].shape[1]
+    def evaluate_batch(self, batch: dict[str, Any], metric: MeanMetric) -> Tensor | None:
+        """Add a batch's loss to ``metric``, weighted by its target count, with state carried
+        across windows (and across batches in stream mode).
+
+        Returns:
+            for sequence-level losses the outputs (B, T', ...) of the whole sequences (for
+            decoding), else None.
+        """
+        if self.loss_per == "sequence":
+            outputs = self.sequence_outputs(batch)
+            losses, counts = self.sequence_losses(outputs, batch)
+            if counts.sum() > 0:
+                metric.update(losses.sum() / counts.sum(), weight=counts.sum())
+            return outputs
+        length = batch[self.time_keys[0]].shape[1]
         stream = "reset" in batch
         state = _zero_rows(self.eval_state, batch["reset"]) if stream else None
         size = self.k2 or length
@@ -390,6 +548,7 @@ class TBPTTModule(pl.LightningModule):
                 metric.update(losses.sum() / count, weight=count)
         if stream:
             self.eval_state = state
+        return None
 
     def on_validation_epoch_start(self) -> None:
         self.eval_state = None
@@ -398,10 +557,10 @@ class TBPTTModule(pl.LightningModule):
         self.eval_state = None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_loss)
+        self.evaluate_batch(batch, self.val_loss)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_loss)
+        self.evaluate_batch(batch, self.test_loss)
 
     def _log_eval(self, split: str, metric: MeanMetric) -> Tensor:
         loss = metric.compute()  # weighted by target counts, reduced over ranks
