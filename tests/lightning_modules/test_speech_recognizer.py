@@ -148,3 +148,43 @@ def test_task_rejects_windows_that_straddle_the_subsampling_stride():
         CTCSpeechTask(model=_model(subsample=2), k1=7)
     with pytest.raises(ConfigError, match="has no k2"):
         CTCSpeechTask(model=_model(subsample=2), k1=6, k2=12)
+
+
+def _fit_float(batch, backprop: str, precision: str, accelerator: str = "cpu"):
+    model = _model().float()
+    task = CTCSpeechTask(model=model, optimizer=sgd(LR), k1=6, backprop=backprop)
+    run(task, [{k: v.float() if v.is_floating_point() else v for k, v in batch.items()}], precision=precision,
+        accelerator=accelerator)
+    return task
+
+
+@pytest.mark.parametrize("backprop", ["exact", "truncated"])
+def test_bf16_mixed_sequence_training_on_cpu_is_fp32_up_to_rounding(backprop):
+    batch = _batch()
+    reference = _fit_float(batch, backprop, "32-true")
+    task = _fit_float(batch, backprop, "bf16-mixed")
+    diffs = [(p - q).abs().max().item() for p, q in zip(reference.model.parameters(), task.model.parameters())]
+    assert 0 < max(diffs) < 5e-3  # bf16 rounding, not a different computation
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backprop", ["exact", "truncated"])
+def test_cudnn_sequence_training_equals_float64_reference(backprop):
+    model, batch = _model(), _batch()
+    reference = _reference_step(copy.deepcopy(model), batch, None if backprop == "exact" else 6,
+                                detach=backprop == "truncated")
+    task = _fit_float(batch, backprop, "32-true", accelerator="gpu")
+    for p, q in zip(task.model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.double().cpu(), q, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_sequence_training_on_gpu_unscales_the_carried_gradient(precision):
+    batch = _batch()
+    reference = _fit_float(batch, "exact", "32-true", accelerator="gpu")
+    task = _fit_float(batch, "exact", precision, accelerator="gpu")
+    diffs = [(p - q).abs().max().item() for p, q in zip(reference.model.parameters(), task.model.parameters())]
+    assert max(diffs) < 5e-3  # a carried state gradient still holding the fp16 loss scale would be 65536x off
