@@ -1,5 +1,6 @@
-"""LightningDataModules that lay long sequences out as streams for TBPTT."""
+"""LightningDataModules: token streams for TBPTT language models, utterance batches for CTC speech."""
 
+from bptt.datamodules.speech import SpeechDataModule
 from bptt.datamodules.text import TextStreamDataModule
 
-__all__ = ["TextStreamDataModule"]
+__all__ = ["SpeechDataModule", "TextStreamDataModule"]
