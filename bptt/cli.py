@@ -8,9 +8,10 @@
     bptt validate CHECKPOINT [--data.data_dir DIR ...]
     bptt test CHECKPOINT [...]
     bptt generate CHECKPOINT [--prompt TEXT] [--num-tokens N] [--temperature T] [--seed S]
+    bptt transcribe CHECKPOINT AUDIO [AUDIO ...]
 
 fit, resume, validate and test end by printing their final metrics as one JSON line; sweep ends with
-its leaderboard and exits 1 when a trial failed. Bad input ends with one line ``bptt: error: ...``
+its leaderboard and exits 1 when a trial failed; transcribe prints one ``AUDIO<tab>TRANSCRIPT`` line per file. Bad input ends with one line ``bptt: error: ...``
 and exit status 2.
 """
 
@@ -120,7 +121,15 @@ def run(argv: list[str]) -> int:
         print(training.generate(opts.checkpoint, prompt=opts.prompt, num_tokens=opts.num_tokens,
                                 temperature=opts.temperature, seed=opts.seed))
         return 0
-    raise BpttError(f"unknown command {command!r}; commands: fit, resume, sweep, runs, validate, test, generate (see bptt --help)")
+    if command == "transcribe":
+        checkpoint, audio = _split_checkpoint(command, args)
+        for path, text in zip(audio, training.transcribe(checkpoint, audio)):
+            print(f"{path}\t{text}")
+        return 0
+    raise BpttError(
+        f"unknown command {command!r}; commands: fit, resume, sweep, runs, validate, test, generate, transcribe "
+        "(see bptt --help)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The importable entry points behind the ``bptt`` command: ``fit``, ``resume``, ``evaluate``, ``generate``.
+"""The importable entry points behind the ``bptt`` command: ``fit``, ``resume``, ``evaluate``, ``generate``,
+``transcribe``.
 
 Nothing happens at import time; ``bptt.cli`` and ``bptt.ray_jobs`` call these.
 """
@@ -28,6 +29,7 @@ from bptt.config import build_parser, instantiate, parse_config, parse_tracking
 from bptt.datamodules.vocabulary import Vocabulary
 from bptt.errors import CheckpointError, ConfigError
 from bptt.lightning_modules.language_model import LanguageModelTask
+from bptt.lightning_modules.speech_recognizer import CTCSpeechTask
 from bptt.tracking import CHECKPOINT_DIR_TAG, MlflowTracking, RunLogger, curves_png
 
 
@@ -146,11 +148,10 @@ def train(
             logger.experiment.set_tag(logger.run_id, CHECKPOINT_DIR_TAG, str((root / "checkpoints").resolve()))
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.yaml").write_text(config_yaml)
-        if hasattr(init.data, "save_artifacts"):
-            init.data.save_artifacts(root)
+    data_artifacts = init.data.save_artifacts(root) if trainer.is_global_zero and hasattr(init.data, "save_artifacts") else []
     trainer.fit(init.task, datamodule=init.data, ckpt_path=str(checkpoint[0]) if checkpoint else None)
     if trainer.is_global_zero:
-        _log_artifacts(logger, tracking, root, init.task)
+        _log_artifacts(logger, tracking, root, init.task, data_artifacts)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
@@ -183,12 +184,15 @@ def _changed_optimizer_settings(cfg: Namespace, checkpoint: dict[str, Any], pars
     return [_OptimizerSettings(changed)] if changed else []
 
 
-def _log_artifacts(logger: RunLogger, tracking: MlflowTracking, root: Path, task: pl.LightningModule) -> None:
-    """The run's config, vocabulary, best and last checkpoints, curves, and the final network."""
+def _log_artifacts(
+    logger: RunLogger, tracking: MlflowTracking, root: Path, task: pl.LightningModule, data_artifacts: list[Path]
+) -> None:
+    """The run's config, the DataModule's files (vocabulary, data report), best and last checkpoints,
+    curves, and the final network."""
     import mlflow
 
     curves = curves_png(logger.experiment, logger.run_id, root / "curves.png")
-    logger.log_artifacts([root / "config.yaml", root / "vocab.json", curves])
+    logger.log_artifacts([root / "config.yaml", *data_artifacts, curves])
     logger.log_artifacts([root / "checkpoints" / "best.ckpt", root / "checkpoints" / "last.ckpt"], "checkpoints")
     if tracking.log_model and hasattr(task, "serving_model"):
         from mlflow.models import infer_signature
@@ -220,6 +224,9 @@ def _restore(checkpoint_path: str | Path, overrides: list[str]) -> tuple[Namespa
         cfg = parse_config(args, parser)
         init = instantiate(cfg, parser)
     _check_same_model(init.task, checkpoint, checkpoint_path)
+    data_state = checkpoint.get(type(init.data).__qualname__)
+    if data_state is not None and datamodule_state is None:  # e.g. the speech features' normalization
+        init.data.load_state_dict(data_state)
     return cfg, init, checkpoint
 
 
@@ -275,3 +282,25 @@ def generate(
     generator = torch.Generator().manual_seed(seed)
     sample = task.generate(torch.tensor([ids]), num_tokens, temperature, generator)  # (1, N)
     return prompt + vocab.decode(sample[0].tolist())
+
+
+def transcribe(checkpoint_path: str | Path, audio: list[str]) -> list[str]:
+    """Greedy transcripts of audio files by a speech-recognition checkpoint.
+
+    Args:
+        checkpoint_path: a ``.ckpt`` of a ``CTCSpeechTask`` run.
+        audio: WAV or FLAC files (resampled to the run's sample rate).
+
+    Returns:
+        one transcript per file, in order.
+    """
+    if not audio:
+        raise ConfigError("`bptt transcribe` needs audio files after the checkpoint, e.g. bptt transcribe last.ckpt a.wav")
+    _, init, checkpoint = _restore(checkpoint_path, [])
+    task = init.task
+    if not isinstance(task, CTCSpeechTask):
+        raise CheckpointError(f"{checkpoint_path} is a {type(task).__name__} checkpoint; transcribe needs a speech model")
+    features = [init.data.featurize(path) for path in audio]  # each (T, F); unreadable audio fails here
+    task.load_state_dict(checkpoint["state_dict"])
+    task.eval()
+    return [init.data.decode(ids) for ids in task.transcribe(features)]
