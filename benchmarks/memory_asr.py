@@ -7,8 +7,9 @@ under three settings: ``backprop: truncated`` and ``backprop: exact`` with windo
 does). Each case runs in a fresh process; the peak resident memory (VmHWM, reset through
 /proc/self/clear_refs once the model and data are built) is read after training. Target: in
 truncated mode the 10-minute peak within 1.5x of the 10-second one; full BPTT grows linearly.
+With ``--accelerator gpu`` the figure is the CUDA allocator's peak during training instead.
 
-    python benchmarks/memory_asr.py [--out benchmarks/results/memory_asr.json]
+    python benchmarks/memory_asr.py [--accelerator cpu | gpu] [--out benchmarks/results/memory_asr.json]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def probe(mode: str, seconds: int) -> dict:
+def probe(mode: str, seconds: int, accelerator: str) -> dict:
     """Train 3 steps on one utterance in this process; memory in MB."""
     import pytorch_lightning as pl
     import torch
@@ -57,18 +58,22 @@ def probe(mode: str, seconds: int) -> dict:
         "targets": torch.randint(1, init.data.vocab_size, (1, labels)),  # (B, S)
         "target_lengths": torch.tensor([labels]),
     }
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, max_steps=3, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, use_distributed_sampler=False)
-    baseline = _status_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    gpu = accelerator == "gpu"
+    if gpu:  # the model's weights and optimizer state count as baseline
+        init.task.cuda()
+        baseline, peak = 0.0, lambda: torch.cuda.max_memory_allocated() / 2**20
+    else:
+        baseline, peak = _status_kb("VmRSS") / 1024, lambda: _status_kb("VmHWM") / 1024
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     start = time.perf_counter()
     trainer.fit(init.task, train_dataloaders=DataLoader([batch] * 3, batch_size=None))
     out_frames = int(init.model.output_lengths(torch.tensor(frames)))
     return {
         "mode": mode, "seconds": seconds, "frames": frames, "k1": None if mode == "full" else init.task.k1,
-        "peak_mb": _status_kb("VmHWM") / 1024, "baseline_mb": baseline / 1024,
-        "above_baseline_mb": (_status_kb("VmHWM") - baseline) / 1024,
+        "accelerator": accelerator, "peak_mb": peak(), "baseline_mb": baseline, "above_baseline_mb": peak() - baseline,
         # what any mode holds for the whole utterance: its features, and the log-probabilities and their gradient
         "utterance_buffers_mb": (frames * features + 2 * out_frames * init.data.vocab_size) * 4 / 2**20,
         "seconds_per_step": (time.perf_counter() - start) / 3,
@@ -78,16 +83,18 @@ def probe(mode: str, seconds: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(PROJECT / "benchmarks/results/memory_asr.json"))
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--probe", nargs=2, metavar=("MODE", "SECONDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
-        print(json.dumps(probe(args.probe[0], int(args.probe[1]))))
+        print(json.dumps(probe(args.probe[0], int(args.probe[1]), args.accelerator)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     cases = []
     for mode in MODES:
         for seconds in SECONDS:
-            result = subprocess.run([sys.executable, __file__, "--probe", mode, str(seconds)], check=True,
+            probe_args = ["--probe", mode, str(seconds), "--accelerator", args.accelerator]
+            result = subprocess.run([sys.executable, __file__, *probe_args], check=True,
                                     capture_output=True, text=True, env=env)
             cases.append(json.loads(result.stdout.strip().splitlines()[-1]))
             c = cases[-1]

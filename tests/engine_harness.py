@@ -36,7 +36,7 @@ def sgd(lr: float = 0.5):
     return lambda params: torch.optim.SGD(params, lr=lr)
 
 
-def run(task: LanguageModelTask, batches: list[dict[str, Any]], *, precision: str = "64-true",
+def run(task: LanguageModelTask, batches: list[dict[str, Any]], *, precision: str | None = "64-true",
         val_batches: list[dict[str, Any]] | None = None, max_epochs: int = 1, accelerator: str = "cpu",
         **trainer: Any) -> pl.Trainer:
     """Fit ``task`` on ``batches`` (one epoch by default) and return the Trainer."""

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
 from bptt.errors import ConfigError
+from bptt.lightning_modules.checkpointed_ctc import checkpointed_ctc_loss
 from bptt.lightning_modules.tbptt import State, TBPTTModule
 
 BLANK = 0  # the CTC blank's token id
@@ -66,6 +67,10 @@ class CTCSpeechTask(TBPTTModule):
             with ``output_lengths``, e.g. ``bptt.models.RNNAcousticModel``.
         num_decodings: validation utterances whose reference and greedy decoding are logged to
             MLflow as ``decodings/val-step-N.txt`` after each validation.
+        ctc_lattice_limit_mb: CTC's forward and backward variables (2 x B x T' x (2S + 1) floats)
+            up to this size come from ``torch.nn.functional.ctc_loss``; larger ones (long
+            utterances: they grow with T' squared) from ``checkpointed_ctc_loss``, whose memory
+            grows with sqrt(T'); null: always torch's.
         **engine: the ``TBPTTModule`` arguments; ``k1`` is the window in input frames,
             ``backprop`` ``truncated`` or ``exact``.
     """
@@ -73,7 +78,9 @@ class CTCSpeechTask(TBPTTModule):
     time_keys = ("inputs",)
     loss_per = "sequence"
 
-    def __init__(self, *, model: nn.Module, num_decodings: int = 10, **engine: Any) -> None:
+    def __init__(
+        self, *, model: nn.Module, num_decodings: int = 10, ctc_lattice_limit_mb: float | None = 64.0, **engine: Any
+    ) -> None:
         super().__init__(**engine)
         subsample = getattr(model, "subsample", 1)
         if self.k1 is not None and self.k1 % subsample:
@@ -83,6 +90,7 @@ class CTCSpeechTask(TBPTTModule):
             )
         self.model = model
         self.num_decodings = num_decodings
+        self.ctc_lattice_limit_mb = ctc_lattice_limit_mb
         self.val_ter, self.test_ter = CharErrorRate(), CharErrorRate()  # one character per token
         self.val_wer, self.test_wer = WordErrorRate(), WordErrorRate()
         self.skipped = 0
@@ -109,8 +117,12 @@ class CTCSpeechTask(TBPTTModule):
         feasible = ctc_feasible(lengths, targets, target_lengths)
         if self.training:
             self.skipped += int((~feasible).sum())
-        losses = F.ctc_loss(outputs.transpose(0, 1), targets, lengths, target_lengths,  # (T', B, V)
-                            blank=BLANK, reduction="none", zero_infinity=True)
+        lattice_mb = 2 * outputs.shape[0] * outputs.shape[1] * (2 * targets.shape[1] + 1) * outputs.element_size() / 2**20
+        if self.ctc_lattice_limit_mb is not None and lattice_mb > self.ctc_lattice_limit_mb:
+            losses = checkpointed_ctc_loss(outputs, targets, lengths, target_lengths)
+        else:
+            losses = F.ctc_loss(outputs.transpose(0, 1), targets, lengths, target_lengths,  # (T', B, V)
+                                blank=BLANK, reduction="none", zero_infinity=True)
         zero = torch.zeros_like(losses)
         return torch.where(feasible, losses, zero), torch.where(feasible, target_lengths, 0)
 

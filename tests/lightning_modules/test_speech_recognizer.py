@@ -150,11 +150,11 @@ def test_task_rejects_windows_that_straddle_the_subsampling_stride():
         CTCSpeechTask(model=_model(subsample=2), k1=6, k2=12)
 
 
-def _fit_float(batch, backprop: str, precision: str, accelerator: str = "cpu"):
+def _fit_float(batch, backprop: str, precision: str | None, accelerator: str = "cpu", **trainer):
     model = _model().float()
     task = CTCSpeechTask(model=model, optimizer=sgd(LR), k1=6, backprop=backprop)
     run(task, [{k: v.float() if v.is_floating_point() else v for k, v in batch.items()}], precision=precision,
-        accelerator=accelerator)
+        accelerator=accelerator, **trainer)
     return task
 
 
@@ -183,8 +183,21 @@ def test_cudnn_sequence_training_equals_float64_reference(backprop):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_mixed_precision_sequence_training_on_gpu_unscales_the_carried_gradient(precision):
+    from pytorch_lightning.plugins import MixedPrecision
+
     batch = _batch()
     reference = _fit_float(batch, "exact", "32-true", accelerator="gpu")
-    task = _fit_float(batch, "exact", precision, accelerator="gpu")
+    # fp16: a loss scale of 1024 instead of 65536, whose first step would overflow and be skipped
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0) if precision == "16-mixed" else None
+    task = _fit_float(batch, "exact", None, accelerator="gpu",
+                      plugins=[MixedPrecision(precision, "cuda", scaler=scaler)])
+    assert task.steps_taken == 1 and task.steps_skipped == 0
     diffs = [(p - q).abs().max().item() for p, q in zip(reference.model.parameters(), task.model.parameters())]
-    assert max(diffs) < 5e-3  # a carried state gradient still holding the fp16 loss scale would be 65536x off
+    assert max(diffs) < 5e-3  # a carried state gradient still holding the loss scale would be 1024x off
+
+
+def test_long_utterance_lattice_goes_through_checkpointed_ctc_with_the_same_result():
+    model, batch = _model(), _batch()
+    reference = _reference_step(copy.deepcopy(model), batch, None, detach=False)
+    task = _fit(model, batch, 6, "exact", ctc_lattice_limit_mb=0.0)  # every lattice counts as long
+    _assert_same_parameters(task.model, reference)
