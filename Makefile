@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench bench-quality bench-sweep clean
+.PHONY: setup demo test bench bench-quality bench-sweep bench-asr bench-asr-memory clean
 
 $(BIN)/bptt: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ bench-quality: $(BIN)/bptt
 # sweep overhead against `bptt fit` one after another, and 1 vs 2 workers per trial: about 12 minutes
 bench-sweep: $(BIN)/bptt
 	$(BIN)/python benchmarks/sweep_overhead.py
+
+# 15 minutes of FSDD connected-digit training, then the test split's digit error rate; needs $$BPTT_DATA_DIR
+bench-asr: $(BIN)/bptt
+	$(BIN)/python benchmarks/quality_asr.py
+
+# peak memory of CTC training on a 10-second and a 10-minute utterance: about 2 minutes
+bench-asr-memory: $(BIN)/bptt
+	$(BIN)/python benchmarks/memory_asr.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -42,10 +42,10 @@ def main() -> None:
                     "--tracking.tracking_uri", f"sqlite:///{Path(args.run_dir).resolve()}/mlflow.db",
                     "--tracking.experiment_name", "quality_asr", *overrides], check=True, env=env)
     wall = time.time() - start
+    rows = list(csv.DictReader(open(max(Path(args.run_dir).glob("logs/version_*/metrics.csv")))))  # the fit's
     result = subprocess.run([BPTT, "test", f"{args.run_dir}/checkpoints/best.ckpt", "--trainer.enable_progress_bar",
                              "false"], check=True, env=env, capture_output=True, text=True)
     test = json.loads(result.stdout.strip().splitlines()[-1])
-    rows = list(csv.DictReader(open(max(Path(args.run_dir).glob("logs/version_*/metrics.csv")))))
     out = {
         "config": CONFIG, "overrides": overrides, "budget_minutes": args.minutes, "wall_seconds": round(wall),
         "test_digit_error_rate": test["test/ter"], "test_loss_nats_per_label": test["test/loss"],

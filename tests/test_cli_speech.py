@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 from mlflow.tracking import MlflowClient
 
 from bptt.cli import main
 from tests.bptt_command import SMALL, bptt
 from tests.conftest import PROJECT
-from tests.speech_data import DIGIT_TONES, make_fsdd, tone
+from tests.speech_data import DIGIT_TONES, make_fsdd, make_librispeech, tone
 
 ASR = str(PROJECT / "conf/asr/fsdd_digits.yaml")
 
@@ -94,3 +95,73 @@ def test_transcribe_refuses_a_language_model_checkpoint(tmp_path, capsys):
     wav = _say("1", tmp_path / "one.wav")
     assert main(["transcribe", str(tmp_path / "lm/checkpoints/last.ckpt"), str(wav)]) == 2
     assert "transcribe needs a speech model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_librispeech_layout_with_characters_logs_word_error_rate(tmp_path):
+    corpus = make_librispeech(tmp_path / "LibriSpeech")
+    result = bptt(
+        "fit", "--config", ASR, "--data.corpus", str(corpus), "--data.tokens", "chars", "--data.sample_rate", "16000",
+        "--data.batch_size", "4", "--data.eval_batch_size", "4", "--model.hidden_size", "16", "--trainer.max_steps", "4",
+        "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--tracking.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"val/loss", "val/ter", "val/wer"} <= set(metrics) and metrics["val/wer"] >= 0
+    report = json.loads((tmp_path / "run/data_report.json").read_text())
+    assert report["splits"]["train"]["utterances"] == 8 and report["tokens"] == "chars"
+
+
+@pytest.mark.slow
+def test_sigkilled_speech_run_resumes_bit_for_bit(tmp_path):
+    """SpecAugment, dropout replayed per window, exact backprop, an epoch boundary at step 16."""
+    corpus = make_fsdd(tmp_path / "tones", indices=range(12))
+    common = ["--config", ASR, "--data.corpus", str(corpus), "--data.utterances", "[64, 8, 8]",
+              "--data.batch_size", "4", "--data.eval_batch_size", "8", "--model.hidden_size", "16",
+              "--model.dropout", "0.3", "--task.k1", "20", "--task.backprop", "exact", "--trainer.max_steps", "24",
+              "--trainer.val_check_interval", "8", "--trainer.enable_progress_bar", "false",
+              "--checkpoint.every_n_steps", "4", "--trainer.deterministic", "true"]
+    runs = {}
+    for name, armed in (("straight", False), ("killed", True)):
+        marker = tmp_path / f"{name}.killed"
+        if not armed:
+            marker.write_text("disarmed")
+        kill = [{"class_path": "tests.kill_switch.KillAt", "init_args": {"step": 13, "marker": str(marker)}}]
+        run = tmp_path / name
+        result = bptt("fit", *common, "--trainer.default_root_dir", str(run / "run"), "--trainer.callbacks",
+                      json.dumps(kill), "--tracking.tracking_uri", f"sqlite:///{tmp_path}/{name}.db", cwd=tmp_path)
+        if armed:
+            assert result.returncode == -9, result.stderr[-2000:]
+            result = bptt("resume", str(run / "run/checkpoints"), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = torch.load(run / "run/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    for key, value in runs["straight"].items():
+        assert torch.equal(runs["killed"][key], value), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backprop", ["truncated", "exact"])
+def test_two_ddp_processes_take_the_same_ctc_step_as_one(tmp_path, backprop):
+    """Same global batch of 8 utterances, windows of 20 frames (gradients accumulated window by window
+    without all-reduce, then one all-reduce), SpecAugment on: 1 process vs 2 gloo processes."""
+    corpus = make_fsdd(tmp_path / "tones", indices=range(12))
+    params = {}
+    for devices in (1, 2):
+        root = tmp_path / f"ddp{devices}"
+        # plain SGD without clipping: its update is proportional to the gradient, so a wrong average shows
+        result = bptt(
+            "fit", "--config", ASR, "--data.corpus", str(corpus), "--data.utterances", "[32, 8, 8]",
+            "--data.batch_size", "8", "--model.hidden_size", "16", "--model.dropout", "0", "--task.k1", "20",
+            "--task.backprop", backprop, "--task.grad_clip", "null", "--task.optimizer.class_path", "torch.optim.SGD",
+            "--task.optimizer.init_args.lr", "1.0", "--task.lr_scheduler", "null", "--trainer.max_steps", "2",
+            "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+            "--trainer.strategy", "ddp" if devices > 1 else "auto", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(root), "--tracking.tracking_uri", f"sqlite:///{root}.db", cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert devices == 1 or "MEMBER: 2/2" in result.stderr
+        params[devices] = torch.load(root / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    for name, value in params[1].items():
+        torch.testing.assert_close(params[2][name], value, atol=2e-6, rtol=1e-5, msg=name)

@@ -363,6 +363,10 @@ class SpeechDataModule(pl.LightningDataModule):
         if len(self.data["train"]) < self.batch_size:
             raise ConfigError(f"data.batch_size={self.batch_size} is more than the {len(self.data['train'])} usable "
                               "train utterances; lower it or use more utterances")
+        for split in ("validation", "test"):
+            if len(self.data[split]) < world:
+                raise ConfigError(f"the {split} split has {len(self.data[split])} usable utterances, fewer than the "
+                                  f"{world} processes; use more utterances or fewer processes")
         mean, std = self.stats
         for split in SPLITS:
             training = split == "train"

@@ -18,6 +18,8 @@ turns a key into a collated batch.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator
 
 import datasets
@@ -54,9 +56,13 @@ def training_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def evaluation_batches(num_frames: np.ndarray, *, batch_size: int) -> list[np.ndarray]:
-    """Utterance indices sorted by length, in batches of ``batch_size`` (the last one may be smaller)."""
+def evaluation_batches(num_frames: np.ndarray, *, batch_size: int, world_size: int = 1) -> list[np.ndarray]:
+    """Utterance indices sorted by length, in batches of ``batch_size`` (the last one may be smaller);
+    split into ``world_size`` smaller batches instead when that makes fewer, so that every rank
+    reads at least one (given at least ``world_size`` utterances)."""
     order = np.argsort(num_frames, kind="stable")
+    if math.ceil(len(order) / batch_size) < world_size:
+        return [part for part in np.array_split(order, min(world_size, len(order)))]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -155,7 +161,8 @@ class SpeechBatches(Dataset):
                                            batches_per_bucket=self.batches_per_bucket, seed=self.seed, epoch=epoch)
                 mine = [shard_batch(b, self.rank, self.world_size) for b in batches]
             else:
-                mine = evaluation_batches(self.num_frames, batch_size=self.batch_size)[self.rank :: self.world_size]
+                mine = evaluation_batches(self.num_frames, batch_size=self.batch_size,
+                                          world_size=self.world_size)[self.rank :: self.world_size]
             self._plan = (epoch, mine)
         return self._plan[1]
 
@@ -164,10 +171,13 @@ class SpeechBatches(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Tensor | int]:
         epoch, index = key
-        rows = self.records[self.batches(epoch)[index].tolist()]
+        ids = self.batches(epoch)[index].tolist()
+        rows = self.records[ids]
         batch: dict[str, Tensor | int] = dict(collate(list(rows["features"]), list(rows["labels"]), self.mean, self.std))
-        if self.augment:
-            seed = int(np.random.SeedSequence([self.seed, epoch, index, self.rank]).generate_state(1)[0])
-            spec_augment(batch["inputs"], batch["input_lengths"], torch.Generator().manual_seed(seed), **self.augment)
+        if self.augment:  # each utterance's masks depend on (seed, epoch, utterance), not on rank or world size
+            for row, utterance in enumerate(ids):
+                seed = int(np.random.SeedSequence([self.seed, epoch, utterance]).generate_state(1)[0])
+                spec_augment(batch["inputs"][row : row + 1], batch["input_lengths"][row : row + 1],
+                             torch.Generator().manual_seed(seed), **self.augment)
         batch["epoch"], batch["batch"] = epoch, index
         return batch
