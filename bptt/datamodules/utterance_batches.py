@@ -19,7 +19,6 @@ turns a key into a collated batch.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterator
 
 import datasets
