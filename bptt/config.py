@@ -29,8 +29,8 @@ from bptt.lightning_modules.tbptt import TBPTTModule
 from bptt.tracking import MlflowTracking
 
 
-def _vocab_size(data: Any) -> int:
-    return data.vocab_size
+def _vocab_size(data: Any) -> int | None:
+    return getattr(data, "vocab_size", None)  # a forecaster's data has none, nor does its model take one
 
 
 def build_parser(prog: str = "bptt fit") -> ArgumentParser:

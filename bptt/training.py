@@ -30,6 +30,7 @@ from bptt.datamodules.vocabulary import Vocabulary
 from bptt.errors import CheckpointError, ConfigError
 from bptt.lightning_modules.language_model import LanguageModelTask
 from bptt.lightning_modules.speech_recognizer import CTCSpeechTask
+from bptt.lightning_modules.tbptt import VAL_LOSS
 from bptt.tracking import CHECKPOINT_DIR_TAG, MlflowTracking, RunLogger, curves_png
 
 
@@ -150,9 +151,14 @@ def train(
         (root / "config.yaml").write_text(config_yaml)
     data_artifacts = init.data.save_artifacts(root) if trainer.is_global_zero and hasattr(init.data, "save_artifacts") else []
     trainer.fit(init.task, datamodule=init.data, ckpt_path=str(checkpoint[0]) if checkpoint else None)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if getattr(init.task, "test_after_fit", False):  # e.g. the forecaster: test metrics and plot in the same run
+        best = next((c.best_model_path for c in checkpoints if c.monitor == VAL_LOSS and c.best_model_path), None)
+        trainer.test(init.task, datamodule=init.data, ckpt_path=best, verbose=False)
+        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         _log_artifacts(logger, tracking, root, init.task, data_artifacts)
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return metrics
 
 
 class _OptimizerSettings(Callback):

@@ -38,15 +38,16 @@ def sgd(lr: float = 0.5):
 
 def run(task: LanguageModelTask, batches: list[dict[str, Any]], *, precision: str | None = "64-true",
         val_batches: list[dict[str, Any]] | None = None, max_epochs: int = 1, accelerator: str = "cpu",
-        **trainer: Any) -> pl.Trainer:
-    """Fit ``task`` on ``batches`` (one epoch by default) and return the Trainer."""
+        data: type[ListDataModule] = ListDataModule, **trainer: Any) -> pl.Trainer:
+    """Fit ``task`` on ``batches`` (one epoch by default) and return the Trainer; ``data`` may be a
+    ``ListDataModule`` subclass with the attributes a task reads from its DataModule."""
     trainer_ = pl.Trainer(
         accelerator=accelerator, devices=1, precision=precision, max_epochs=max_epochs, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=len(val_batches or []), use_distributed_sampler=False,
         log_every_n_steps=1, **trainer,
     )
-    trainer_.fit(task, datamodule=ListDataModule(batches, val_batches))
+    trainer_.fit(task, datamodule=data(batches, val_batches))
     return trainer_
 
 

@@ -16,22 +16,27 @@ CONFIGS = sorted(p for p in (PROJECT / "conf").rglob("*.yaml") if p.parent.name 
 
 def test_conf_holds_the_configs_the_issues_name():
     names = {p.relative_to(PROJECT / "conf").as_posix() for p in CONFIGS}
-    assert {"lm/quickstart.yaml", "lm/tinyshakespeare_char.yaml", "lm/wikitext2_word.yaml", "asr/fsdd_digits.yaml"} <= names
+    assert {"lm/quickstart.yaml", "lm/tinyshakespeare_char.yaml", "lm/wikitext2_word.yaml", "asr/fsdd_digits.yaml",
+            "forecast/co2.yaml", "forecast/sunspots.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(PROJECT / "conf").as_posix())
 def test_every_config_instantiates(path, tmp_path):
-    speech = yaml.safe_load(path.read_text())["data"]["class_path"].endswith("SpeechDataModule")
+    data = yaml.safe_load(path.read_text())["data"]["class_path"].rsplit(".", 1)[-1]
     args = ["--config", str(path)]
-    if not speech:  # a stand-in vocabulary, so that configs whose corpus is not on this machine still build
+    if data == "TextStreamDataModule":  # a stand-in vocabulary, so that configs whose corpus is not here still build
         vocab = tmp_path / "vocab.json"
         Vocabulary(["<unk>", "<eos>", "a", "b"], "word").save(vocab)
         args += ["--data.vocab_file", str(vocab)]
     parser = build_parser()
-    init = instantiate(parse_config(args, parser), parser)  # the speech token set needs no corpus
+    init = instantiate(parse_config(args, parser), parser)  # speech tokens and series need no corpus to build
     assert isinstance(init.task, TBPTTModule) and init.task.model is init.model
-    head = init.model.head if speech else init.model.decoder
-    assert head.out_features == (11 if speech else 4)  # digits + the CTC blank, or the stand-in vocabulary
+    if data == "TextStreamDataModule":
+        assert init.model.decoder.out_features == 4  # the stand-in vocabulary
+    elif data == "SpeechDataModule":
+        assert init.model.head.out_features == 11  # digits + the CTC blank
+    else:
+        assert init.model.head.out_features == init.model.horizon * init.model.num_targets
 
 
 @pytest.mark.parametrize(

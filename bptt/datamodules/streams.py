@@ -102,8 +102,10 @@ class StreamWindows(IterableDataset):
         self.start_window = 0
 
     def start_at(self, epoch: int, window: int) -> None:
-        """Make the next iteration start at ``window`` of ``epoch``."""
+        """Make the next iteration start at ``window`` of ``epoch`` (past its last window: the next epoch)."""
         self.epoch, self.start_window = epoch, window
+        if window >= len(self):
+            self.epoch, self.start_window = epoch + 1, 0
 
     def _lengths(self) -> list[int]:
         return window_lengths(self.streams.shape[1], self.bptt, self.random_bptt, self.seed, self.epoch)
@@ -118,6 +120,8 @@ class StreamWindows(IterableDataset):
         offset = sum(lengths[:first])
         batch_size = self.streams.shape[0]
         for index in range(first, len(lengths)):
+            if index == len(lengths) - 1:  # Lightning stops after len() items and never exhausts the generator
+                self.epoch, self.start_window = epoch + 1, 0
             length = lengths[index]
             yield {
                 "inputs": self.streams[:, offset : offset + length].long(),  # (B, T)

@@ -51,3 +51,16 @@ def test_start_at_resumes_mid_epoch_and_next_epoch_starts_over():
     rest = list(resumed)
     assert all(torch.equal(a["inputs"], b["inputs"]) for a, b in zip(rest, full[3:]))
     assert [w["window"] for w in list(resumed)] == list(range(len(full)))  # then a whole epoch
+
+
+def test_epochs_advance_when_lightning_takes_len_windows_and_drops_the_iterator():
+    windows = StreamWindows(stream_layout(torch.arange(400), 4), bptt=6, random_bptt=True, seed=1)
+    epochs = []
+    for _ in range(3):  # as Lightning's loop: len() items from a fresh iterator, never exhausting it
+        iterator = iter(windows)
+        taken = [next(iterator) for _ in range(len(windows))]
+        epochs.append(([w["epoch"] for w in taken], [w["inputs"].shape[1] for w in taken]))
+    assert [set(e) for e, _ in epochs] == [{0}, {1}, {2}]
+    assert epochs[0][1] != epochs[1][1]  # random window lengths are drawn per epoch
+    windows.start_at(2, len(windows))  # a checkpoint after the last window of epoch 2: epoch 3 next
+    assert next(iter(windows))["epoch"] == 3

@@ -1,0 +1,515 @@
+"""``TimeSeriesDataModule``: series laid out as contiguous streams for forecasting with TBPTT.
+
+From source to batch: ``load_series`` reads and checks every series (gaps as NaN) ->
+each series is split in time into train, validation and test ranges -> per-column mean and
+std and the MASE scale are fitted on observed train values -> gaps are filled (separately
+for each split, from the data before that split's end only) and the columns normalized ->
+the streams below are cut out -> ``SeriesWindows`` yields (B, T, ...) windows in order.
+
+Layout, for each of the S series (k = batch_size / S training streams per series)::
+
+    series s     |<----------------- train ----------------->|<-- validation -->|<-- test -->|
+    train        | stream 0 | stream 1 |  ...  | stream k - 1 |   (rows s*k .. s*k + k - 1)
+    validation   |====== warm-up: mask false ==================|## counted #####|
+    test         |====== warm-up: mask false ====================================|# counted #|
+                 |<- window 0 ->|<- window 1 ->| ...   (T = bptt steps; the last may be shorter)
+
+Training streams are cut from the train range only and dealt out in contiguous blocks to
+the ranks (``shard_streams``); row b of batch k + 1 continues row b of batch k. Validation
+and test have one stream per series from its first step to the end of their range, the
+same on every rank: the hidden state warms up on everything before the range, and only
+targets whose time lies inside the range count. Streams shorter than the longest are padded
+at the end (inputs 0, position -1, targets not counted).
+
+Targets: ``targets[b, t, h]`` is the value h + 1 steps after step t; it counts when its
+time lies inside the split's range (train: before the train end) and it was observed. With
+``gaps: interpolate`` a gap between two observations is filled linearly in time (inputs and
+targets; the fill looks ahead to the next observation in the split) and leading/trailing
+gaps take the nearest observation as input and are not counted as targets; with
+``gaps: mask`` inputs carry the last observation forward (before the first one: the train
+mean) and no gap is ever a target.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from bptt.datamodules.corpora import CorpusError
+from bptt.datamodules.series_sources import SeriesTable, default_season, load_series
+from bptt.datamodules.streams import shard_streams
+from bptt.errors import ConfigError
+
+
+class SeriesWindows(IterableDataset):
+    """Yields the consecutive windows of precomputed streams, one batch per window.
+
+    Each item is ``{"inputs": (B, T, C_in), "targets": (B, T, H, C_out), "target_mask":
+    (B, T, H, C_out), "mask": (B, T), "positions": (B, T), "series": (B,), "reset": (B,),
+    "epoch": int, "window": int}``. Iterating again starts the next epoch; ``start_at``
+    resumes mid-epoch.
+
+    Args:
+        streams: ``inputs`` (B, L, C_in), ``targets`` (B, L, H, C_out), ``target_mask``
+            (B, L, H, C_out) and ``positions`` (B, L) of every stream.
+        series: (B,) the series of each stream.
+        bptt: window length T.
+    """
+
+    def __init__(self, streams: dict[str, Tensor], series: Tensor, *, bptt: int) -> None:
+        self.streams = streams
+        self.series = series
+        self.bptt = bptt
+        self.epoch = 0
+        self.start_window = 0
+
+    def start_at(self, epoch: int, window: int) -> None:
+        """Make the next iteration start at ``window`` of ``epoch`` (past its last window: the next epoch)."""
+        self.epoch, self.start_window = (epoch, window) if window < len(self) else (epoch + 1, 0)
+
+    def __len__(self) -> int:
+        # the whole epoch, also when resuming mid-epoch: Lightning counts the consumed windows itself
+        return (self.streams["positions"].shape[1] + self.bptt - 1) // self.bptt
+
+    def __iter__(self) -> Iterator[dict[str, Tensor | int]]:
+        epoch, first = self.epoch, self.start_window
+        length = self.streams["positions"].shape[1]
+        for index in range(first, len(self)):
+            if index == len(self) - 1:  # Lightning stops after len() items and never exhausts the generator
+                self.epoch, self.start_window = epoch + 1, 0
+            start, end = index * self.bptt, min((index + 1) * self.bptt, length)
+            window = {k: v[:, start:end].contiguous() for k, v in self.streams.items()}
+            yield {
+                **window,
+                "mask": window["target_mask"].flatten(2).any(dim=2),  # (B, T, H, C_out) -> (B, T)
+                "series": self.series,
+                "reset": torch.full((self.series.shape[0],), index == 0),  # (B,)
+                "epoch": epoch,
+                "window": index,
+            }
+        self.epoch, self.start_window = epoch + 1, 0
+
+
+def fill_gaps(values: np.ndarray, times: np.ndarray, gaps: Literal["interpolate", "mask"],
+              mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fill the NaNs of one series (cut at a split's end).
+
+    Args:
+        values: (N, C) raw values, NaN where missing.
+        times: (N,) float time of each step (interpolation is linear in it).
+        gaps: ``interpolate`` or ``mask`` (see the module docstring).
+        mean: (C,) train means, the fill where a column has no earlier observation.
+
+    Returns:
+        (N, C) filled values and (N, C) bool: which of them count as targets.
+    """
+    observed = ~np.isnan(values)
+    if gaps == "mask":
+        filled = pd.DataFrame(values).ffill().to_numpy()
+        return np.where(np.isnan(filled), mean, filled), observed
+    filled = np.empty_like(values)
+    counted = np.zeros_like(observed)
+    for c in range(values.shape[1]):
+        seen = np.flatnonzero(observed[:, c])
+        if seen.size == 0:
+            filled[:, c] = mean[c]
+            continue
+        filled[:, c] = np.interp(times, times[seen], values[seen, c])  # ends: the nearest observation
+        counted[seen[0] : seen[-1] + 1, c] = True
+    return filled, counted
+
+
+class TimeSeriesDataModule(pl.LightningDataModule):
+    """Series as windows of contiguous streams with multi-step targets, for forecasting.
+
+    Args:
+        source: ``statsmodels:co2``, ``statsmodels:sunspots`` or a ``.csv``/``.parquet`` file
+            under the data root; see ``bptt.datamodules.series_sources``.
+        timestamp_column: the time column of a file: dates, or numbers.
+        value_columns: the input columns, C_in; default every column but the timestamp and
+            series ones.
+        target_columns: the columns to forecast, C_out; default all value columns.
+        series_column: a column of series ids; each series becomes its own streams.
+        frequency: a pandas offset alias (``W-SAT``, ``D``, ``h``): each series is reindexed
+            to the full regular grid, so missing timestamps become gaps; None: rows are
+            consecutive steps.
+        gaps: ``interpolate`` (linear in time) or ``mask`` (carry the last value forward as
+            input, never a target).
+        split_fractions: train/validation/test fractions of each series, in time order.
+        horizon: H, the steps ahead each step forecasts.
+        season: the seasonal period of the MASE scale; default 52 for co2, 11 for sunspots,
+            else 1 (the naive last-value forecast).
+        batch_size: B_global, the number of training streams over all ranks; a multiple of
+            the number of series.
+        bptt: window length T: time steps per batch.
+        data_dir: the data root; default ``$BPTT_DATA_DIR``, else ``./data``.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: str = "statsmodels:co2",
+        timestamp_column: str = "timestamp",
+        value_columns: list[str] | None = None,
+        target_columns: list[str] | None = None,
+        series_column: str | None = None,
+        frequency: str | None = None,
+        gaps: Literal["interpolate", "mask"] = "interpolate",
+        split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+        horizon: int = 1,
+        season: int | None = None,
+        batch_size: int = 8,
+        bptt: int = 52,
+        data_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("horizon", horizon), ("batch_size", batch_size), ("bptt", bptt),
+                            ("season", 1 if season is None else season)):
+            if value < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {value}")
+        fractions = tuple(split_fractions)
+        if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+            raise ConfigError(f"data.split_fractions must be three positive numbers summing to 1 (train, validation, "
+                              f"test), got {list(fractions)}")
+        if gaps not in ("interpolate", "mask"):
+            raise ConfigError(f"data.gaps must be interpolate or mask, got {gaps!r}")
+        if frequency is not None:
+            try:
+                pd.tseries.frequencies.to_offset(frequency)
+            except ValueError:
+                raise ConfigError(f"data.frequency={frequency!r} is not a pandas offset alias; use e.g. W-SAT, D, h, "
+                                  "or null for consecutive rows") from None
+        self.source = source
+        self.timestamp_column = timestamp_column
+        self.value_columns = value_columns
+        self.target_columns = target_columns
+        self.series_column = series_column
+        self.frequency = frequency
+        self.gaps = gaps
+        self.split_fractions = fractions
+        self.horizon = horizon
+        self.season = season if season is not None else default_season(source)
+        self.batch_size = batch_size
+        self.bptt = bptt
+        self.data_dir = data_dir
+        self.table: SeriesTable | None = None
+        self._targets: list[int] = []  # the target columns' indices among the value columns
+        self.bounds: list[tuple[int, int, int]] = []  # per series: (train end, validation end, length)
+        self.mean = self.std = self.scale = np.zeros(0)
+        self._restored: dict[str, Any] | None = None
+        self._windows: dict[str, SeriesWindows] = {}
+        self._shard: tuple[int, int] = (0, 1)
+        self._resume_at: tuple[int, int] | None = None
+        self._position = (0, 0)
+
+    # ------------------------------------------------------------ reading and fitting
+
+    def prepare_data(self) -> None:
+        self.load()
+
+    def load(self) -> None:
+        """Read and check the source, split every series and fit the normalization; idempotent.
+
+        Raises:
+            CorpusError: the source fails a check (see ``bptt.datamodules.series_sources``).
+            ConfigError: the settings do not fit the data (window longer than a range, ...).
+        """
+        if self.table is not None:
+            return
+        table = load_series(self.source, data_dir=self.data_dir, timestamp_column=self.timestamp_column,
+                            value_columns=self.value_columns, series_column=self.series_column,
+                            frequency=self.frequency)
+        targets = self.target_columns if self.target_columns is not None else table.columns
+        for column in targets:
+            if column not in table.columns:
+                raise CorpusError(f"target column {column!r} is not one of the value columns {table.columns} of "
+                                  f"{table.origin}; set data.target_columns to some of them")
+        self._targets = [table.columns.index(c) for c in targets]
+        f_train, f_val, _ = self.split_fractions
+        cuts = [(int(len(ts) * f_train + 1e-9), int(len(ts) * (f_train + f_val) + 1e-9)) for ts in table.timestamps]
+        self.bounds = [(a, b, len(ts)) for (a, b), ts in zip(cuts, table.timestamps)]  # floor; 1e-9: 0.7 * 100 = 70
+        self.table = table
+        self._check_lengths()
+        self._fit()
+
+    def _check_lengths(self) -> None:
+        assert self.table is not None
+        window = self.bptt + self.horizon
+        for sid, (train_end, val_end, length) in zip(self.table.ids, self.bounds):
+            ranges = {"train": train_end, "validation": val_end - train_end, "test": length - val_end}
+            for split, steps in ranges.items():
+                if steps < window:
+                    name = f"series {sid!r} of {self.table.origin}" if len(self.table.ids) > 1 else self.table.origin
+                    raise CorpusError(
+                        f"the {split} range of {name} has {steps} of its {length} steps, fewer than one window "
+                        f"(data.bptt + data.horizon = {window}); lower data.bptt or data.horizon, or change "
+                        "data.split_fractions"
+                    )
+        streams = len(self.table.ids)
+        if self.batch_size % streams:
+            raise ConfigError(f"data.batch_size={self.batch_size} training streams cannot be split evenly over "
+                              f"{streams} series; make it a multiple of {streams}")
+        per_series = self.batch_size // streams
+        shortest = min(train_end // per_series for train_end, _, _ in self.bounds)
+        if shortest < window:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} cuts the train range into streams of {shortest} steps, fewer "
+                f"than one window (data.bptt + data.horizon = {window}); lower data.batch_size or data.bptt"
+            )
+
+    def _fit(self) -> None:
+        """Mean and std per column and the MASE scale per target, from observed train values."""
+        assert self.table is not None
+        train = np.concatenate([v[:end] for v, (end, _, _) in zip(self.table.values, self.bounds)])  # (N_train, C)
+        empty = [c for c, n in zip(self.table.columns, (~np.isnan(train)).sum(axis=0)) if n == 0]
+        if empty:
+            raise CorpusError(f"value column {empty[0]!r} of {self.table.origin} has no value in the train range; "
+                              "drop it from data.value_columns or raise the train fraction of data.split_fractions")
+        self.mean = np.nanmean(train, axis=0)
+        std = np.nanstd(train, axis=0)
+        self.std = np.where(std > 1e-12 * np.maximum(np.abs(self.mean), 1.0), std, 1.0)  # a constant column stays as is
+        lag = self.season
+        diffs = [np.abs(v[min(lag, end) : end] - v[: max(end - lag, 0)])[:, self._targets]  # (end - season, C_out)
+                 for v, (end, _, _) in zip(self.table.values, self.bounds)]
+        pairs = np.concatenate(diffs)
+        counts = (~np.isnan(pairs)).sum(axis=0)
+        for name, count in zip(self.target_names, counts):
+            if count == 0:
+                raise CorpusError(f"target column {name!r} has no two observed train values data.season="
+                                  f"{self.season} steps apart, so the MASE scale is undefined; lower data.season")
+        self.scale = np.nansum(pairs, axis=0) / counts
+        if self._restored is not None:
+            self._apply_restored()
+
+    def _apply_restored(self) -> None:
+        assert self.table is not None and self._restored is not None
+        if self._restored["columns"] != self.table.columns:
+            raise ConfigError(f"the checkpoint was trained on columns {self._restored['columns']}, but the data has "
+                              f"{self.table.columns}; set data.value_columns to match the checkpoint")
+        self.mean, self.std, self.scale = (np.asarray(self._restored[k], dtype=np.float64)
+                                           for k in ("mean", "std", "mase_scale"))
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def num_inputs(self) -> int:
+        """C_in, the value columns."""
+        self.load()
+        assert self.table is not None
+        return len(self.table.columns)
+
+    @property
+    def num_targets(self) -> int:
+        """C_out, the target columns."""
+        self.load()
+        return len(self._targets)
+
+    @property
+    def input_names(self) -> list[str]:
+        """The value columns, in the order of the inputs' last dim."""
+        self.load()
+        assert self.table is not None
+        return list(self.table.columns)
+
+    @property
+    def target_names(self) -> list[str]:
+        """The target columns, in the order of the targets' last dim."""
+        self.load()
+        assert self.table is not None
+        return [self.table.columns[i] for i in self._targets]
+
+    @property
+    def series_ids(self) -> list[str]:
+        """The id of each series (row ``series`` of a batch indexes this list)."""
+        self.load()
+        assert self.table is not None
+        return list(self.table.ids)
+
+    @property
+    def mase_scale(self) -> Tensor:
+        """(C_out,) mean |y_t - y_(t - season)| over observed train pairs, in original units."""
+        self.load()
+        return torch.tensor(self.scale, dtype=torch.float32)
+
+    @property
+    def target_mean(self) -> Tensor:
+        """(C_out,) the train mean of each target column; original = normalized * std + mean."""
+        self.load()
+        return torch.tensor(self.mean[self._targets], dtype=torch.float32)
+
+    @property
+    def target_std(self) -> Tensor:
+        """(C_out,) the train std of each target column."""
+        self.load()
+        return torch.tensor(self.std[self._targets], dtype=torch.float32)
+
+    @property
+    def gap_counts(self) -> dict[str, int]:
+        """Missing values per value column over every series, after reindexing to ``frequency``."""
+        self.load()
+        assert self.table is not None
+        return self.table.gap_counts()
+
+    def timestamps(self, series: int) -> np.ndarray:
+        """(N_s,) the timestamps of a series after reindexing; ``positions`` index into them."""
+        self.load()
+        assert self.table is not None
+        return self.table.timestamps[series]
+
+    def split_starts(self) -> dict[str, list[int]]:
+        """Per split, the step where its range starts in each series."""
+        self.load()
+        return {"train": [0] * len(self.bounds), "validation": [b[0] for b in self.bounds],
+                "test": [b[1] for b in self.bounds]}
+
+    def save_artifacts(self, directory: Path) -> list[Path]:
+        """Write ``normalization.json``: mean/std per column, season, MASE scale, split boundaries, gaps."""
+        self.load()
+        assert self.table is not None
+
+        def stamp(value: Any) -> str | float:
+            return str(np.datetime_as_string(value, unit="s")) if isinstance(value, np.datetime64) else value.item()
+
+        splits = []
+        for sid, ts, (train_end, val_end, length) in zip(self.table.ids, self.table.timestamps, self.bounds):
+            ranges = {"train": (0, train_end), "validation": (train_end, val_end), "test": (val_end, length)}
+            splits.append({"series": sid, **{s: [stamp(ts[a]), stamp(ts[b - 1])] for s, (a, b) in ranges.items()}})
+        report = {
+            "source": self.table.origin,
+            "columns": {c: {"mean": float(m), "std": float(s)} for c, m, s in zip(self.table.columns, self.mean, self.std)},
+            "targets": self.target_names,
+            "horizon": self.horizon,
+            "season": self.season,
+            "mase_scale": dict(zip(self.target_names, map(float, self.scale))),
+            "gaps": self.gaps,
+            "splits": splits,
+            "gap_counts": self.table.gap_counts(),
+        }
+        path = directory / "normalization.json"
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        return [path]
+
+    # ------------------------------------------------------------ streams and loaders
+
+    def _series_arrays(self, cut: list[int]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per series, cut at ``cut[s]``: normalized filled inputs (n, C_in), targets (n, C_out)
+        and which targets count (n, C_out)."""
+        assert self.table is not None
+        out = []
+        for values, stamps, end in zip(self.table.values, self.table.timestamps, cut):
+            times = stamps[:end].astype(np.int64 if np.issubdtype(stamps.dtype, np.datetime64) else np.float64)
+            filled, counted = fill_gaps(values[:end], times.astype(np.float64), self.gaps, self.mean)
+            normalized = ((filled - self.mean) / self.std).astype(np.float32)  # (n, C_in)
+            out.append((normalized, normalized[:, self._targets], counted[:, self._targets]))
+        return out
+
+    def _streams(self, rows: list[tuple[int, int, int, int, int]], length: int,
+                 arrays: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, Tensor]:
+        """Stack streams, padded at the end to ``length`` steps.
+
+        Args:
+            rows: per stream (series, first step, steps, first counted target time, end of counted times).
+            length: L, the steps of the longest stream.
+            arrays: ``_series_arrays`` of the split.
+
+        Returns:
+            ``inputs`` (B, L, C_in), ``targets`` (B, L, H, C_out), ``target_mask`` (B, L, H, C_out)
+            and ``positions`` (B, L), -1 on padding.
+        """
+        batch, horizon, c_in, c_out = len(rows), self.horizon, self.num_inputs, self.num_targets
+        inputs = np.zeros((batch, length, c_in), np.float32)
+        targets = np.zeros((batch, length, horizon, c_out), np.float32)
+        target_mask = np.zeros((batch, length, horizon, c_out), bool)
+        positions = np.full((batch, length), -1, np.int64)
+        for b, (s, first, steps, lo, hi) in enumerate(rows):
+            x, y, counted = arrays[s]
+            pos = np.arange(first, first + steps)  # (n,)
+            ahead = pos[:, None] + np.arange(1, horizon + 1)  # (n, H) the time of each target
+            inside = (ahead >= lo) & (ahead < hi)
+            ahead = np.minimum(ahead, len(y) - 1)
+            inputs[b, :steps] = x[pos]
+            targets[b, :steps] = y[ahead]  # (n, H, C_out)
+            target_mask[b, :steps] = inside[:, :, None] & counted[ahead]
+            positions[b, :steps] = pos
+        return {"inputs": torch.from_numpy(inputs), "targets": torch.from_numpy(targets),
+                "target_mask": torch.from_numpy(target_mask), "positions": torch.from_numpy(positions)}
+
+    def _train_windows(self, rank: int, world: int) -> SeriesWindows:
+        per_series = self.batch_size // len(self.bounds)
+        rows = []
+        for s, (train_end, _, _) in enumerate(self.bounds):
+            steps = train_end // per_series  # the last train_end mod k steps are only targets
+            rows += [(s, j * steps, steps, 0, train_end) for j in range(per_series)]
+        length = max(r[2] for r in rows)  # every rank windows the same length: the same number of batches
+        index = shard_streams(torch.arange(len(rows)), rank, world)  # (B_local,)
+        mine = [rows[i] for i in index.tolist()]
+        arrays = self._series_arrays([b[0] for b in self.bounds])
+        return SeriesWindows(self._streams(mine, length, arrays), torch.tensor([r[0] for r in mine]), bptt=self.bptt)
+
+    def _eval_windows(self, split: str) -> SeriesWindows:
+        ranges = [(b[0], b[1]) if split == "validation" else (b[1], b[2]) for b in self.bounds]
+        rows = [(s, 0, hi, lo, hi) for s, (lo, hi) in enumerate(ranges)]
+        arrays = self._series_arrays([hi for _, hi in ranges])
+        streams = self._streams(rows, max(hi for _, hi in ranges), arrays)
+        return SeriesWindows(streams, torch.arange(len(rows)), bptt=self.bptt)
+
+    def setup(self, stage: str) -> None:
+        self.load()
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if self.batch_size % world:
+            raise ConfigError(f"data.batch_size={self.batch_size} streams cannot be split evenly over {world} "
+                              f"processes; make it a multiple of {world}")
+        self._shard = (rank, world)
+        self._build_windows()
+        if self._resume_at is not None:
+            self._windows["train"].start_at(*self._resume_at)
+            self._resume_at = None
+
+    def _build_windows(self) -> None:
+        self._windows = {"train": self._train_windows(*self._shard), "validation": self._eval_windows("validation"),
+                         "test": self._eval_windows("test")}
+
+    def _loader(self, split: str) -> DataLoader:
+        # batch_size=None: each item already is a (B, T, ...) window; order matters, so no sampler, no workers.
+        return DataLoader(self._windows[split], batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:
+            self._position = (batch["epoch"], batch["window"] + 1)  # the next window to read
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The normalization, the MASE scale and the read position (epoch, next window) of training."""
+        self.load()
+        assert self.table is not None
+        return {"columns": list(self.table.columns), "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "mase_scale": self.scale.tolist(), "epoch": self._position[0], "window": self._position[1]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = {k: state_dict[k] for k in ("columns", "mean", "std", "mase_scale")}
+        self._position = (int(state_dict["epoch"]), int(state_dict["window"]))
+        if self.table is not None:
+            self._apply_restored()
+        if "train" in self._windows:
+            self._build_windows()  # normalized with the checkpoint's statistics
+            self._windows["train"].start_at(*self._position)
+        else:
+            self._resume_at = self._position

@@ -1,0 +1,173 @@
+"""``ForecastTask``: predict the next value(s) of a long series with an RNN on the TBPTT engine.
+
+Stream mode: the hidden state carries from window to window, so the model reads x1..xt
+and predicts x(t+1)..x(t+H) at every step t. Metrics in the series' own units: MAE, RMSE,
+and MASE, the mean absolute error divided by that of the seasonal-naive forecast
+(x(t) = x(t - season)) on the training range (Hyndman & Koehler 2006): below 1 beats it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pytorch_lightning.loggers import MLFlowLogger
+from torch import Tensor, nn
+from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError
+
+from bptt.errors import ConfigError
+from bptt.lightning_modules.tbptt import State, TBPTTModule
+
+
+class ForecastTask(TBPTTModule):
+    """Squared error on normalized values; MAE, RMSE and MASE on denormalized forecasts.
+
+    Batches (``bptt.datamodules.TimeSeriesDataModule``) hold ``inputs`` (B, T, C_in),
+    ``targets`` (B, T, H, C_out), ``target_mask`` (B, T, H, C_out) (observed targets inside
+    the range that counts), ``mask`` (B, T), ``positions`` (B, T), ``series`` (B,) and ``reset`` (B,).
+
+    Args:
+        model: the network, ``(inputs (B, T, C_in), state) -> (forecasts (B, T, H', C_out), state)``,
+            e.g. ``bptt.models.RNNForecaster``.
+        horizon_mode: ``direct``: the model's head forecasts all H steps (H' = H);
+            ``recursive``: the model forecasts one step (H' = 1, trained on the next value) and
+            evaluation feeds each forecast back in as the next input, H times (needs the
+            target columns to be the input columns).
+        residual: forecast the change from the last observed value of each target column (which
+            must be an input column too): forecast = input at t + the model's output. A trending
+            series then leaves the range seen in training without the model having to extrapolate.
+        test_after_fit: ``bptt fit`` ends with the test split on the best checkpoint, logging
+            ``test/*`` and ``forecast_test.png`` (forecast against actual) to MLflow.
+        **engine: the ``TBPTTModule`` arguments (optimizer, scheduler, k1/k2, clipping, ...).
+    """
+
+    time_keys = ("inputs", "targets", "target_mask", "mask", "positions")
+
+    def __init__(
+        self, *, model: nn.Module, horizon_mode: Literal["direct", "recursive"] = "direct", residual: bool = False,
+        test_after_fit: bool = True, **engine: Any,
+    ) -> None:
+        super().__init__(**engine)
+        if horizon_mode not in ("direct", "recursive"):
+            raise ConfigError(f"task.horizon_mode must be 'direct' or 'recursive', got {horizon_mode!r}")
+        if horizon_mode == "recursive" and getattr(model, "horizon", 1) != 1:
+            raise ConfigError("task.horizon_mode: recursive forecasts one step at a time: set model.init_args.horizon: 1")
+        self.model = model
+        self.horizon_mode = horizon_mode
+        self.residual = residual
+        self.test_after_fit = test_after_fit
+        self.target_inputs: list[int] = []  # the input column of each target column, for residual forecasts
+        self.metrics = nn.ModuleDict({
+            split: nn.ModuleDict({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False), "mase": MeanMetric()})
+            for split in ("val", "test")
+        })
+        self._test_curve: list[tuple[Tensor, Tensor, Tensor]] = []  # (positions, forecast, actual) of series 0
+
+    def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule
+        horizon = 1 if self.horizon_mode == "recursive" else data.horizon
+        expected = {"num_inputs": data.num_inputs, "num_targets": data.num_targets, "horizon": horizon}
+        for name, value in expected.items():
+            if getattr(self.model, name, value) != value:
+                raise ConfigError(f"model.{name}={getattr(self.model, name)} but the data needs {value}; "
+                                  f"set model.init_args.{name}: {value}")
+        if self.horizon_mode == "recursive" and list(data.target_names) != list(data.input_names):
+            raise ConfigError("task.horizon_mode: recursive feeds forecasts back as inputs, so data.target_columns "
+                              "must be all of the value columns; use horizon_mode: direct")
+        if self.residual:
+            missing = [name for name in data.target_names if name not in data.input_names]
+            if missing:
+                raise ConfigError(f"task.residual adds the last input value, but target columns {missing} are not "
+                                  "inputs; add them to data.value_columns or set task.residual: false")
+            self.target_inputs = [list(data.input_names).index(name) for name in data.target_names]
+
+    def forecast(self, inputs: Tensor, state: State | None) -> tuple[Tensor, State]:
+        """The model's forecasts (B, t, H', C_out), plus the last inputs of the targets when residual."""
+        forecasts, state = self.model(inputs, state)  # (B, t, H', C_out)
+        if self.residual:
+            forecasts = forecasts + inputs[:, :, None, self.target_inputs]  # (B, t, 1, C_out) broadcast over H'
+        return forecasts, state
+
+    def window_step(self, window: dict[str, Tensor], state: State | None) -> tuple[Tensor, State]:
+        """Args: window with ``inputs``, ``targets``, ``target_mask``. Returns: losses (B, t), new state."""
+        if not self.training and self.horizon_mode == "recursive":
+            forecasts, state = self._recursive(window["inputs"], state, window["targets"].shape[2])
+        else:
+            forecasts, state = self.forecast(window["inputs"], state)  # (B, t, H', C_out)
+        forecasts = forecasts.to(torch.promote_types(forecasts.dtype, torch.float32))  # the loss in >= fp32
+        targets, observed = window["targets"][:, :, : forecasts.shape[2]], window["target_mask"][:, :, : forecasts.shape[2]]
+        squared = (forecasts - targets) ** 2 * observed  # (B, t, H', C_out)
+        losses = squared.sum(dim=(2, 3)) / observed.sum(dim=(2, 3)).clamp(min=1)  # (B, t): mean over observed targets
+        if not self.training:
+            self._update_metrics(window, forecasts, targets, observed)
+        return losses, state
+
+    @torch.no_grad()
+    def _recursive(self, inputs: Tensor, state: State | None, horizon: int) -> tuple[Tensor, State]:
+        """(B, t, H, C) forecasts, each step's H - 1 later ones fed back from the one before."""
+        steps = []
+        for t in range(inputs.shape[1]):
+            forecast, state = self.forecast(inputs[:, t : t + 1], state)  # (B, 1, 1, C)
+            ahead, rolled = [forecast], state
+            for _ in range(horizon - 1):
+                forecast, rolled = self.forecast(forecast[:, :, 0], rolled)  # the forecast as the next input
+                ahead.append(forecast)
+            steps.append(torch.cat(ahead, dim=2))  # (B, 1, H, C)
+        return torch.cat(steps, dim=1), state  # (B, t, H, C)
+
+    def _update_metrics(self, window: dict[str, Tensor], forecasts: Tensor, targets: Tensor, observed: Tensor) -> None:
+        split = "test" if self.trainer.testing else "val"
+        data = self.trainer.datamodule
+        mean, std = data.target_mean.to(self.device), data.target_std.to(self.device)  # (C_out,)
+        predicted, actual = forecasts * std + mean, targets * std + mean  # (B, t, H, C_out) in the series' units
+        chosen = observed.bool()
+        if not bool(chosen.any()):
+            return
+        metrics = self.metrics[split]
+        metrics["mae"].update(predicted[chosen], actual[chosen])
+        metrics["rmse"].update(predicted[chosen], actual[chosen])
+        scale = data.mase_scale.to(self.device).expand_as(predicted)  # (B, t, H, C_out)
+        metrics["mase"].update(((predicted - actual).abs() / scale)[chosen])
+        if split == "test" and self.trainer.is_global_zero:
+            first = chosen[0, :, 0, 0]  # row 0 of the eval streams is series 0; one step ahead, first target
+            self._test_curve.append((window["positions"][0, first].cpu(), predicted[0, first, 0, 0].cpu(),
+                                     actual[0, first, 0, 0].cpu()))
+
+    def _log_metrics(self, split: str) -> None:
+        for name, metric in self.metrics[split].items():
+            self.log(f"{split}/{name}", metric.compute())
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self._log_metrics("val")
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._test_curve = []
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._log_metrics("test")
+        if self._test_curve and self.trainer.is_global_zero:
+            self._log_forecast_png()
+
+    def _log_forecast_png(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        data = self.trainer.datamodule
+        positions, predicted, actual = (torch.cat(parts).numpy() for parts in zip(*self._test_curve))
+        when = data.timestamps(0)[positions + 1]  # the forecast is for the step after its input
+        fig, ax = plt.subplots(figsize=(10, 4))
+        ax.plot(when, actual, label="actual", color="black", linewidth=1)
+        ax.plot(when, predicted, label="forecast (1 step ahead)", color="tab:red", linewidth=1)
+        ax.set_title(f"{data.target_names[0]}: test range")
+        ax.legend()
+        fig.tight_layout()
+        for logger in self.loggers:
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.log_figure(logger.run_id, fig, "forecast_test.png")
+        plt.close(fig)

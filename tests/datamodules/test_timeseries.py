@@ -1,0 +1,340 @@
+"""TimeSeriesDataModule: sources, gaps, train-only normalization, MASE scale, streams, sharding, resume, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+import torch
+
+from bptt.datamodules import TimeSeriesDataModule
+from bptt.datamodules.corpora import CorpusError
+from bptt.errors import BpttError, ConfigError
+
+CO2_TRAIN_END, CO2_VAL_END, CO2_LENGTH = 1598, 1941, 2284  # floor(2284 * 0.7), floor(2284 * 0.85)
+
+
+@pytest.fixture(scope="module")
+def co2() -> np.ndarray:
+    """(2284,) weekly CO2, NaN in the 59 missing weeks."""
+    return sm.datasets.co2.load_pandas().data["co2"].to_numpy()
+
+
+def _windows(dm: TimeSeriesDataModule, split: str) -> list[dict]:
+    return list(dm._loader(split))
+
+
+def _joined(windows: list[dict], key: str) -> torch.Tensor:
+    """A split's windows concatenated along time: (B, L, ...)."""
+    return torch.cat([w[key] for w in windows], dim=1)
+
+
+def _original(dm: TimeSeriesDataModule, normalized: torch.Tensor) -> np.ndarray:
+    return (normalized * dm.target_std + dm.target_mean).double().numpy()
+
+
+def _linear_csv(tmp_path, gaps_at=(0, 10, 11, 19, 39), n=40) -> str:
+    """value = t at numeric timestamps 0..n-1, missing at ``gaps_at``; split 20/10/10 with fractions 0.5/0.25/0.25."""
+    values = np.arange(n, dtype=float)
+    values[list(gaps_at)] = np.nan
+    pd.DataFrame({"t": np.arange(n), "value": values}).to_csv(tmp_path / "line.csv", index=False)
+    return "line.csv"
+
+
+def _linear(tmp_path, gaps: str) -> TimeSeriesDataModule:
+    source = _linear_csv(tmp_path)
+    dm = TimeSeriesDataModule(source=source, data_dir=str(tmp_path), timestamp_column="t", gaps=gaps,
+                              split_fractions=(0.5, 0.25, 0.25), batch_size=1, bptt=4)
+    dm.setup("fit")
+    return dm
+
+
+def test_co2_loads_with_59_gaps_and_no_nan_in_any_batch(co2):
+    for gaps in ("interpolate", "mask"):
+        dm = TimeSeriesDataModule(source="statsmodels:co2", gaps=gaps, batch_size=8, bptt=52, horizon=4)
+        dm.setup("fit")
+        assert dm.gap_counts == {"co2": 59} and np.isnan(co2).sum() == 59
+        assert dm.input_names == dm.target_names == ["co2"]
+        assert dm.season == 52 and dm.num_inputs == dm.num_targets == 1 and dm.target_names == ["co2"]
+        assert len(dm.timestamps(0)) == CO2_LENGTH and str(dm.timestamps(0)[0])[:10] == "1958-03-29"
+        for split in ("train", "validation", "test"):
+            for w in _windows(dm, split):
+                assert w["inputs"].dtype == w["targets"].dtype == torch.float32
+                assert w["target_mask"].dtype == w["mask"].dtype == w["reset"].dtype == torch.bool
+                assert w["positions"].dtype == w["series"].dtype == torch.int64
+                assert all(torch.isfinite(w[k]).all() for k in ("inputs", "targets"))
+                assert torch.equal(w["mask"], w["target_mask"].any(dim=(2, 3)))
+    assert TimeSeriesDataModule(source="statsmodels:sunspots").season == 11
+
+
+def test_interpolate_fills_gaps_linearly_and_counts_only_interior_targets(tmp_path):
+    dm = _linear(tmp_path, "interpolate")
+    test = _windows(dm, "test")  # one stream over the whole series
+    inputs = _original(dm, _joined(test, "inputs")[0, :, 0])
+    expected = np.arange(40.0)
+    expected[0], expected[39] = 1.0, 38.0  # leading/trailing gaps: the nearest observation
+    np.testing.assert_allclose(inputs, expected, atol=1e-4)
+    counted = _joined(test, "target_mask")[0, :, 0, 0].numpy()
+    assert np.flatnonzero(counted).tolist() == list(range(29, 38))  # target times 30..38; 39 is a trailing gap
+    train = _windows(dm, "train")
+    train_inputs = _original(dm, _joined(train, "inputs")[0, :, 0])
+    assert train_inputs[10:12].round(4).tolist() == [10.0, 11.0] and round(train_inputs[19], 4) == 18.0  # 19: trailing in train
+    train_counted = _joined(train, "target_mask")[0, :, 0, 0].numpy()
+    assert np.flatnonzero(train_counted).tolist() == list(range(18))  # interpolated 10, 11 count; 19 does not
+    val_inputs = _original(dm, _joined(_windows(dm, "validation"), "inputs")[0, :, 0])
+    assert round(val_inputs[19], 4) == 19.0  # inside the validation cut the gap at 19 lies between observations
+
+
+def test_mask_carries_the_last_value_forward_and_never_counts_a_gap(tmp_path):
+    dm = _linear(tmp_path, "mask")
+    train_mean = np.mean([t for t in range(20) if t not in (0, 10, 11, 19)])
+    assert dm.target_mean.item() == pytest.approx(train_mean)
+    test = _windows(dm, "test")
+    inputs = _original(dm, _joined(test, "inputs")[0, :, 0])
+    expected = np.arange(40.0)
+    expected[[0, 10, 11, 19, 39]] = [train_mean, 9, 9, 18, 38]
+    np.testing.assert_allclose(inputs, expected, atol=1e-4)
+    train_counted = _joined(_windows(dm, "train"), "target_mask")[0, :, 0, 0].numpy()
+    assert np.flatnonzero(train_counted).tolist() == [t - 1 for t in range(1, 19) if t not in (10, 11)]
+
+
+def test_normalization_from_the_train_range_only_and_saved(tmp_path, co2):
+    dm = TimeSeriesDataModule(source="statsmodels:co2", batch_size=8, bptt=52)
+    dm.load()
+    train = co2[:CO2_TRAIN_END]
+    assert dm.target_mean.item() == pytest.approx(np.nanmean(train), rel=1e-6)
+    assert dm.target_std.item() == pytest.approx(np.nanstd(train), rel=1e-6)
+    assert abs(dm.target_mean.item() - np.nanmean(co2)) > 3 and abs(dm.target_std.item() - np.nanstd(co2)) > 1
+    state = dm.state_dict()
+    assert state["mean"] == pytest.approx([np.nanmean(train)]) and state["columns"] == ["co2"]
+    [path] = dm.save_artifacts(tmp_path)
+    saved = json.loads(path.read_text())
+    assert path.name == "normalization.json" and saved["columns"]["co2"]["mean"] == pytest.approx(np.nanmean(train))
+    assert saved["season"] == 52 and saved["gap_counts"] == {"co2": 59}
+    assert saved["mase_scale"]["co2"] == pytest.approx(dm.mase_scale.item())
+    stamps = dm.timestamps(0)
+    split = saved["splits"][0]
+    assert split["train"] == [str(stamps[0])[:19], str(stamps[CO2_TRAIN_END - 1])[:19]]
+    assert split["validation"][0] == str(stamps[CO2_TRAIN_END])[:19] and split["test"][1] == str(stamps[-1])[:19]
+
+
+def test_mase_scale_is_the_seasonal_naive_error_on_train(co2):
+    dm = TimeSeriesDataModule(source="statsmodels:co2", batch_size=8, bptt=52)
+    train = co2[:CO2_TRAIN_END]
+    expected = np.nanmean(np.abs(train[52:] - train[:-52]))  # NaN pairs (a gap at either end) are left out
+    assert dm.mase_scale.item() == pytest.approx(expected, rel=1e-6)
+    one = TimeSeriesDataModule(source="statsmodels:co2", season=1, batch_size=8, bptt=52)
+    assert one.mase_scale.item() == pytest.approx(np.nanmean(np.abs(np.diff(train))), rel=1e-6)
+
+
+def test_splits_are_chronological_and_eval_streams_start_at_the_series_start(co2):
+    dm = TimeSeriesDataModule(source="statsmodels:co2", gaps="mask", horizon=2, batch_size=8, bptt=52)
+    dm.setup("fit")
+    assert dm.bounds == [(CO2_TRAIN_END, CO2_VAL_END, CO2_LENGTH)]
+    assert dm.split_starts() == {"train": [0], "validation": [CO2_TRAIN_END], "test": [CO2_VAL_END]}
+    for split, (lo, hi) in {"validation": (CO2_TRAIN_END, CO2_VAL_END), "test": (CO2_VAL_END, CO2_LENGTH)}.items():
+        windows = _windows(dm, split)
+        positions = _joined(windows, "positions")[0]
+        assert positions.tolist() == list(range(hi))  # from the first step of the series to the range's end
+        assert [bool(w["reset"].all()) for w in windows] == [True] + [False] * (len(windows) - 1)
+        mask = _joined(windows, "target_mask")[0, :, :, 0]  # (L, H)
+        for h in range(2):
+            times = positions[mask[:, h]] + h + 1
+            in_range = np.arange(lo, hi)
+            assert times.tolist() == in_range[~np.isnan(co2[lo:hi])].tolist()  # every observed value in range, once
+        assert not _joined(windows, "mask")[0, : lo - 2].any()  # the warm-up counts nothing
+
+
+def test_training_windows_are_contiguous_streams_with_targets_h_plus_1_ahead(co2):
+    dm = TimeSeriesDataModule(source="statsmodels:co2", gaps="mask", horizon=3, batch_size=8, bptt=52)
+    dm.setup("fit")
+    windows = _windows(dm, "train")
+    assert len(windows) == -(-(CO2_TRAIN_END // 8) // 52) and windows[0]["inputs"].shape == (8, 52, 1)
+    for prev, nxt in itertools.pairwise(windows):
+        assert torch.equal(nxt["positions"][:, 0], prev["positions"][:, -1] + 1)
+    assert [bool(w["reset"].all()) for w in windows] == [True] + [False] * (len(windows) - 1)
+    positions = _joined(windows, "positions")  # (8, 199)
+    steps = CO2_TRAIN_END // 8
+    assert torch.equal(positions, torch.arange(8 * steps).view(8, steps))  # stream b = train steps b*199 ...
+    inputs = _original(dm, _joined(windows, "inputs")[..., 0])
+    observed = ~np.isnan(co2[positions.numpy()])
+    np.testing.assert_allclose(inputs[observed], co2[positions.numpy()][observed], atol=1e-3)
+    targets = _original(dm, _joined(windows, "targets")[..., 0])  # (8, 199, 3)
+    counted = _joined(windows, "target_mask")[..., 0].numpy()
+    for h in range(3):
+        ahead = positions.numpy() + h + 1
+        expect = co2[np.minimum(ahead, CO2_TRAIN_END - 1)]
+        np.testing.assert_allclose(targets[..., h][counted[..., h]], expect[counted[..., h]], atol=1e-3)
+        assert np.array_equal(counted[..., h], (ahead < CO2_TRAIN_END) & ~np.isnan(expect))
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_ranks_own_disjoint_blocks_of_streams_and_share_the_eval_streams(world):
+    seen, lengths, evals = [], set(), []
+    for rank in range(world):
+        dm = TimeSeriesDataModule(source="statsmodels:co2", batch_size=8, bptt=40)
+        dm.trainer = types.SimpleNamespace(global_rank=rank, world_size=world)
+        dm.setup("fit")
+        windows = _windows(dm, "train")
+        assert windows[0]["inputs"].shape == (8 // world, 40, 1)
+        lengths.add(len(windows))
+        seen.append(_joined(windows, "positions"))
+        evals.append(_joined(_windows(dm, "validation"), "inputs"))
+    assert len(lengths) == 1  # every rank steps the same number of times
+    steps = CO2_TRAIN_END // 8
+    assert torch.equal(torch.cat(seen), torch.arange(8 * steps).view(8, steps))  # disjoint, complete, in order
+    assert all(torch.equal(e, evals[0]) for e in evals)
+
+
+def test_series_column_gives_each_series_its_own_streams(tmp_path):
+    rows = [("a", t, 100.0 + t) for t in range(60)] + [("b", t, -float(t)) for t in range(40)]
+    frame = pd.DataFrame(rows, columns=["id", "t", "y"]).sort_values("t", kind="stable")  # a0 b0 a1 b1 ...
+    frame.to_parquet(tmp_path / "two.parquet")
+    dm = TimeSeriesDataModule(source="two.parquet", data_dir=str(tmp_path), timestamp_column="t",
+                              series_column="id", batch_size=4, bptt=5, horizon=2, split_fractions=(0.5, 0.25, 0.25))
+    dm.setup("fit")
+    assert dm.series_ids == ["a", "b"]  # in order of first appearance
+    windows = _windows(dm, "train")
+    assert windows[0]["series"].tolist() == [0, 0, 1, 1]
+    positions, inputs = _joined(windows, "positions"), _original(dm, _joined(windows, "inputs")[..., 0])
+    targets, counted = _original(dm, _joined(windows, "targets")[..., 0]), _joined(windows, "target_mask")[..., 0]
+    for row in range(4):
+        s = windows[0]["series"][row].item()
+        real = positions[row] >= 0
+        t = positions[row][real].numpy()
+        value = (lambda x: 100.0 + x) if s == 0 else (lambda x: -x)
+        np.testing.assert_allclose(inputs[row][real.numpy()], value(t), atol=1e-3)
+        ahead = t[:, None] + np.arange(1, 3)
+        np.testing.assert_allclose(targets[row][real.numpy()][counted[row][real].numpy()],
+                                   value(ahead)[counted[row][real].numpy()], atol=1e-3)
+        assert not counted[row][~real].any()
+    assert sorted(positions[2:][positions[2:] >= 0].tolist()) == list(range(20))  # the shorter series: 2 x 10 steps
+    val = _windows(dm, "validation")
+    assert val[0]["series"].tolist() == [0, 1] and _joined(val, "positions").shape[1] == 45  # the longer one
+
+
+def test_resume_from_the_saved_position_gives_the_remaining_batches():
+    kwargs = {"source": "statsmodels:co2", "batch_size": 4, "bptt": 20}
+    dm = TimeSeriesDataModule(**kwargs)
+    dm.setup("fit")
+    full = _windows(dm, "train")
+    dm._position = (0, 5)  # as after five consumed training windows
+    state = dm.state_dict()
+    resumed = TimeSeriesDataModule(**kwargs)
+    resumed.load_state_dict(state)
+    resumed.setup("fit")
+    rest = _windows(resumed, "train")
+    assert len(resumed._windows["train"]) == len(full) and len(rest) == len(full) - 5
+    assert all(torch.equal(a["inputs"], b["inputs"]) and torch.equal(a["targets"], b["targets"])
+               for a, b in zip(rest, full[5:]))
+    assert [w["window"] for w in _windows(resumed, "train")] == list(range(len(full)))  # then a whole epoch
+
+
+def test_the_epoch_advances_when_lightning_stops_after_len_windows():
+    dm = TimeSeriesDataModule(source="statsmodels:co2", batch_size=4, bptt=100)
+    dm.setup("fit")
+    windows = dm._windows["train"]
+    for epoch in range(3):  # Lightning takes len() items and drops the generator unexhausted
+        taken = list(itertools.islice(iter(windows), len(windows)))
+        assert [(w["epoch"], w["window"]) for w in taken] == [(epoch, i) for i in range(len(windows))]
+    windows.start_at(3, len(windows))  # a checkpoint after the last window of epoch 3
+    assert next(iter(windows))["epoch"] == 4
+
+
+def test_frequency_reindexing_turns_missing_timestamps_into_gaps(tmp_path):
+    days = pd.date_range("2024-01-01", periods=60, freq="D")
+    keep = np.ones(60, bool)
+    keep[[7, 30, 31]] = False
+    pd.DataFrame({"day": days[keep].strftime("%Y-%m-%d"), "sales": np.arange(60.0)[keep]}).to_csv(
+        tmp_path / "daily.csv", index=False)
+    kwargs = {"source": "daily.csv", "data_dir": str(tmp_path), "timestamp_column": "day", "batch_size": 2, "bptt": 5}
+    plain = TimeSeriesDataModule(**kwargs)
+    plain.load()
+    assert len(plain.timestamps(0)) == 57 and plain.gap_counts == {"sales": 0}
+    daily = TimeSeriesDataModule(frequency="D", **kwargs)
+    daily.setup("fit")
+    assert np.array_equal(daily.timestamps(0), days.to_numpy(dtype="datetime64[ns]"))
+    assert daily.gap_counts == {"sales": 3}
+    inputs = _original(daily, _joined(_windows(daily, "test"), "inputs")[0, :, 0])
+    np.testing.assert_allclose(inputs, np.arange(60.0), atol=1e-4)  # interpolated: sales = day number
+
+
+def _bad_csv(tmp_path, name: str, frame: pd.DataFrame) -> str:
+    frame.to_csv(tmp_path / name, index=False)
+    return name
+
+
+def test_bad_series_fail_with_one_line_before_training(tmp_path):
+    t = np.arange(50)
+    good = pd.DataFrame({"t": t, "y": np.sin(t), "z": np.cos(t)})
+    text = good.astype({"y": object})
+    text.loc[17, "y"] = "n.a."
+    unsorted = good.copy()
+    unsorted.loc[23, "t"] = 3
+    repeated = pd.DataFrame({"id": ["a"] * 50 + ["b"] * 50, "t": np.r_[t, t], "y": np.r_[t, t] * 1.0})
+    two = repeated.copy()
+    repeated.loc[60, "t"] = 9
+    empty = good.assign(z=np.nan)
+    dates = pd.DataFrame({"d": pd.date_range("2024-01-01", periods=50, freq="D").strftime("%Y-%m-%d"), "y": t * 1.0})
+    dates.loc[4, "d"] = "yesterday"
+    weekly = pd.DataFrame({"d": pd.date_range("2024-01-06", periods=50, freq="W-SAT").strftime("%Y-%m-%d"), "y": t * 1.0})
+    weekly.loc[10, "d"] = "2024-03-17"  # a Sunday
+    files = {name: _bad_csv(tmp_path, f"{name}.csv", frame) for name, frame in
+             {"good": good, "text": text, "unsorted": unsorted, "repeated": repeated, "empty": empty,
+              "dates": dates, "weekly": weekly, "two": two}.items()}
+    (tmp_path / "notes.txt").write_text("t,y\n")
+    cases = [
+        ({"source": "missing.csv"}, CorpusError, r"missing.csv' not found: .* does not exist; set \$BPTT_DATA_DIR"),
+        ({"source": "notes.txt"}, CorpusError, "neither .csv nor .parquet"),
+        ({"source": "statsmodels:nile"}, CorpusError, "unknown source 'statsmodels:nile'"),
+        ({"source": files["good"], "timestamp_column": "time"}, CorpusError,
+         r"no timestamp column 'time' \(columns: \['t', 'y', 'z'\]\); set data.timestamp_column"),
+        ({"source": files["good"], "value_columns": ["y", "w"]}, CorpusError, "no value columns 'w'"),
+        ({"source": files["good"], "target_columns": ["w"]}, CorpusError, "target column 'w' is not one of"),
+        ({"source": files["good"], "series_column": "id"}, CorpusError, "no series column 'id'"),
+        ({"source": files["text"]}, CorpusError, r"column 'y' has the non-numeric value 'n.a.' at row 17 \(line 19\)"),
+        ({"source": files["unsorted"]}, CorpusError, r"not sorted: row 23 \(line 25\) .*; sort the file by 't'"),
+        ({"source": files["repeated"], "series_column": "id"}, CorpusError,
+         r"timestamp 9 appears twice in series 'b', at row 60 \(line 62\) and the row above; keep one row per time step"),
+        ({"source": files["empty"]}, CorpusError, "value column 'z' has no values"),
+        ({"source": files["dates"], "timestamp_column": "d"}, CorpusError, "timestamp 'yesterday' at row 4"),
+        ({"source": files["weekly"], "timestamp_column": "d", "frequency": "W-SAT"}, CorpusError,
+         "2024-03-17.* is not on the 'W-SAT' grid"),
+        ({"source": files["good"], "frequency": "D"}, CorpusError, "needs dates, but column 't' is numeric"),
+        ({"source": files["good"], "bptt": 10}, CorpusError,
+         r"the validation range of .* has 7 of its 50 steps, fewer than one window \(data.bptt \+ data.horizon = 11\)"),
+        ({"source": files["good"], "bptt": 4, "batch_size": 8}, ConfigError, "cuts the train range into streams of 4 steps"),
+        ({"source": files["two"], "series_column": "id", "batch_size": 3, "bptt": 4}, ConfigError,
+         "data.batch_size=3 .* over 2 series"),
+        ({"source": files["good"], "bptt": 4, "season": 40}, CorpusError, "no two observed train values data.season=40"),
+    ]
+    for kwargs, error, message in cases:
+        dm = TimeSeriesDataModule(data_dir=str(tmp_path), **{"timestamp_column": "t", "bptt": 4, "batch_size": 2,
+                                                              **kwargs})
+        with pytest.raises(error, match=message) as err:
+            dm.load()
+        assert "\n" not in str(err.value), str(err.value)
+    dm = TimeSeriesDataModule(source=files["good"], data_dir=str(tmp_path), timestamp_column="t", bptt=4, batch_size=2)
+    dm.trainer = types.SimpleNamespace(global_rank=0, world_size=4)
+    with pytest.raises(ConfigError, match="data.batch_size=2 streams cannot be split evenly over 4 processes"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"split_fractions": (0.7, 0.2, 0.2)}, "three positive numbers summing to 1"),
+    ({"split_fractions": (0.9, 0.1, 0.0)}, "three positive numbers summing to 1"),
+    ({"horizon": 0}, "data.horizon must be >= 1"),
+    ({"bptt": 0}, "data.bptt must be >= 1"),
+    ({"batch_size": 0}, "data.batch_size must be >= 1"),
+    ({"season": 0}, "data.season must be >= 1"),
+    ({"frequency": "fortnightly"}, "'fortnightly' is not a pandas offset alias"),
+])
+def test_bad_settings_are_config_errors_at_construction(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        TimeSeriesDataModule(**kwargs)
+    assert isinstance(err.value, BpttError) and "\n" not in str(err.value)

@@ -1,0 +1,116 @@
+"""The forecaster on the TBPTT engine against hand-written references: the masked squared-error
+step, residual forecasts, recursive multi-step rollout, and MAE/RMSE/MASE in the series' units."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+
+from bptt.errors import ConfigError
+from bptt.lightning_modules import ForecastTask
+from bptt.models import RNNForecaster
+from tests.engine_harness import ListDataModule, run, sgd
+
+LR = 0.5
+
+
+def _model(horizon: int = 2, inputs: int = 2, targets: int = 2) -> RNNForecaster:
+    torch.manual_seed(0)
+    return RNNForecaster(num_inputs=inputs, num_targets=targets, horizon=horizon, rnn_type="GRU", hidden_size=5,
+                         num_layers=2).double()
+
+
+class _Data(ListDataModule):
+    """Hand-written batches plus what the task reads from a TimeSeriesDataModule: columns, horizon,
+    normalization, MASE scale."""
+
+    num_inputs = num_targets = horizon = 2
+    input_names = target_names = ("a", "b")
+    target_mean, target_std = torch.tensor([10.0, -1.0]), torch.tensor([2.0, 0.5])
+    mase_scale = torch.tensor([0.8, 0.2])
+
+
+def _batches(horizon: int = 2) -> list[dict[str, torch.Tensor]]:
+    """Two consecutive stream windows of 3 streams, with some targets unobserved."""
+    gen = torch.Generator().manual_seed(4)
+    batches = []
+    for k in range(2):
+        observed = torch.rand(3, 5, horizon, 2, generator=gen) > 0.3
+        observed[1, 2] = False  # a step with nothing observed
+        batches.append({
+            "inputs": torch.randn(3, 5, 2, generator=gen, dtype=torch.float64),
+            "targets": torch.randn(3, 5, horizon, 2, generator=gen, dtype=torch.float64),
+            "target_mask": observed, "mask": observed.flatten(2).any(dim=2),
+            "positions": torch.arange(5).repeat(3, 1) + 5 * k, "reset": torch.full((3,), k == 0),
+        })
+    return batches
+
+
+def _reference(model, batches, *, residual: bool):
+    """Plain loop: carried detached state, per-step mean squared error over observed targets,
+    the step losses' mean over steps with any target, one SGD step per window."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    state = None
+    for batch in batches:
+        forecasts, state = model(batch["inputs"], state)
+        if residual:
+            forecasts = forecasts + batch["inputs"][:, :, None, :]
+        state = tuple(s.detach() for s in state)
+        err = (forecasts - batch["targets"]) ** 2 * batch["target_mask"]
+        per_step = err.sum(dim=(2, 3)) / batch["target_mask"].sum(dim=(2, 3)).clamp(min=1)
+        loss = per_step.sum() / batch["mask"].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_training_step_equals_masked_squared_error_reference(residual):
+    model = _model()
+    reference = _reference(copy.deepcopy(model), _batches(), residual=residual)
+    task = ForecastTask(model=model, optimizer=sgd(LR), residual=residual, test_after_fit=False)
+    run(task, _batches(), precision="64-true", data=_Data)
+    for p, q in zip(task.model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-10, rtol=0)
+
+
+def test_recursive_rollout_feeds_each_forecast_back_as_the_next_input():
+    model = _model(horizon=1)
+    task = ForecastTask(model=model, horizon_mode="recursive")
+    inputs = torch.randn(2, 4, 2, dtype=torch.float64)
+    forecasts, _ = task._recursive(inputs, None, horizon=3)  # (B, t, H, C)
+    state = None
+    for t in range(4):
+        one, state = model(inputs[:, t : t + 1], state)
+        two, rolled = model(one[:, :, 0], state)
+        three, _ = model(two[:, :, 0], rolled)
+        torch.testing.assert_close(forecasts[:, t], torch.cat([one, two, three], dim=2)[:, 0])
+
+
+def test_metrics_are_in_the_series_units_and_mase_divides_by_the_seasonal_naive_scale():
+    data = _Data([])
+    task = ForecastTask(model=_model(), test_after_fit=False)
+    task._trainer = types.SimpleNamespace(testing=False, datamodule=data, is_global_zero=True)
+    forecasts = torch.tensor([[[[1.0, 0.0], [0.5, 2.0]]]])  # (1, 1, H=2, C=2), normalized
+    targets = torch.tensor([[[[0.0, 0.0], [0.5, 0.0]]]])
+    observed = torch.tensor([[[[True, True], [False, True]]]])
+    task._update_metrics({"positions": torch.zeros(1, 1, dtype=torch.long)}, forecasts, targets, observed)
+    errors = torch.tensor([1.0 * 2.0, 0.0 * 0.5, 2.0 * 0.5])  # |forecast - target| * std of each observed target
+    scaled = errors / torch.tensor([0.8, 0.2, 0.2])
+    metrics = task.metrics["val"]
+    torch.testing.assert_close(metrics["mae"].compute(), errors.mean())
+    torch.testing.assert_close(metrics["rmse"].compute(), errors.pow(2).mean().sqrt())
+    torch.testing.assert_close(metrics["mase"].compute(), scaled.mean())
+
+
+def test_task_rejects_settings_that_cannot_work():
+    with pytest.raises(ConfigError, match="horizon: 1"):
+        ForecastTask(model=_model(horizon=2), horizon_mode="recursive")
+    task = ForecastTask(model=_model(horizon=3))
+    task._trainer = types.SimpleNamespace(datamodule=_Data([]))
+    with pytest.raises(ConfigError, match="model.horizon=3 but the data needs 2"):
+        task.setup("fit")
