@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench bench-quality bench-sweep bench-asr bench-asr-memory clean
+.PHONY: setup demo test bench bench-quality bench-sweep bench-asr bench-asr-memory bench-forecast clean
 
 $(BIN)/bptt: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench-asr: $(BIN)/bptt
 # peak memory of CTC training on a 10-second and a 10-minute utterance: about 2 minutes
 bench-asr-memory: $(BIN)/bptt
 	$(BIN)/python benchmarks/memory_asr.py
+
+# conf/forecast/co2.yaml's test MASE against seasonal naive and persistence: about 20 seconds
+bench-forecast: $(BIN)/bptt
+	$(BIN)/python benchmarks/quality_forecast.py
 
 clean:
 	rm -rf runs .pytest_cache
