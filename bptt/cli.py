@@ -9,6 +9,7 @@
     bptt test CHECKPOINT [...]
     bptt generate CHECKPOINT [--prompt TEXT] [--num-tokens N] [--temperature T] [--seed S]
     bptt transcribe CHECKPOINT AUDIO [AUDIO ...]
+    bptt diagnose --config FILE | CHECKPOINT [--probe-steps K] [--eps E] [--probes N] [--out PATH] [overrides]
 
 fit, resume, validate and test end by printing their final metrics as one JSON line; sweep ends with
 its leaderboard and exits 1 when a trial failed; transcribe prints one ``AUDIO<tab>TRANSCRIPT`` line per file. Bad input ends with one line ``bptt: error: ...``
@@ -61,6 +62,27 @@ def _sweep_args(args: list[str]) -> argparse.Namespace:
                         help="where Tune and Train persist results and checkpoints (default: the sweep file's "
                              "storage_path, else ~/ray_results); a shared filesystem or s3://... on several nodes")
     return parser.parse_args(args)
+
+
+def _diagnose_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = _Parser(prog="bptt diagnose", description="Gradient through time, and the truncation it suggests.")
+    parser.add_argument("--config", help="a run config: measure its freshly initialized network")
+    parser.add_argument("--probe-steps", type=int, default=100, help="K: how many steps back (default 100)")
+    parser.add_argument("--warmup-steps", type=int, default=50, help="steps before each probe, without graph")
+    parser.add_argument("--probes", type=int, default=4, help="probe windows averaged (default 4)")
+    parser.add_argument("--eps", type=float, default=0.01, help="suggest the tau where the gradient falls below "
+                                                                 "this fraction of its tau = 0 value (default 0.01)")
+    parser.add_argument("--out", help="also write the curve to this .json (and a .png beside it)")
+    if args and not args[0].startswith("-"):  # a checkpoint
+        opts, overrides = parser.parse_known_args(args[1:])
+        opts.target = args[0]
+    else:
+        opts, overrides = parser.parse_known_args(args)
+        opts.target = opts.config
+    if opts.target is None:
+        raise BpttError("`bptt diagnose` needs --config FILE or a checkpoint, e.g. bptt diagnose --config "
+                        "conf/lm/quickstart.yaml")
+    return opts, overrides
 
 
 def _generate_args(args: list[str]) -> argparse.Namespace:
@@ -121,13 +143,20 @@ def run(argv: list[str]) -> int:
         print(training.generate(opts.checkpoint, prompt=opts.prompt, num_tokens=opts.num_tokens,
                                 temperature=opts.temperature, seed=opts.seed))
         return 0
+    if command == "diagnose":
+        from pathlib import Path
+
+        opts, overrides = _diagnose_args(args)
+        print(training.diagnose(opts.target, overrides, probe_steps=opts.probe_steps, warmup_steps=opts.warmup_steps,
+                                probes=opts.probes, eps=opts.eps, out=Path(opts.out) if opts.out else None))
+        return 0
     if command == "transcribe":
         checkpoint, audio = _split_checkpoint(command, args)
         for path, text in zip(audio, training.transcribe(checkpoint, audio)):
             print(f"{path}\t{text}")
         return 0
     raise BpttError(
-        f"unknown command {command!r}; commands: fit, resume, sweep, runs, validate, test, generate, transcribe "
+        f"unknown command {command!r}; commands: fit, resume, sweep, runs, validate, test, generate, transcribe, diagnose "
         "(see bptt --help)"
     )
 

@@ -1,5 +1,5 @@
 """The importable entry points behind the ``bptt`` command: ``fit``, ``resume``, ``evaluate``, ``generate``,
-``transcribe``.
+``transcribe``, ``diagnose``.
 
 Nothing happens at import time; ``bptt.cli`` and ``bptt.ray_jobs`` call these.
 """
@@ -310,3 +310,44 @@ def transcribe(checkpoint_path: str | Path, audio: list[str]) -> list[str]:
     task.load_state_dict(checkpoint["state_dict"])
     task.eval()
     return [init.data.decode(ids) for ids in task.transcribe(features)]
+
+
+def diagnose(target: str, overrides: list[str], *, probe_steps: int, warmup_steps: int, probes: int, eps: float,
+             out: Path | None = None) -> str:
+    """Gradient-through-time curve of a run's network on its training data, and the truncation it suggests.
+
+    Args:
+        target: a run config (YAML: a freshly initialized network) or a checkpoint (its trained network).
+        overrides: dotted config overrides.
+        probe_steps: K, how many steps back to measure.
+        warmup_steps: steps before each probe that warm the state up.
+        probes: probe windows averaged, from consecutive training batches.
+        eps: the fraction of the tau = 0 gradient that defines the suggestion.
+        out: also write the curve there (.json, and a .png beside it).
+
+    Returns:
+        the report: a table of g(tau) / g(0) per layer and the suggested truncation.
+    """
+    from bptt.gradient_diagnostics import curve_report, diagnose as measure, save_curve
+
+    if probe_steps < 1 or warmup_steps < 0 or probes < 1 or not 0 < eps < 1:
+        raise ConfigError(f"need --probe-steps >= 1, --warmup-steps >= 0, --probes >= 1 and 0 < --eps < 1; got "
+                          f"{probe_steps}, {warmup_steps}, {probes}, {eps}")
+    if target.endswith((".yaml", ".yml")):
+        _quiet_known_warnings()
+        parser = build_parser()
+        cfg = parse_config(["--config", target, *overrides], parser)
+        pl.seed_everything(cfg.seed_everything, workers=True, verbose=False)
+        init = instantiate(cfg, parser)
+    else:
+        _, init, checkpoint = _restore(target, overrides)
+        init.task.load_state_dict(checkpoint["state_dict"])
+    init.data.prepare_data()
+    init.data.setup("fit")
+    if hasattr(init.task, "use_data"):
+        init.task.use_data(init.data)
+    curve = measure(init.task, iter(init.data.train_dataloader()), probe_steps=probe_steps,
+                    warmup_steps=warmup_steps, probes=probes)
+    if out is not None:
+        save_curve(curve, eps, out)
+    return curve_report(curve, eps)

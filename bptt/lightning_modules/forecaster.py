@@ -64,7 +64,10 @@ class ForecastTask(TBPTTModule):
         self._test_curve: list[tuple[Tensor, Tensor, Tensor]] = []  # (positions, forecast, actual) of series 0
 
     def setup(self, stage: str) -> None:
-        data = self.trainer.datamodule
+        self.use_data(self.trainer.datamodule)
+
+    def use_data(self, data: Any) -> None:
+        """Check the model against the DataModule's columns and horizon; find the residual's input columns."""
         horizon = 1 if self.horizon_mode == "recursive" else data.horizon
         expected = {"num_inputs": data.num_inputs, "num_targets": data.num_targets, "horizon": horizon}
         for name, value in expected.items():
@@ -90,7 +93,8 @@ class ForecastTask(TBPTTModule):
 
     def window_step(self, window: dict[str, Tensor], state: State | None) -> tuple[Tensor, State]:
         """Args: window with ``inputs``, ``targets``, ``target_mask``. Returns: losses (B, t), new state."""
-        if not self.training and self.horizon_mode == "recursive":
+        evaluating = not self.training and self._trainer is not None and not self.trainer.training  # not a probe
+        if evaluating and self.horizon_mode == "recursive":
             forecasts, state = self._recursive(window["inputs"], state, window["targets"].shape[2])
         else:
             forecasts, state = self.forecast(window["inputs"], state)  # (B, t, H', C_out)
@@ -98,7 +102,7 @@ class ForecastTask(TBPTTModule):
         targets, observed = window["targets"][:, :, : forecasts.shape[2]], window["target_mask"][:, :, : forecasts.shape[2]]
         squared = (forecasts - targets) ** 2 * observed  # (B, t, H', C_out)
         losses = squared.sum(dim=(2, 3)) / observed.sum(dim=(2, 3)).clamp(min=1)  # (B, t): mean over observed targets
-        if not self.training:
+        if evaluating:
             self._update_metrics(window, forecasts, targets, observed)
         return losses, state
 
