@@ -328,7 +328,8 @@ def diagnose(target: str, overrides: list[str], *, probe_steps: int, warmup_step
     Returns:
         the report: a table of g(tau) / g(0) per layer and the suggested truncation.
     """
-    from bptt.gradient_diagnostics import curve_report, diagnose as measure, save_curve
+    from bptt.gradient_diagnostics import curve_report, save_curve
+    from bptt.gradient_diagnostics import diagnose as measure
 
     if probe_steps < 1 or warmup_steps < 0 or probes < 1 or not 0 < eps < 1:
         raise ConfigError(f"need --probe-steps >= 1, --warmup-steps >= 0, --probes >= 1 and 0 < --eps < 1; got "

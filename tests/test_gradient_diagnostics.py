@@ -12,7 +12,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from bptt.gradient_diagnostics import GradientThroughTime, gradient_through_time, suggest_truncation
+from bptt.gradient_diagnostics import (
+    GradientThroughTime,
+    gradient_through_time,
+    suggest_truncation,
+)
 from bptt.lightning_modules import LanguageModelTask
 from bptt.lightning_modules.tbptt import TBPTTModule
 from tests.bptt_command import SMALL, bptt
