@@ -25,7 +25,6 @@ from typing import Any, Literal
 
 import datasets
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from filelock import FileLock
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from bptt.datamodules.audio import LogMel, load_audio
 from bptt.datamodules.corpora import SPLITS, CorpusError
+from bptt.datamodules.resumable import ResumableDataModule
 from bptt.datamodules.speech_corpora import (
     Utterance,
     corpus_files,
@@ -63,7 +63,7 @@ def ctc_min_frames(labels: list[int]) -> int:
     return len(labels) + sum(a == b for a, b in itertools.pairwise(labels))
 
 
-class SpeechDataModule(pl.LightningDataModule):
+class SpeechDataModule(ResumableDataModule):
     """Utterances as padded log-mel batches with CTC targets.
 
     Args:
@@ -96,6 +96,8 @@ class SpeechDataModule(pl.LightningDataModule):
         cache_dir: where features are cached; default ``$BPTT_CACHE_DIR``, else ``~/.cache/bptt``.
         num_workers: DataLoader worker processes.
     """
+
+    position_key = "batch"
 
     def __init__(
         self,
@@ -175,7 +177,6 @@ class SpeechDataModule(pl.LightningDataModule):
         self._batches: dict[str, SpeechBatches] = {}
         self._orders: dict[str, BatchOrder] = {}
         self._resume_at: tuple[int, int] | None = None
-        self._position = (0, 0)
 
     # ------------------------------------------------------------ tokens
 
@@ -386,19 +387,6 @@ class SpeechDataModule(pl.LightningDataModule):
         return DataLoader(self._batches[split], batch_size=None, sampler=self._orders[split],
                           num_workers=self.num_workers)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
-            self._position = (batch["epoch"], batch["batch"] + 1)  # the next batch to read
-        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """The tokens, the normalization statistics and the read position (epoch, next batch) of training."""

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from bptt.datamodules.corpora import CorpusError, corpus_identity, load_corpus
+from bptt.datamodules.resumable import ResumableDataModule
 from bptt.datamodules.streams import StreamWindows, shard_streams, stream_layout
 from bptt.datamodules.vocabulary import Vocabulary, tokenize_split
 from bptt.errors import ConfigError
@@ -32,7 +32,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BPTT_CACHE_DIR") or Path.home() / ".cache" / "bptt")
 
 
-class TextStreamDataModule(pl.LightningDataModule):
+class TextStreamDataModule(ResumableDataModule):
     """Streams of tokens for language modelling with carried hidden state.
 
     Args:
@@ -97,7 +97,6 @@ class TextStreamDataModule(pl.LightningDataModule):
         self.ids: dict[str, torch.Tensor] = {}
         self._windows: dict[str, StreamWindows] = {}
         self._resume_at: tuple[int, int] | None = None
-        self._position = (0, 0)
 
     def prepare_data(self) -> None:
         self.load()
@@ -210,19 +209,6 @@ class TextStreamDataModule(pl.LightningDataModule):
         # batch_size=None: each item already is a (B, T) window; order matters, so no sampler, no workers.
         return DataLoader(self._windows[split], batch_size=None)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
-            self._position = (batch["epoch"], batch["window"] + 1)  # the next window to read
-        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """The vocabulary and the read position (epoch, next window) of training."""

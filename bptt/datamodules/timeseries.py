@@ -39,12 +39,12 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from bptt.datamodules.corpora import CorpusError
+from bptt.datamodules.resumable import ResumableDataModule
 from bptt.datamodules.series_sources import SeriesTable, default_season, load_series
 from bptt.datamodules.streams import shard_streams
 from bptt.errors import ConfigError
@@ -128,7 +128,7 @@ def fill_gaps(values: np.ndarray, times: np.ndarray, gaps: Literal["interpolate"
     return filled, counted
 
 
-class TimeSeriesDataModule(pl.LightningDataModule):
+class TimeSeriesDataModule(ResumableDataModule):
     """Series as windows of contiguous streams with multi-step targets, for forecasting.
 
     Args:
@@ -209,7 +209,6 @@ class TimeSeriesDataModule(pl.LightningDataModule):
         self._windows: dict[str, SeriesWindows] = {}
         self._shard: tuple[int, int] = (0, 1)
         self._resume_at: tuple[int, int] | None = None
-        self._position = (0, 0)
 
     # ------------------------------------------------------------ reading and fitting
 
@@ -482,19 +481,6 @@ class TimeSeriesDataModule(pl.LightningDataModule):
         # batch_size=None: each item already is a (B, T, ...) window; order matters, so no sampler, no workers.
         return DataLoader(self._windows[split], batch_size=None)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
-            self._position = (batch["epoch"], batch["window"] + 1)  # the next window to read
-        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """The normalization, the MASE scale and the read position (epoch, next window) of training."""
