@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench bench-quality bench-sweep bench-asr bench-asr-memory bench-forecast clean
+.PHONY: setup demo test bench bench-quality bench-sweep bench-asr bench-asr-memory bench-forecast bench-truncation clean
 
 $(BIN)/bptt: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench-asr-memory: $(BIN)/bptt
 # conf/forecast/co2.yaml's test MASE against seasonal naive and persistence: about 20 seconds
 bench-forecast: $(BIN)/bptt
 	$(BIN)/python benchmarks/quality_forecast.py
+
+# copy memory learnt with windows shorter and longer than its lag: about 4 minutes
+bench-truncation: $(BIN)/bptt
+	$(BIN)/python benchmarks/truncation.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -35,6 +35,8 @@ def test_every_config_instantiates(path, tmp_path):
         assert init.model.decoder.out_features == 4  # the stand-in vocabulary
     elif data == "SpeechDataModule":
         assert init.model.head.out_features == 11  # digits + the CTC blank
+    elif data == "CopyMemoryDataModule":
+        assert init.model.decoder.out_features == init.data.vocab_size == init.data.symbols + 2  # + blank, delimiter
     else:
         assert init.model.head.out_features == init.model.horizon * init.model.num_targets
 

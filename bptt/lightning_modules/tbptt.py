@@ -543,6 +543,8 @@ class TBPTTModule(pl.LightningModule):
             window = self._slice(batch, start, min(start + size, length))
             losses, state = self.window_step(window, state)
             mask = window.get("mask")
+            if mask is not None:  # as in training: only the marked steps count
+                losses = losses * mask
             count = mask.sum() if mask is not None else torch.tensor(losses.numel(), device=self.device)
             if count > 0:
                 metric.update(losses.sum() / count, weight=count)

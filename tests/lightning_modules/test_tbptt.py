@@ -286,6 +286,23 @@ def test_validation_carries_state_and_weights_by_target_count():
     assert trainer.callback_metrics["val/ppl"].item() == pytest.approx(expected.exp().item(), rel=1e-6)
 
 
+def test_validation_counts_only_masked_steps_as_training_does():
+    model = tiny_model()
+    reference = copy.deepcopy(model).double().eval()
+    tokens = _tokens(length=12)
+    val = stream_batches(tokens, 5)
+    for batch in val:
+        batch["mask"] = torch.rand(batch["targets"].shape, generator=torch.Generator().manual_seed(7)) > 0.5
+    task = LanguageModelTask(model=model, optimizer=sgd(0.0))
+    trainer = run(task, stream_batches(tokens, 4), val_batches=val)
+    mask = torch.cat([b["mask"] for b in val], dim=1)  # (B, 11)
+    with torch.no_grad():
+        logits, _ = reference(tokens[:, :-1])
+        losses = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view_as(mask)
+    expected = losses[mask].mean()
+    assert trainer.callback_metrics[VAL_LOSS].item() == pytest.approx(expected.item(), abs=1e-6)
+
+
 def test_engine_rejects_k1_above_k2():
     with pytest.raises(ValueError, match=r"task.k1=8 > task.k2=4.*k1 <= k2"):
         LanguageModelTask(model=tiny_model(), k1=8, k2=4)
