@@ -343,6 +343,9 @@ def diagnose(target: str, overrides: list[str], *, probe_steps: int, warmup_step
     else:
         _, init, checkpoint = _restore(target, overrides)
         init.task.load_state_dict(checkpoint["state_dict"])
+    if init.task.loss_per != "step":
+        raise ConfigError(f"{type(init.task).__name__} has a loss over whole sequences; bptt diagnose needs a per-step "
+                          "loss (language models, forecasters, the synthetic tasks)")
     init.data.prepare_data()
     init.data.setup("fit")
     if hasattr(init.task, "use_data"):

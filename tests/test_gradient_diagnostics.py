@@ -114,3 +114,16 @@ def test_fit_logs_the_curve_and_diagnose_reads_a_checkpoint(mlflow_server, tmp_p
     assert "suggested truncation" in result.stdout or "stays above" in result.stdout
     record = json.loads(out.read_text())
     assert len(record["curve"]) == 31 and out.with_suffix(".png").is_file()
+
+
+def test_diagnose_bad_input_fails_in_one_line(capsys):
+    from bptt.cli import main
+    from tests.conftest import PROJECT
+
+    cases = [([], "needs --config FILE or a checkpoint"),
+             (["--config", str(PROJECT / "conf/asr/fsdd_digits.yaml")], "needs a per-step loss"),
+             (["--config", str(PROJECT / "conf/lm/quickstart.yaml"), "--eps", "2"], "0 < --eps < 1")]
+    for args, message in cases:
+        assert main(["diagnose", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
