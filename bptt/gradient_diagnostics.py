@@ -115,8 +115,8 @@ class ProbeWindows:
         self.needed = needed
         self.recent: deque[dict[str, Tensor]] = deque()
 
-    def add(self, batch: dict[str, Any]) -> dict[str, Tensor] | None:
-        """Take the next batch; returns the newest window of up to ``needed`` steps (or None)."""
+    def add(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Take the next batch; returns the newest window of up to ``needed`` steps."""
         window = {k: batch[k].detach() for k in self.time_keys if k in batch}
         if "reset" not in batch or bool(batch["reset"].any()):
             self.recent.clear()
@@ -163,7 +163,7 @@ class GradientThroughTime(pl.Callback):
         window = self.windows.add(batch)
         self.grad_norms.append((trainer.global_step, float(getattr(pl_module, "_grad_norm", math.nan))))
         step = trainer.global_step
-        if step // self.every_n_steps == self._last_measured // self.every_n_steps or window is None:
+        if step // self.every_n_steps == self._last_measured // self.every_n_steps:
             return
         self._last_measured = step
         length = window[pl_module.time_keys[0]].shape[1]
@@ -228,12 +228,10 @@ def diagnose(task: TBPTTModule, batches: Iterator[dict[str, Any]], *, probe_step
     curves = []
     for batch in batches:
         window = windows.add(batch)
-        if window is None or window[task.time_keys[0]].shape[1] < min(probe_steps + 1 + warmup_steps, 2):
-            continue
         length = window[task.time_keys[0]].shape[1]
-        if length - 1 < probe_steps and "reset" in batch:
-            continue  # stream mode: wait for enough steps
-        curves.append(gradient_through_time(task, window, min(probe_steps, length - 1)))
+        if length < 2 or ("reset" in batch and length <= probe_steps):
+            continue  # stream mode: the next batches continue these rows, so wait for K + 1 steps
+        curves.append(gradient_through_time(task, window, min(probe_steps, length - 1)))  # split mode: what is there
         if len(curves) == probes:
             break
     if not curves:
