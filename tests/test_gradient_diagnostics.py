@@ -64,7 +64,7 @@ def test_linear_rnn_curve_is_rho_to_the_tau(rho):
     taus = torch.arange(31, dtype=torch.float64)
     torch.testing.assert_close(curve[:, 0].double(), curve[0, 0].double() * rho**taus, rtol=1e-5, atol=0)
     # tau = 0: the state the last step reads is one W away from its output: || W^T v || = rho || v ||
-    assert float(curve[0, 0]) == pytest.approx(rho * float(model.v.norm()), rel=1e-6)
+    assert float(curve[0, 0]) == pytest.approx(rho * float(model.v.detach().norm()), rel=1e-6)
 
 
 @pytest.mark.parametrize(("rho", "eps"), [(0.5, 0.01), (0.9, 0.01), (0.8, 0.001)])
