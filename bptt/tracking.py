@@ -190,6 +190,8 @@ class ServedStore:
                  "--backend-store-uri", self.store_uri, "--artifacts-destination", str(store.parent / "mlartifacts"),
                  "--workers", "1"],
                 stdout=out, stderr=subprocess.STDOUT, cwd=store.parent,
+                # tracking only: MLflow 3's job runner (five more processes) would take CPU from the trials
+                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             )
         self.uri = f"http://127.0.0.1:{port}"
         return self

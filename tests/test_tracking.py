@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -11,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from bptt.cli import main
 from bptt.models import RNNLanguageModel
-from bptt.tracking import EXPERIMENT_KIND, free_port
+from bptt.tracking import EXPERIMENT_KIND, MlflowTracking, ServedStore, free_port
 from tests.bptt_command import SMALL, bptt
 
 
@@ -109,3 +110,44 @@ def test_read_only_store_fails_before_training(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "cannot write" in err and uri in err
     assert not (tmp_path / "run").exists()
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of every live process below ``pid`` (Linux /proc)."""
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            try:
+                found[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from Linux's /proc")
+def test_served_store_runs_only_the_tracking_server_and_stops_all_of_it(tmp_path):
+    """A sweep's served store: MLflow 3's job runner (huey consumers) stays off, since its processes
+    would take CPU from the trials, and leaving the block ends every process the server started."""
+    store = ServedStore(MlflowTracking(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"), log=tmp_path / "server.log")
+    with store:
+        store.wait(timeout=90)
+        processes = _descendants(store._server.pid)
+        assert any("uvicorn" in cmd for cmd in processes.values()), processes  # the listing sees the server
+        assert not [cmd for cmd in processes.values() if "huey" in cmd or "job_runner" in cmd], processes
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in processes) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in processes if _alive(pid)], processes
