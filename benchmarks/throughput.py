@@ -1,7 +1,9 @@
 """Throughput and memory of `bptt fit` against the bare kernel and a plain PyTorch TBPTT loop.
 
 Measured side by side in one process, rounds interleaved (every other round in reverse
-order), medians reported:
+order). Throughput is tokens per step over the median step time after the warm-up (over every
+round's steps): a median step is what the code costs, while a mean over a few steps also
+carries whatever else this shared machine ran meanwhile.
 
   (a) bare kernel: the model's forward + loss + backward + SGD step on one preloaded window;
   (b) plain loop: pytorch/examples word_language_model's TBPTT loop (streams, carried and
@@ -49,41 +51,55 @@ SETUPS = {
 STDLIB = "**/*.py"
 
 
+DEVICE = torch.device("cpu")  # --accelerator gpu: cuda
+
+
 def _model(setup: dict, vocab: int) -> RNNLanguageModel:
     torch.manual_seed(0)
     return RNNLanguageModel(vocab_size=vocab, embedding_size=setup["embedding"], hidden_size=setup["hidden"],
-                            num_layers=2, dropout=setup["dropout"], tie_weights=setup["tie"])
+                            num_layers=2, dropout=setup["dropout"], tie_weights=setup["tie"]).to(DEVICE)
 
 
 def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+    if precision == "bf16-mixed":
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
-def bare_kernel(setup: dict, data: TextStreamDataModule, precision: str) -> float:
+def _now() -> float:
+    """The clock, once the GPU has finished what was queued."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def bare_kernel(setup: dict, data: TextStreamDataModule, precision: str) -> list[float]:
+    """Seconds of each step after the warm-up."""
     model = _model(setup, data.vocab_size).train()
     opt = torch.optim.SGD(model.parameters(), lr=setup["lr"])
-    streams = stream_layout(data.ids["train"], setup["batch"])  # (B, L)
+    streams = stream_layout(data.ids["train"], setup["batch"]).to(DEVICE)  # (B, L)
     x, y = streams[:, : setup["bptt"]].long(), streams[:, 1 : setup["bptt"] + 1].long()  # preloaded (B, T)
-    for step in range(setup["warmup"] + setup["steps"]):
-        if step == setup["warmup"]:
-            start = time.perf_counter()
+    times = []
+    for _ in range(setup["warmup"] + setup["steps"]):
+        start = _now()
         with _autocast(precision):
             logits, _ = model(x)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return setup["steps"] * x.numel() / (time.perf_counter() - start)
+        times.append(_now() - start)
+    return times[setup["warmup"] :]
 
 
-def plain_loop(setup: dict, data: TextStreamDataModule, precision: str) -> float:
+def plain_loop(setup: dict, data: TextStreamDataModule, precision: str) -> list[float]:
+    """Seconds of each step after the warm-up."""
     model = _model(setup, data.vocab_size).train()
     opt = torch.optim.SGD(model.parameters(), lr=setup["lr"])
-    streams = stream_layout(data.ids["train"], setup["batch"])  # (B, L)
-    state, total_loss, bptt = None, 0.0, setup["bptt"]
+    streams = stream_layout(data.ids["train"], setup["batch"]).to(DEVICE)  # (B, L)
+    state, total_loss, bptt, times = None, 0.0, setup["bptt"], []
     for step in range(setup["warmup"] + setup["steps"]):
-        if step == setup["warmup"]:
-            start = time.perf_counter()
+        start = _now()
         i = step * bptt
         x, y = streams[:, i : i + bptt].long(), streams[:, i + 1 : i + 1 + bptt].long()  # (B, T)
         state = None if state is None else tuple(s.detach() for s in state)
@@ -95,25 +111,25 @@ def plain_loop(setup: dict, data: TextStreamDataModule, precision: str) -> float
         torch.nn.utils.clip_grad_norm_(model.parameters(), setup["clip"])
         opt.step()
         total_loss += loss.item()
-    return setup["steps"] * x.numel() / (time.perf_counter() - start)
+        times.append(_now() - start)
+    return times[setup["warmup"] :]
 
 
 class StepTimer(pl.Callback):
-    """Tokens per second over the batches after the warm-up."""
+    """Seconds from one batch's start to the next one's (the training step and whatever Lightning
+    does between steps), after the warm-up; the last step ends when training ends."""
 
-    def __init__(self, warmup: int, tokens_per_batch: int) -> None:
-        self.warmup, self.tokens_per_batch, self.start, self.end, self.batches = warmup, tokens_per_batch, 0.0, 0.0, 0
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.starts = warmup, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
-            self.start = time.perf_counter()
+        self.starts.append(_now())
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx >= self.warmup:
-            self.end, self.batches = time.perf_counter(), batch_idx - self.warmup + 1
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.starts.append(_now())
 
-    def tokens_per_sec(self) -> float:
-        return self.batches * self.tokens_per_batch / (self.end - self.start)
+    def step_times(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts, self.starts[1:])][self.warmup :]
 
 
 def _fit_args(setup: dict, precision: str, root: str, max_steps: int) -> list[str]:
@@ -127,18 +143,20 @@ def _fit_args(setup: dict, precision: str, root: str, max_steps: int) -> list[st
         "--data.class_path", "bptt.datamodules.TextStreamDataModule", "--data.corpus", "stdlib",
         "--data.stdlib_glob", STDLIB, "--data.level", setup["level"], "--data.min_count", str(setup["min_count"]),
         "--data.batch_size", str(setup["batch"]), "--data.bptt", str(setup["bptt"]),
-        "--trainer.max_steps", str(max_steps), "--trainer.precision", precision, "--trainer.accelerator", "cpu",
+        "--trainer.max_steps", str(max_steps), "--trainer.precision", precision,
+        "--trainer.accelerator", "gpu" if DEVICE.type == "cuda" else "cpu",
         "--trainer.devices", "1", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", root,
         "--tracking.tracking_uri", f"sqlite:///{root}/mlflow.db", "--tracking.log_model", "false",
     ]
 
 
-def bptt_fit(setup: dict, data: TextStreamDataModule, precision: str) -> float:
-    timer = StepTimer(setup["warmup"], setup["batch"] * setup["bptt"])
+def bptt_fit(setup: dict, data: TextStreamDataModule, precision: str) -> list[float]:
+    """Seconds of each step after the warm-up."""
+    timer = StepTimer(setup["warmup"])
     with tempfile.TemporaryDirectory() as root:
         fit(parse_config(_fit_args(setup, precision, root, setup["warmup"] + setup["steps"])), callbacks=[timer])
-    return timer.tokens_per_sec()
+    return timer.step_times()
 
 
 VARIANTS = {
@@ -157,15 +175,20 @@ def throughput(rounds: int, names: list[str]) -> dict:
         data = TextStreamDataModule(corpus="stdlib", stdlib_glob=STDLIB, level=setup["level"],
                                     min_count=setup["min_count"], batch_size=setup["batch"], bptt=setup["bptt"])
         data.load()
-        runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        tokens = setup["batch"] * setup["bptt"]
+        steps: dict[str, list[float]] = {v: [] for v in VARIANTS}  # seconds per step, every round
+        runs: dict[str, list[float]] = {v: [] for v in VARIANTS}  # tokens/s of each round's median step
         for round_ in range(rounds):
             order = list(VARIANTS.items())
             for variant, (measure, precision) in order if round_ % 2 == 0 else order[::-1]:  # no position favoured
-                runs[variant].append(measure(setup, data, precision))
+                times = measure(setup, data, precision)
+                steps[variant] += times
+                runs[variant].append(tokens / statistics.median(times))
                 print(f"{name} {variant}: {runs[variant][-1]:,.0f} tokens/s", flush=True)
-        med = {v: statistics.median(r) for v, r in runs.items()}
+        med = {v: tokens / statistics.median(t) for v, t in steps.items()}
         results[name] = {
             "vocab_size": data.vocab_size, "tokens_per_sec": med, "runs": runs,
+            "steps_timed": {v: len(t) for v, t in steps.items()},
             "c_over_a": med["c_bptt_fp32"] / med["a_bare_fp32"],
             "c_over_b": med["c_bptt_fp32"] / med["b_plain_fp32"],
             "c_bf16_over_b_fp32": med["c_bptt_bf16"] / med["b_plain_fp32"],
@@ -232,10 +255,18 @@ def main() -> None:
     parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS))
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: every variant on CUDA (the memory part is CPU-only: use --skip-memory)")
+    parser.add_argument("--steps", type=int, help="timed steps per measure (default: 30 word, 20 char)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     parser.add_argument("--probe-steps", type=int, default=30, help=argparse.SUPPRESS)
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    if args.steps is not None:
+        for setup in SETUPS.values():
+            setup["steps"] = args.steps
     if args.memory_probe:
         corpus = Path(args.memory_probe)
         if args.prepare_only:
@@ -245,7 +276,8 @@ def main() -> None:
         return
     result = {
         "hardware": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                     "gpu": torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else None},
         "date": time.strftime("%Y-%m-%d"),
     }
     if not args.skip_throughput:
