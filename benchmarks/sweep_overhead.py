@@ -8,10 +8,13 @@
    walls include process start, data loading and MLflow logging; the sweep's also Ray's start and
    the served MLflow store. (c) separates what C processes sharing this machine's cores cost
    (memory bandwidth, caches) from what the sweep machinery costs: sweep / (c) - 1.
+   CPU seconds: the fits' against the sweep's whole process tree (Ray, the served MLflow store,
+   the trials), by process name, read from /proc: on a machine whose cores the trials fill, every
+   CPU second of the sweep machinery is wall time taken from the trials.
 2. Scaling: tokens/s of one trial with 1 and with 2 workers (same global batch of streams, one CPU
    per worker), read from the trial's MLflow history (the median after the first fifth).
 
-    python benchmarks/sweep_overhead.py [--trials 4] [--concurrency 2] [--steps 1500]
+    python benchmarks/sweep_overhead.py [--trials 4] [--concurrency 2] [--steps 1500] [--skip-scaling]
 """
 
 from __future__ import annotations
@@ -40,12 +43,57 @@ def _common(steps: int) -> dict:
             "trainer.log_every_n_steps": 20, "tracking.log_model": False}
 
 
-def _run(args: list[str], cwd: Path, env: dict | None = None) -> float:
+class ProcessTreeCPU:
+    """CPU seconds used by a process and every process below it (Ray's services, actors and
+    workers, the MLflow server), by process name, read from Linux's /proc once a second while it
+    runs (a process's last second before it exits can be missed). Ray names an actor's process
+    after its class: ray::RayTrainWorker, ray::TrainController, ray::ImplicitFunc (a Tune trial)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.seen, self.tick = pid, {}, os.sysconf("SC_CLK_TCK")
+
+    def sample(self) -> None:
+        todo = [self.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if name.startswith("python"):  # a Python service: name it by its script or module
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                name = next((Path(a.decode()).stem for a in argv[1:] if a and not a.startswith(b"-")), name)
+            self.seen[pid] = (name, (int(fields[11]) + int(fields[12])) / self.tick)
+            todo += map(int, children)
+
+    def by_name(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for name, cpu in self.seen.values():
+            totals[name] = totals.get(name, 0.0) + cpu
+        return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def _run(args: list[str], cwd: Path, env: dict | None = None) -> tuple[float, dict[str, float]]:
+    """Wall seconds of one `bptt` command, and the CPU seconds of its process tree by process name."""
     start = time.perf_counter()
-    done = subprocess.run([BPTT, *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if done.returncode != 0:
-        raise SystemExit(f"bptt {' '.join(args[:3])} failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    return time.perf_counter() - start
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([BPTT, *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **(env or {})})
+        cpu = ProcessTreeCPU(proc.pid)
+        while True:
+            cpu.sample()
+            try:
+                proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            log.seek(0)
+            raise SystemExit(f"bptt {' '.join(args[:3])} failed:\n{log.read()[-3000:]}")
+    return wall, cpu.by_name()
 
 
 def _sweep_file(directory: Path, name: str, lrs: list[float], steps: int, workers: int, concurrency: int) -> Path:
@@ -62,7 +110,7 @@ def overhead(trials: int, concurrency: int, steps: int) -> dict:
     lrs = LRS[:trials]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        fits = []
+        fits, fit_cpu = [], []
 
         def fit_args(lr: float, tag: str) -> list[str]:
             overrides = [a for k, v in {**_common(steps), "task.optimizer.init_args.lr": lr}.items()
@@ -71,8 +119,10 @@ def overhead(trials: int, concurrency: int, steps: int) -> dict:
                     "--trainer.default_root_dir", str(tmp / f"fit-{tag}-{lr}")]
 
         for lr in lrs:  # one CPU thread each: what a sweep worker with cpus_per_worker 1 gets
-            fits.append(_run(fit_args(lr, "seq"), tmp, {"OMP_NUM_THREADS": "1"}))
-            print(f"bptt fit lr={lr}: {fits[-1]:.1f} s", flush=True)
+            wall, cpu = _run(fit_args(lr, "seq"), tmp, {"OMP_NUM_THREADS": "1"})
+            fits.append(wall)
+            fit_cpu.append(sum(cpu.values()))
+            print(f"bptt fit lr={lr}: {wall:.1f} s, {fit_cpu[-1]:.1f} CPU s", flush=True)
         start = time.perf_counter()
         for first in range(0, len(lrs), concurrency):
             batch = [subprocess.Popen([BPTT, *fit_args(lr, "par")], cwd=tmp, stdout=subprocess.DEVNULL,
@@ -82,13 +132,18 @@ def overhead(trials: int, concurrency: int, steps: int) -> dict:
                 raise SystemExit("a concurrent bptt fit failed")
         parallel = time.perf_counter() - start
         print(f"bptt fit, {concurrency} processes at a time: {parallel:.1f} s", flush=True)
-        sweep = _run(["sweep", "--config", str(_sweep_file(tmp, "overhead", lrs, steps, 1, concurrency)),
-                      "--storage-path", str(tmp / "results")], tmp)
-        print(f"bptt sweep of {trials} trials, {concurrency} at a time: {sweep:.1f} s", flush=True)
+        sweep, sweep_cpu = _run(["sweep", "--config", str(_sweep_file(tmp, "overhead", lrs, steps, 1, concurrency)),
+                                 "--storage-path", str(tmp / "results")], tmp)
+        print(f"bptt sweep of {trials} trials, {concurrency} at a time: {sweep:.1f} s, "
+              f"{sum(sweep_cpu.values()):.1f} CPU s", flush=True)
     ideal = sum(fits) / concurrency
+    workers = sum(v for k, v in sweep_cpu.items() if k.startswith("ray::RayTrainWo"))
     return {"trials": trials, "concurrency": concurrency, "steps": steps, "fit_wall_s": fits,
             "sweep_wall_s": sweep, "ideal_wall_s": ideal, "overhead": sweep / ideal - 1,
-            "concurrent_fits_wall_s": parallel, "overhead_vs_concurrent_fits": sweep / parallel - 1}
+            "concurrent_fits_wall_s": parallel, "overhead_vs_concurrent_fits": sweep / parallel - 1,
+            "cpu_s": {"fits": sum(fit_cpu), "sweep": sum(sweep_cpu.values()), "sweep_train_workers": workers,
+                      "sweep_everything_else": sum(sweep_cpu.values()) - workers,
+                      "sweep_by_process": {k: round(v, 1) for k, v in sweep_cpu.items() if v >= 0.1}}}
 
 
 def scaling(steps: int) -> dict:
@@ -118,20 +173,25 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1500, help="training steps per trial (1500: about a minute)")
+    parser.add_argument("--skip-scaling", action="store_true", help="measure the overhead only")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sweep_overhead.json"))
     args = parser.parse_args()
     result = {
         "hardware": {"machine": platform.machine(), "cpus": os.cpu_count()},
         "date": time.strftime("%Y-%m-%d"),
         "overhead": overhead(args.trials, args.concurrency, args.steps),
-        "scaling": scaling(args.steps),
     }
+    if not args.skip_scaling:
+        result["scaling"] = scaling(args.steps)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    o, s = result["overhead"], result["scaling"]
+    o, cpu = result["overhead"], result["overhead"]["cpu_s"]
     print(f"sweep overhead: {o['overhead']:+.1%} ({o['sweep_wall_s']:.0f} s against {o['ideal_wall_s']:.0f} s), "
           f"{o['overhead_vs_concurrent_fits']:+.1%} against {o['concurrent_fits_wall_s']:.0f} s of concurrent fits; "
-          f"2 workers / 1 worker: {s['speedup_2_over_1']:.2f}x tokens/s")
+          f"CPU: {cpu['sweep']:.0f} s in the sweep ({cpu['sweep_train_workers']:.0f} s in its training workers) "
+          f"against {cpu['fits']:.0f} s in the fits")
+    if "scaling" in result:
+        print(f"2 workers / 1 worker: {result['scaling']['speedup_2_over_1']:.2f}x tokens/s")
 
 
 if __name__ == "__main__":
