@@ -45,7 +45,7 @@ def run(task: LanguageModelTask, batches: list[dict[str, Any]], *, precision: st
         accelerator=accelerator, devices=1, precision=precision, max_epochs=max_epochs, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=len(val_batches or []), use_distributed_sampler=False,
-        log_every_n_steps=1, **trainer,
+        **{"log_every_n_steps": 1, **trainer},
     )
     trainer_.fit(task, datamodule=data(batches, val_batches))
     return trainer_

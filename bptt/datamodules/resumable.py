@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader
 
 
@@ -26,6 +27,11 @@ class ResumableDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         raise NotImplementedError
+
+    def _pin_memory(self) -> bool:
+        """Page-locked batches when training on a GPU: copying one to the device then does not
+        wait for the GPU to finish the previous step."""
+        return isinstance(getattr(getattr(self, "trainer", None), "accelerator", None), CUDAAccelerator)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

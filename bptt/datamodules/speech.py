@@ -385,7 +385,7 @@ class SpeechDataModule(ResumableDataModule):
     def _loader(self, split: str) -> DataLoader:
         # batch_size=None: each item already is a collated batch; the sampler fixes the order
         return DataLoader(self._batches[split], batch_size=None, sampler=self._orders[split],
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, pin_memory=self._pin_memory())
 
 
     def state_dict(self) -> dict[str, Any]:

@@ -136,7 +136,8 @@ class _SyntheticSequences(ResumableDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         # batch_size=None: each item already is a batch; the sampler fixes the order
-        return DataLoader(self._batches[split], batch_size=None, sampler=self._orders[split])
+        return DataLoader(self._batches[split], batch_size=None, sampler=self._orders[split],
+                          pin_memory=self._pin_memory())
 
 
     def state_dict(self) -> dict[str, Any]:

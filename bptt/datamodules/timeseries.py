@@ -479,7 +479,7 @@ class TimeSeriesDataModule(ResumableDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         # batch_size=None: each item already is a (B, T, ...) window; order matters, so no sampler, no workers.
-        return DataLoader(self._windows[split], batch_size=None)
+        return DataLoader(self._windows[split], batch_size=None, pin_memory=self._pin_memory())
 
 
     def state_dict(self) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def _zero_rows(state: State | None, rows: Tensor) -> State | None:
     """``state`` with the rows where ``rows`` (B,) is true set to zeros."""
     if state is None or not bool(rows.any()):
         return state
-    return tuple(torch.where(rows.view(-1, *([1] * (s.dim() - 1))), torch.zeros_like(s), s) for s in state)
+    return tuple(torch.where(rows.to(s.device).view(-1, *([1] * (s.dim() - 1))), torch.zeros_like(s), s) for s in state)
 
 
 class TBPTTModule(pl.LightningModule):
@@ -167,6 +167,7 @@ class TBPTTModule(pl.LightningModule):
         self.steps_skipped = 0
         self.consecutive_skipped = 0
         self._clip_now, self._grad_norm = False, 0.0
+        self._grad_norm_on_device: Tensor | None = None  # the same, for clipping without a host-to-device copy
         self._last_log_time: float | None = None
         self._tokens_since_log = 0.0
 
@@ -222,6 +223,14 @@ class TBPTTModule(pl.LightningModule):
         return schedulers[0] if isinstance(schedulers, list) else schedulers
 
     # ---- training -------------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Everything to the device but ``reset``: the engine branches on it in Python, and a
+        device tensor there would make the host wait for the GPU at every batch."""
+        if not (isinstance(batch, dict) and "reset" in batch):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        rest = {k: v for k, v in batch.items() if k != "reset"}
+        return {**super().transfer_batch_to_device(rest, device, dataloader_idx), "reset": batch["reset"]}
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.loss_per == "sequence":
             self._train_sequences(batch)
@@ -235,7 +244,7 @@ class TBPTTModule(pl.LightningModule):
             state, history, end_state = self.train_state, self.history, self.end_state
             if bool(batch["reset"].any()):  # restarted streams: drop the shared history, zero their rows
                 state, history = _zero_rows(end_state, batch["reset"]), None
-        total_loss, total_count = torch.zeros((), device=self.device), 0.0
+        total_loss = total_count = torch.zeros((), device=self.device)
         for start in range(0, length, k1):
             new = self._slice(batch, start, min(start + k1, length))
             state, history, end_state, loss_sum, count = self._train_window(new, state, history, k2 - k1)
@@ -249,7 +258,7 @@ class TBPTTModule(pl.LightningModule):
 
     def _train_window(
         self, new: dict[str, Tensor], state: State | None, history: dict[str, Tensor] | None, keep: int
-    ) -> tuple[State | None, dict[str, Tensor] | None, State | None, Tensor, float]:
+    ) -> tuple[State | None, dict[str, Tensor] | None, State | None, Tensor, Tensor]:
         """One optimizer step on ``new`` steps, backpropagating through ``history`` too.
 
         Args:
@@ -284,44 +293,52 @@ class TBPTTModule(pl.LightningModule):
         mask = new.get("mask")
         if mask is not None:
             step_losses = step_losses * mask
-        count = float(mask.sum()) if mask is not None else float(step_losses.numel())
+        # a device tensor, like everything below until the one read in _optimizer_step: no waiting on the GPU
+        exact = torch.promote_types(step_losses.dtype, torch.float32)  # counts stay exact integers
+        count = mask.to(exact).sum() if mask is not None else step_losses.new_full((), step_losses.numel(), dtype=exact)
         loss_sum = step_losses.sum()
         row_bad = ~torch.isfinite(step_losses.detach().float().sum(dim=1))
         for s in end_state or ():
             row_bad |= ~torch.isfinite(s.float().flatten(1)).all(dim=1)
 
-        def backward(scale: float) -> None:
+        def backward(scale: Tensor) -> None:
             self.manual_backward(loss_sum * scale)
 
-        if not self._optimizer_step(backward, row_bad, loss_sum, count) and bool(row_bad.any()):
+        if not self._optimizer_step(backward, row_bad, loss_sum, count):
             # no update; streams whose loss or state went non-finite start again from zeros
             end_state = _zero_rows(end_state, row_bad)
             next_state, next_history = end_state, None
         return next_state, next_history, end_state, loss_sum.detach(), count
 
-    def _optimizer_step(self, backward: Callable[[float], None], row_bad: Tensor, loss_sum: Tensor, count: float) -> bool:
+    def _optimizer_step(self, backward: Callable[[Tensor], None], row_bad: Tensor, loss_sum: Tensor, count: Tensor) -> bool:
         """One optimizer step over this rank's ``count`` targets, unless a rank saw a non-finite value.
 
+        The host waits for the device once: after the backward pass, for the gradient norm and
+        whether any rank's loss was non-finite (the backward pass runs either way; a skipped step
+        discards its gradients), so a GPU is never idle while Python decides.
+
         Args:
-            backward: backpropagates the loss sum times the given factor.
+            backward: backpropagates the loss sum times the given factor (a device scalar).
             row_bad: (B,) rows whose loss (or state) is not finite.
             loss_sum: this rank's loss sum, for the error message.
-            count: this rank's number of targets in the loss.
+            count: this rank's number of targets in the loss (a device scalar).
 
         Returns:
-            False when the step was skipped before the backward pass for a non-finite loss.
+            False when the step was skipped for a non-finite loss on some rank.
         """
-        global_count = count
-        if self.trainer.world_size > 1:
-            global_count = float(self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="sum"))
+        world = self.trainer.world_size
+        global_count, bad = count, row_bad.any().to(count.dtype)
+        if world > 1:  # collectives on device tensors: no host wait
+            global_count = self.trainer.strategy.reduce(global_count.clone(), reduce_op="sum")
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         opt = self.optimizers()
-        finite = self.trainer.strategy.reduce_boolean_decision(not bool(row_bad.any()), all=True)
-        if not finite:
-            self._skip_step(opt, f"loss is {loss_sum.item()}")
-            return False
         # DDP averages gradients over ranks; scaling by world / global count makes that the mean over all targets.
-        backward(self.trainer.world_size / max(global_count, 1.0))
-        norm, largest = self._gradient_size()
+        backward(world / global_count.clamp(min=1.0))
+        norm, largest, bad = self._gradient_size(bad)
+        if bad > 0:
+            here = bool(row_bad.any())
+            self._skip_step(opt, f"loss is {loss_sum.item()}" if here else "a non-finite loss on another rank")
+            return False
         if not (math.isfinite(norm) and math.isfinite(largest)):
             if self._scaler() is not None:  # fp16 overflow: the scaler skips the step and lowers its scale
                 self._clip_now = False
@@ -386,11 +403,11 @@ class TBPTTModule(pl.LightningModule):
         outputs = torch.cat(pieces, dim=1).requires_grad_()  # (B, T', ...)
         with torch.enable_grad():  # pass 2: the loss over whole sequences, differentiated w.r.t. the outputs only
             losses, counts = self.sequence_losses(outputs, batch)  # (B,), (B,)
-        loss_sum, count = losses.sum(), float(counts.sum())
+        loss_sum, count = losses.sum(), counts.to(torch.promote_types(losses.dtype, torch.float32)).sum()
         row_bad = ~torch.isfinite(losses.detach().float())
         sizes = [p.shape[1] for p in pieces]
 
-        def backward(scale: float) -> None:  # pass 3: each window again, with graph
+        def backward(scale: Tensor) -> None:  # pass 3: each window again, with graph
             (grad,) = torch.autograd.grad(loss_sum * scale, outputs)
             grads = grad.split(sizes, dim=1)
             carried: State | None = None  # d loss / d (state where the later window starts), exact mode
@@ -418,18 +435,22 @@ class TBPTTModule(pl.LightningModule):
     def _scaler(self) -> Any:
         return getattr(self.trainer.precision_plugin, "scaler", None)
 
-    def _gradient_size(self) -> tuple[float, float]:
-        """(global 2-norm, largest absolute value) of the gradients, unscaled; the 2-norm is
-        NaN or Inf when any gradient is, and the largest value is only computed for value clipping."""
+    def _gradient_size(self, bad: Tensor) -> tuple[float, float, float]:
+        """(global 2-norm, largest absolute value) of the gradients, unscaled, and ``bad``, read
+        from the device at once; the 2-norm is NaN or Inf when any gradient is, and the largest
+        value is only computed for value clipping."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
-            return 0.0, 0.0
-        scale = self._scaler().get_scale() if self._scaler() is not None else 1.0
-        norm = float(torch.nn.utils.get_total_norm(grads, norm_type=2.0)) / scale
-        largest = 0.0
-        if self.grad_clip is not None and self.grad_clip_algorithm == "value":
-            largest = float(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)) / scale
-        return norm, largest
+        zero = torch.zeros((), device=bad.device)
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0).to(bad.device) if grads else zero
+        largest = zero
+        if grads and self.grad_clip is not None and self.grad_clip_algorithm == "value":
+            largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf).to(bad.device)
+        scaler = self._scaler()
+        scale = scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else torch.ones_like(zero)
+        values = torch.stack([norm.float(), largest.float(), bad.float(), scale.float().to(bad.device)])
+        self._grad_norm_on_device = values[0] / values[3]
+        norm, largest, bad, scale = values.tolist()
+        return norm / scale, largest / scale, bad
 
     def _skip_step(self, opt: Any, reason: str) -> None:
         opt.zero_grad(set_to_none=True)
@@ -449,10 +470,10 @@ class TBPTTModule(pl.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="value")
         else:  # Lightning's norm clipping would compute the norm a second time (2% of a word-LM step)
             params = [p for p in self.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, torch.tensor(self._grad_norm))
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, self._grad_norm_on_device)
 
-    def _log_train(self, loss_sum: Tensor, count: float) -> None:
-        loss = loss_sum / max(count, 1.0)
+    def _log_train(self, loss_sum: Tensor, count: Tensor) -> None:
+        loss = loss_sum / count.clamp(min=1.0)
         self.log(TRAIN_LOSS, loss, on_step=True, on_epoch=False, prog_bar=True)  # the progress bar shows it
         self._tokens_since_log += count * self.trainer.world_size
         # Lightning keeps step values only every trainer.log_every_n_steps; a self.log costs ~1 ms

@@ -5,6 +5,7 @@ mixed precision and schedulers. float64 throughout unless the test is about prec
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -306,3 +307,43 @@ def test_validation_counts_only_masked_steps_as_training_does():
 def test_engine_rejects_k1_above_k2():
     with pytest.raises(ValueError, match=r"task.k1=8 > task.k2=4.*k1 <= k2"):
         LanguageModelTask(model=tiny_model(), k1=8, k2=4)
+
+
+class HostWaits(LanguageModelTask):
+    """Records, for each training step, the operations that made the host wait for the GPU
+    (CUDA's sync debug mode warns on each)."""
+
+    waits: list[list[str]]
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.waits = []
+
+    def training_step(self, batch, batch_idx):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                super().training_step(batch, batch_idx)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        self.waits.append([str(w.message) for w in caught if "synchroniz" in str(w.message)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("precision", "waits"), [("32-true", 1), ("bf16-mixed", 1), ("16-mixed", 2)])
+def test_a_training_step_waits_for_the_gpu_once(precision, waits):
+    """Decisions (skip a non-finite step, clip) need one read of the gradient norm; the rest of
+    the engine's step stays on the device (fp16: GradScaler reads its overflow flag too), so the
+    GPU does not idle while Python decides. Steps that log (every log_every_n_steps) read more."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    plugins = []
+    if precision == "16-mixed":  # a scale that does not overflow at the first step
+        plugins = [MixedPrecision("16-mixed", "cuda", scaler=torch.amp.GradScaler("cuda", init_scale=1024.0))]
+    task = HostWaits(model=tiny_model(), optimizer=sgd(LR), grad_clip=0.05)  # clips every step
+    trainer = run(task, stream_batches(_tokens(length=13), 4), precision=None if plugins else precision,
+                  accelerator="gpu", plugins=plugins, log_every_n_steps=100)
+    assert trainer.global_step == 3 and task.steps_clipped == 3
+    assert [len(w) for w in task.waits] == [waits] * 3, task.waits
