@@ -62,9 +62,12 @@ class ProcessTreeCPU:
                 name = Path(f"/proc/{pid}/comm").read_text().strip()
             except OSError:
                 continue
-            if name.startswith("python"):  # a Python service: name it by its script or module
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                name = next((Path(a.decode()).stem for a in argv[1:] if a and not a.startswith(b"-")), name)
+            if name.startswith("python"):  # a Python service: name it by its module or script
+                argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:] if a]
+                if "-m" in argv[:-1]:
+                    name = argv[argv.index("-m") + 1]
+                elif "-c" not in argv:
+                    name = next((Path(a).stem for a in argv if not a.startswith("-")), name)
             self.seen[pid] = (name, (int(fields[11]) + int(fields[12])) / self.tick)
             todo += map(int, children)
 
