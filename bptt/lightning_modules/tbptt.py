@@ -445,9 +445,10 @@ class TBPTTModule(pl.LightningModule):
         largest = zero
         if grads and self.grad_clip is not None and self.grad_clip_algorithm == "value":
             largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf).to(bad.device)
-        scaler = self._scaler()
+        scaler = self._scaler()  # its scale as a tensor: get_scale() would wait for the device on its own
         scale = scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else torch.ones_like(zero)
-        values = torch.stack([norm.float(), largest.float(), bad.float(), scale.float().to(bad.device)])
+        dtype = torch.promote_types(norm.dtype, torch.float32)  # float64 runs clip in float64
+        values = torch.stack([v.to(bad.device, dtype) for v in (norm, largest, bad, scale)])
         self._grad_norm_on_device = values[0] / values[3]
         norm, largest, bad, scale = values.tolist()
         return norm / scale, largest / scale, bad
