@@ -29,7 +29,7 @@ bench: $(BIN)/bptt
 bench-quality: $(BIN)/bptt
 	$(BIN)/python benchmarks/quality_lm.py
 
-# sweep overhead against `bptt fit` one after another, and 1 vs 2 workers per trial: about 12 minutes
+# sweep overhead against `bptt fit` one after another (CPU seconds by process), and 1 vs 2 workers per trial: about 14 minutes
 bench-sweep: $(BIN)/bptt
 	$(BIN)/python benchmarks/sweep_overhead.py
 
