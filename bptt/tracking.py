@@ -8,7 +8,6 @@ default store with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shlex
@@ -182,14 +181,9 @@ class ServedStore:
         if not self.store_uri.startswith("sqlite:///"):
             raise TrackingError(f"a sweep serves only sqlite stores; {self.store_uri} is not one: use sqlite:///PATH.db "
                                 "or an MLflow server")
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        self._start()
-        return self
-
-    def _start(self) -> None:
-        """Start the server on a free port (it starts in the background; ``wait`` waits for it)."""
         store = Path(self.store_uri.removeprefix("sqlite:///"))
         port = free_port()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as out:
             self._server = subprocess.Popen(
                 [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
@@ -200,21 +194,19 @@ class ServedStore:
                 env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             )
         self.uri = f"http://127.0.0.1:{port}"
+        return self
 
     def wait(self, timeout: float = 120.0) -> None:
         """Block until the server answers ``/health``."""
         if self._server is None:
             return
-        deadline, restarts = time.time() + timeout, 2
+        deadline = time.time() + timeout
         while True:
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
                     return
-            except (OSError, http.client.HTTPException):  # not up yet, or another program answers on the port
-                if self._server.poll() is not None and restarts and "already in use" in self.log.read_text():
-                    restarts -= 1  # the free port was taken (e.g. by Ray, starting meanwhile) before the server bound it
-                    self._start()
-                elif self._server.poll() is not None or time.time() > deadline:
+            except OSError:
+                if self._server.poll() is not None or time.time() > deadline:
                     raise TrackingError(f"mlflow server on {self.store_uri} did not start; its log: {self.log}") from None
                 time.sleep(0.25)
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import socket
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -153,27 +151,3 @@ def test_served_store_runs_only_the_tracking_server_and_stops_all_of_it(tmp_path
     while any(_alive(pid) for pid in processes) and time.time() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in processes if _alive(pid)], processes
-
-
-def test_served_store_moves_to_another_port_when_its_port_is_taken_before_it_binds(tmp_path, monkeypatch):
-    """free_port() only names a port that was free a moment ago: in a sweep, Ray starts meanwhile
-    and may take it. Another program answering there (not HTTP) must not pass for the server, and
-    the server, unable to bind, starts again on another port."""
-    import bptt.tracking
-
-    squatter = socket.socket()
-    squatter.bind(("127.0.0.1", 0))
-    squatter.listen()
-    taken = squatter.getsockname()[1]
-    ports = iter([taken])
-    monkeypatch.setattr(bptt.tracking, "free_port", lambda: next(ports, None) or free_port())
-    store = ServedStore(MlflowTracking(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"), log=tmp_path / "server.log")
-    try:
-        with store:
-            assert store.uri == f"http://127.0.0.1:{taken}"
-            store.wait(timeout=90)
-            assert store.uri != f"http://127.0.0.1:{taken}"
-            with urllib.request.urlopen(f"{store.uri}/health", timeout=5) as answer:
-                assert answer.status == 200
-    finally:
-        squatter.close()
