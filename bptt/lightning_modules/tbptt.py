@@ -441,10 +441,10 @@ class TBPTTModule(pl.LightningModule):
         value is only computed for value clipping."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         zero = torch.zeros((), device=bad.device)
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else zero
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0).to(bad.device) if grads else zero
         largest = zero
         if grads and self.grad_clip is not None and self.grad_clip_algorithm == "value":
-            largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf)
+            largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf).to(bad.device)
         scaler = self._scaler()  # its scale as a tensor: get_scale() would wait for the device on its own
         scale = scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else torch.ones_like(zero)
         dtype = torch.promote_types(norm.dtype, torch.float32)  # float64 runs clip in float64
