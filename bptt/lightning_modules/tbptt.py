@@ -269,7 +269,7 @@ class TBPTTModule(pl.LightningModule):
 
         Returns:
             the next window's (state, history), the detached state after ``new``, and this
-            window's (loss sum, target count).
+            window's (loss sum, target count) over all ranks.
         """
         window = new if history is None else {k: torch.cat([history[k], new[k]], dim=1) for k in new}
         total = window["targets"].shape[1]
@@ -304,18 +304,23 @@ class TBPTTModule(pl.LightningModule):
         def backward(scale: Tensor) -> None:
             self.manual_backward(loss_sum * scale)
 
-        if not self._optimizer_step(backward, row_bad, loss_sum, count):
+        taken, global_loss, global_count = self._optimizer_step(backward, row_bad, loss_sum, count)
+        if not taken:
             # no update; streams whose loss or state went non-finite start again from zeros
             end_state = _zero_rows(end_state, row_bad)
             next_state, next_history = end_state, None
-        return next_state, next_history, end_state, loss_sum.detach(), count
+        return next_state, next_history, end_state, global_loss, global_count
 
-    def _optimizer_step(self, backward: Callable[[Tensor], None], row_bad: Tensor, loss_sum: Tensor, count: Tensor) -> bool:
+    def _optimizer_step(
+        self, backward: Callable[[Tensor], None], row_bad: Tensor, loss_sum: Tensor, count: Tensor
+    ) -> tuple[bool, Tensor, Tensor]:
         """One optimizer step over this rank's ``count`` targets, unless a rank saw a non-finite value.
 
         The host waits for the device once: after the backward pass, for the gradient norm and
         whether any rank's loss was non-finite (the backward pass runs either way; a skipped step
-        discards its gradients), so a GPU is never idle while Python decides.
+        discards its gradients), so a GPU is never idle while Python decides. Under DDP one
+        all-reduce sums (loss sum, target count, non-finite flag) over the ranks before the
+        backward pass: the count sets the step size, the sums are what the logs report.
 
         Args:
             backward: backpropagates the loss sum times the given factor (a device scalar).
@@ -324,13 +329,15 @@ class TBPTTModule(pl.LightningModule):
             count: this rank's number of targets in the loss (a device scalar).
 
         Returns:
-            False when the step was skipped for a non-finite loss on some rank.
+            whether the step was taken (False when skipped for a non-finite loss on some rank),
+            and the loss sum and target count over all ranks (device scalars).
         """
         world = self.trainer.world_size
-        global_count, bad = count, row_bad.any().to(count.dtype)
-        if world > 1:  # collectives on device tensors: no host wait
-            global_count = self.trainer.strategy.reduce(global_count.clone(), reduce_op="sum")
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        totals = torch.stack([loss_sum.detach().to(count.dtype), count, row_bad.any().to(count.dtype)])  # (3,)
+        if world > 1:
+            # enqueued on the device like any kernel; strategy.reduce would add a barrier, a host wait under NCCL
+            torch.distributed.all_reduce(totals)
+        global_loss, global_count, bad = totals.unbind()
         opt = self.optimizers()
         # DDP averages gradients over ranks; scaling by world / global count makes that the mean over all targets.
         backward(world / global_count.clamp(min=1.0))
@@ -338,7 +345,7 @@ class TBPTTModule(pl.LightningModule):
         if bad > 0:
             here = bool(row_bad.any())
             self._skip_step(opt, f"loss is {loss_sum.item()}" if here else "a non-finite loss on another rank")
-            return False
+            return False, global_loss, global_count
         if not (math.isfinite(norm) and math.isfinite(largest)):
             if self._scaler() is not None:  # fp16 overflow: the scaler skips the step and lowers its scale
                 self._clip_now = False
@@ -347,7 +354,7 @@ class TBPTTModule(pl.LightningModule):
                 self.steps_skipped += 1
             else:
                 self._skip_step(opt, f"gradient norm is {norm}")
-            return True
+            return True, global_loss, global_count
         self.consecutive_skipped = 0
         self._grad_norm = norm
         self._clip_now = self.grad_clip is not None and (
@@ -361,7 +368,7 @@ class TBPTTModule(pl.LightningModule):
             scheduler = self._scheduler()
             if not isinstance(scheduler, ReduceLROnPlateau):
                 scheduler.step()
-        return True
+        return True, global_loss, global_count
 
     # ---- sequence-level losses: three passes over the windows (see the module docstring) ----
     def _windows(self, batch: dict[str, Any]) -> list[dict[str, Tensor]]:
@@ -429,8 +436,8 @@ class TBPTTModule(pl.LightningModule):
                     unscale = self._scaler().get_scale() if self._scaler() is not None else 1.0
                     carried = tuple(s.grad / unscale for s in start)
 
-        self._optimizer_step(backward, row_bad, loss_sum.detach(), count)
-        self._log_train(loss_sum.detach(), count)
+        _, global_loss, global_count = self._optimizer_step(backward, row_bad, loss_sum.detach(), count)
+        self._log_train(global_loss, global_count)
 
     def _scaler(self) -> Any:
         return getattr(self.trainer.precision_plugin, "scaler", None)
@@ -474,9 +481,12 @@ class TBPTTModule(pl.LightningModule):
             torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, self._grad_norm_on_device)
 
     def _log_train(self, loss_sum: Tensor, count: Tensor) -> None:
+        """Log a batch's training metrics from its loss sum and target count over all ranks (device
+        scalars): every rank logs the same, global values. The gradient norm and the clip and skip
+        counters are global already: DDP averaged the gradients before the engine read their norm."""
         loss = loss_sum / count.clamp(min=1.0)
         self.log(TRAIN_LOSS, loss, on_step=True, on_epoch=False, prog_bar=True)  # the progress bar shows it
-        self._tokens_since_log += count * self.trainer.world_size
+        self._tokens_since_log += count
         # Lightning keeps step values only every trainer.log_every_n_steps; a self.log costs ~1 ms
         if not self.trainer._logger_connector.should_update_logs:
             return
