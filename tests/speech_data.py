@@ -93,3 +93,27 @@ def make_librispeech(
         for path, content in lines.items():
             path.write_text("\n".join(content) + "\n")
     return directory
+
+
+def write_speech_checkpoint(path: Path, *, n_mels: int = 40) -> Path:
+    """A checkpoint as ``bptt fit`` of ``conf/asr/fsdd_digits.yaml`` writes it (run config, network weights,
+    the SpeechDataModule's tokens and normalization), of an untrained one-layer network: for commands
+    such as ``bptt transcribe`` that need a checkpoint, not a good one. No corpus is read.
+
+    Returns:
+        ``path``.
+    """
+    import torch
+
+    from bptt.config import build_parser, instantiate, parse_config
+    from tests.conftest import PROJECT
+
+    parser = build_parser()
+    cfg = parse_config(["--config", str(PROJECT / "conf/asr/fsdd_digits.yaml"), "--model.hidden_size", "8",
+                        "--model.num_layers", "1", "--model.num_features", str(n_mels), "--data.n_mels", str(n_mels)],
+                       parser)
+    init = instantiate(cfg, parser)
+    data = {"tokens": init.data.tokens, "mean": [0.0] * n_mels, "std": [1.0] * n_mels, "epoch": 0, "batch": 0}
+    torch.save({"state_dict": init.task.state_dict(), "bptt": {"config": parser.dump(cfg)}, "global_step": 0,
+                type(init.data).__qualname__: data}, path)
+    return path

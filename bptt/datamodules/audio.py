@@ -7,6 +7,12 @@ our torch pin). Features are Kaldi/HTK-style log-mel filterbanks::
                   --HTK mel triangles--> (T, F) --log(x + 1e-6)--> features
 
 with T = 1 + N // hop (frames centred on samples 0, hop, 2 hop, ...; zero padding at the ends).
+
+Usable audio: a file must decode to finite samples at a rate in [``MIN_SAMPLE_RATE``,
+``MAX_SAMPLE_RATE``] (1 kHz .. 384 kHz, the range of real recorders and sound cards) that last at
+least one feature window (25 ms). Anything else (a file cut short after its header, one sample,
+NaN or Inf in a float file, a header claiming 1 Hz) is a ``CorpusError`` naming the file: training
+counts such utterances as skipped, ``bptt transcribe`` stops with that one line.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from bptt.datamodules.corpora import CorpusError
 WINDOW_SECONDS = 0.025
 HOP_SECONDS = 0.010
 LOG_FLOOR = 1e-6
+MIN_SAMPLE_RATE = 1_000  # Hz
+MAX_SAMPLE_RATE = 384_000
 
 
 def read_audio(source: str | Path | bytes, *, name: str | None = None) -> tuple[np.ndarray, int]:
@@ -38,7 +46,8 @@ def read_audio(source: str | Path | bytes, *, name: str | None = None) -> tuple[
         (waveform (N,) float32 in [-1, 1], its sample rate).
 
     Raises:
-        CorpusError: the file is missing, unreadable, corrupt or has no samples.
+        CorpusError: the file is missing, unreadable or corrupt, or not usable audio (see the
+            module docstring): a rate outside [1 kHz, 384 kHz], under 25 ms, NaN or Inf samples.
     """
     name = name or str(source)
     try:
@@ -48,6 +57,19 @@ def read_audio(source: str | Path | bytes, *, name: str | None = None) -> tuple[
         raise CorpusError(f"cannot read audio {name}: {err}; replace or remove the file") from None
     if data.shape[0] == 0:
         raise CorpusError(f"audio {name} has no samples; replace or remove the file")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise CorpusError(f"audio {name} has a sample rate of {rate} Hz, outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} "
+                          "Hz; its header is damaged or it is not a recording: replace or remove the file")
+    count, window = data.shape[0], round(WINDOW_SECONDS * rate)
+    if count < window:
+        raise CorpusError(f"audio {name} has {count} sample(s) at {rate} Hz ({1000 * count / rate:.1f} ms), fewer than "
+                          f"one {1000 * WINDOW_SECONDS:.0f} ms feature window ({window}); it is cut short or empty: "
+                          "replace or remove the file")
+    finite = np.isfinite(data).all(axis=1)  # (N,)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise CorpusError(f"audio {name} has a non-finite sample ({data[i][~np.isfinite(data[i])][0]}) at sample {i} "
+                          f"({i / rate:.3f} s); replace or remove the file")
     return data.mean(axis=1), int(rate)  # (N,)
 
 

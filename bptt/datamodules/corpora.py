@@ -153,7 +153,7 @@ def load_corpus(
     if path.is_file():
         return _records(split_by_fractions(read_utf8(path), split_fractions)), str(path)
     if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
-        loaded = datasets.load_from_disk(str(path))
+        loaded = load_saved(path)
         if isinstance(loaded, datasets.Dataset):
             raise CorpusError(f"{path} holds a single Dataset; save a DatasetDict with train/validation/test splits")
         return _select_text(_normalize_split_names(loaded, str(path)), text_column, str(path)), str(path)
@@ -164,6 +164,16 @@ def load_corpus(
         f"{path} is a directory without train.txt/valid.txt/test.txt, wiki.*.tokens or a saved DatasetDict; "
         "point corpus at a .txt file to split it by fractions"
     )
+
+
+def load_saved(path: Path) -> datasets.Dataset | datasets.DatasetDict:
+    """A directory written by ``save_to_disk``; a one-line CorpusError when its files are damaged."""
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as err:  # json, pyarrow and datasets raise many types for damaged files
+        detail = " ".join(str(err).split())[:160]
+        raise CorpusError(f"cannot load the saved dataset {path} ({type(err).__name__}: {detail}); save it again "
+                          "with save_to_disk, or point data.corpus at another corpus") from None
 
 
 def _select_text(dsd: datasets.DatasetDict, column: str, origin: str) -> datasets.DatasetDict:

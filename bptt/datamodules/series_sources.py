@@ -11,8 +11,9 @@ Sources (the ``source`` argument of ``TimeSeriesDataModule``):
   numeric value columns and optionally a series-id column (many series in one file).
 
 Nothing is sorted or deduplicated silently: unsorted or repeated timestamps, text in a
-value column or a column without a single value stop with a one-line ``CorpusError``
-that names the file, column and row.
+value column, a value that is not finite in float32 (``inf``, ``-inf``, ``1e39``: they would
+train to NaN losses) or a column without a single value stop with a one-line ``CorpusError``
+that names the file, column and row. A missing value (an empty cell, ``NaN``) is a gap.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import numpy as np
 import pandas as pd
 
 from bptt.datamodules.corpora import CorpusError, data_root
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the batches hold float32: larger values become inf
 
 STATSMODELS = {  # name -> (timestamp column after loading, its default season)
     "co2": ("date", 52),
@@ -95,7 +98,7 @@ def load_series(
     reader = _Checks(frame.reset_index(drop=True), origin, lines)
     columns = reader.value_columns(timestamp_column, value_columns, series_column)
     stamps = reader.timestamps(timestamp_column)
-    values = np.stack([reader.numeric(c) for c in columns], axis=1)  # (N, C)
+    values = np.stack([reader.numeric(c, timestamp_column) for c in columns], axis=1)  # (N, C)
     if series_column is None:
         groups = {"0": np.arange(len(frame))}
     else:
@@ -182,6 +185,11 @@ class _Checks:
                               "fill it in or drop the row")
         if pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
             stamps = raw.to_numpy(dtype=np.float64)
+            bad = np.flatnonzero(~np.isfinite(stamps))
+            if bad.size:
+                i = int(bad[0])
+                raise CorpusError(f"{self.origin}: timestamp {stamps[i]:g} at {self.row(i)} of column {column!r} is "
+                                  "not a finite number; fix it or drop the row")
             return stamps.astype(np.int64) if np.all(stamps == np.round(stamps)) else stamps
         if pd.api.types.is_datetime64_any_dtype(raw):
             return raw.to_numpy(dtype="datetime64[ns]")
@@ -193,8 +201,13 @@ class _Checks:
                               "neither a date nor a number; fix it, or write every timestamp in one format")
         return parsed.to_numpy(dtype="datetime64[ns]")
 
-    def numeric(self, column: str) -> np.ndarray:
-        """(N,) float64 values of a value column; NaN where missing."""
+    def numeric(self, column: str, timestamp: str) -> np.ndarray:
+        """(N,) float64 values of a value column, finite in float32; NaN where missing.
+
+        Args:
+            column: the value column.
+            timestamp: the timestamp column, to name the time of a bad value.
+        """
         raw = self.frame[column]
         if pd.api.types.is_bool_dtype(raw) or not (
             pd.api.types.is_numeric_dtype(raw) or pd.api.types.is_object_dtype(raw) or pd.api.types.is_string_dtype(raw)
@@ -208,6 +221,12 @@ class _Checks:
             raise CorpusError(f"{self.origin}: value column {column!r} has the non-numeric value {raw.iloc[i]!r} at "
                               f"{self.row(i)}; fix it (an empty cell is a gap) or drop the column from data.value_columns")
         out = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = np.flatnonzero(np.abs(out) > FLOAT32_MAX)  # inf, -inf and what float32 cannot hold; NaN is a gap
+        if bad.size:
+            i = int(bad[0])
+            raise CorpusError(f"{self.origin}: value column {column!r} has the value {out[i]:g} at {self.row(i)}, "
+                              f"timestamp {self.frame[timestamp].iloc[i]}: not a finite number of at most "
+                              f"{FLOAT32_MAX:.3g} in magnitude; fix it, or empty the cell to make it a gap")
         if np.isnan(out).all():
             raise CorpusError(f"{self.origin}: value column {column!r} has no values (all missing); "
                               "drop it from data.value_columns")

@@ -31,7 +31,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from bptt.datamodules.audio import LogMel, load_audio
+from bptt.datamodules.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, LogMel, load_audio
+from bptt.datamodules.caches import check_writable, default_cache_dir, reading_cache
 from bptt.datamodules.corpora import SPLITS, CorpusError
 from bptt.datamodules.resumable import ResumableDataModule
 from bptt.datamodules.speech_corpora import (
@@ -40,7 +41,6 @@ from bptt.datamodules.speech_corpora import (
     corpus_kind,
     load_speech_corpus,
 )
-from bptt.datamodules.text import default_cache_dir
 from bptt.datamodules.utterance_batches import BatchOrder, SpeechBatches
 from bptt.errors import ConfigError
 
@@ -77,7 +77,7 @@ class SpeechDataModule(ResumableDataModule):
         audio_column: the audio column of a Hugging Face or saved dataset.
         text_column: its transcript column.
         tokens: ``digits`` or ``chars``.
-        sample_rate: every waveform is resampled to this rate (Hz).
+        sample_rate: every waveform is resampled to this rate (Hz), in [1000, 384000].
         n_mels: F, mel bins per frame.
         spec_augment: mask training batches with SpecAugment.
         freq_masks: frequency masks per utterance.
@@ -87,7 +87,7 @@ class SpeechDataModule(ResumableDataModule):
         batch_size: B_global, training utterances per step over all ranks.
         eval_batch_size: utterances per validation/test batch.
         batches_per_bucket: batches' worth of training utterances sorted by length together.
-        seed: seed of the FSDD composition, the training order and SpecAugment.
+        seed: seed of the FSDD composition, the training order and SpecAugment; >= 0.
         digits_per_utterance: [min, max] FSDD recordings per composed utterance.
         gap_seconds: [min, max] silence before, between and after them.
         utterances: composed FSDD utterances of train, validation and test.
@@ -138,6 +138,11 @@ class SpeechDataModule(ResumableDataModule):
                             ("time_mask_width", time_mask_width), ("num_workers", num_workers)):
             if value < 0:
                 raise ConfigError(f"data.{name} must be >= 0, got {value}")
+        if seed < 0:
+            raise ConfigError(f"data.seed must be >= 0 (numpy seeds the composition and the order), got {seed}")
+        if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+            raise ConfigError(f"data.sample_rate must be in [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}] (Hz), "
+                              f"got {sample_rate}")
         if n_mels > LogMel(sample_rate=sample_rate, n_mels=1).n_fft // 2 + 1:
             raise ConfigError(f"data.n_mels={n_mels} is more than the FFT bins of a 25 ms window at {sample_rate} Hz; "
                               "lower n_mels or raise sample_rate")
@@ -218,6 +223,10 @@ class SpeechDataModule(ResumableDataModule):
 
         A corpus seen before (same files, sizes and times, same settings) is not read again:
         its features come memory-mapped from ``cache_dir/speech/<key>/``.
+
+        Raises:
+            ConfigError: the cache directory cannot be written (and the corpus is not cached yet).
+            CorpusError: the corpus cannot be read or leaves a split empty, or the cache entry is corrupt.
         """
         if self.data:
             return
@@ -228,16 +237,29 @@ class SpeechDataModule(ResumableDataModule):
             return manifest.exists() and all((entry / split).is_dir() for split in SPLITS)
 
         if not complete():
+            check_writable(entry.parent)
             entry.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(entry) + ".lock"):  # DDP ranks on one machine featurize once
                 if not complete():
                     self._build(entry)
-        cached = json.loads(manifest.read_text())
-        self.report = cached["report"]
-        self.data = {split: datasets.load_from_disk(str(entry / split)) for split in SPLITS}
+        with reading_cache(manifest, remove=entry):
+            cached = json.loads(manifest.read_text())
+            report, mean, std = cached["report"], torch.tensor(cached["mean"]), torch.tensor(cached["std"])
+            if mean.shape != (self.n_mels,) or std.shape != (self.n_mels,) or not torch.isfinite(mean + std).all():
+                raise ValueError(f"the normalization is not {self.n_mels} finite means and stds")
+            skipped = {split: (dict(report["splits"][split]["skipped"]), report["splits"][split]["skipped_example"])
+                       for split in SPLITS}
+        data = {}
+        for split in SPLITS:
+            with reading_cache(entry / split, remove=entry):
+                data[split] = datasets.load_from_disk(str(entry / split))
+                shape = data[split].features["features"].shape
+                if shape[1:] != (self.n_mels,) or not {"labels", "num_frames"} <= set(data[split].column_names):
+                    raise ValueError(f"its rows are not utterances of {self.n_mels} mel bins")
+        self.report, self.data = report, data
         if self.stats is None:  # else restored by load_state_dict
-            self.stats = (torch.tensor(cached["mean"]), torch.tensor(cached["std"]))
-        self._warn_skips()
+            self.stats = (mean, std)
+        self._warn_skips(skipped)
 
     def _cache_entry(self) -> Path:
         """``cache_dir/speech/<key>``: the key hashes the corpus's files (paths, sizes, mtimes) and
@@ -315,7 +337,7 @@ class SpeechDataModule(ResumableDataModule):
         if set(text) - set(self.tokens):
             return "characters outside the token set", None
         try:
-            feats = self.logmel(record.audio(self.sample_rate))  # (T, F)
+            feats = self._features(record.audio(self.sample_rate), record.source)  # (T, F)
         except CorpusError:
             return "unreadable audio", None
         labels = self.encode(text)
@@ -324,12 +346,21 @@ class SpeechDataModule(ResumableDataModule):
         return "", {"id": record.id, "text": text, "source": record.source, "labels": labels,
                     "num_frames": len(feats), "features": feats.numpy()}
 
-    def _warn_skips(self) -> None:
-        for split, info in self.report["splits"].items():
-            if info["skipped"] and rank_zero_only.rank == 0:
-                counts = ", ".join(f"{reason} {n}" for reason, n in info["skipped"].items())
-                log.warning(f"{sum(info['skipped'].values())} utterances skipped in split {split}: {counts}; "
-                            f"e.g. {info['skipped_example']}")
+    def _warn_skips(self, skipped: dict[str, tuple[dict[str, int], str | None]]) -> None:
+        """Log, per split, the utterances skipped by reason and an example: {split: (counts, example)}."""
+        for split, (counts, example) in skipped.items():
+            if counts and rank_zero_only.rank == 0:
+                listed = ", ".join(f"{reason} {n}" for reason, n in counts.items())
+                log.warning(f"{sum(counts.values())} utterances skipped in split {split}: {listed}; e.g. {example}")
+
+    def _features(self, waveform: np.ndarray, name: str) -> Tensor:
+        """Log-mel features (T, F) of a waveform at ``sample_rate``; CorpusError naming ``name`` when they
+        are not finite (samples so large that their power overflows float32)."""
+        feats = self.logmel(waveform)  # (T, F)
+        if not torch.isfinite(feats).all():
+            raise CorpusError(f"audio {name} gives non-finite features (peak sample {np.abs(waveform).max():.3g}, "
+                              "audio lies in [-1, 1]); replace or remove the file")
+        return feats
 
     def featurize(self, path: str | Path) -> Tensor:
         """Normalized features of an audio file (WAV, FLAC, ...), as the batches hold them.
@@ -338,12 +369,16 @@ class SpeechDataModule(ResumableDataModule):
 
         Returns:
             (T, F) float32.
+
+        Raises:
+            CorpusError: naming the file: unreadable, or not usable audio (``bptt.datamodules.audio``:
+                a rate outside [1 kHz, 384 kHz], under one 25 ms window, NaN or Inf samples).
         """
         if self.stats is None:
             self.load()
         assert self.stats is not None
         mean, std = self.stats
-        return (self.logmel(load_audio(Path(path), self.sample_rate)) - mean) / std  # (T, F)
+        return (self._features(load_audio(Path(path), self.sample_rate), str(path)) - mean) / std  # (T, F)
 
     def save_artifacts(self, directory: Path) -> list[Path]:
         """Write ``data_report.json``: the source, tokens, features, and utterances, frames and skips per split."""

@@ -28,7 +28,7 @@ import datasets
 import numpy as np
 
 from bptt.datamodules.audio import load_audio
-from bptt.datamodules.corpora import SPLITS, CorpusError, data_root
+from bptt.datamodules.corpora import SPLITS, CorpusError, data_root, load_saved
 
 FSDD_NAME = re.compile(r"^(\d)_(.+)_(\d+)\.wav$")
 FSDD_TEST_INDICES = range(5)  # the official split: recordings 0-4 of every speaker and digit
@@ -262,7 +262,7 @@ def hf_utterances(
         except Exception as err:  # noqa: BLE001 (the hub or the cache; its message says which)
             raise CorpusError(f"could not load Hugging Face dataset {corpus[3:]!r} ({type(err).__name__}: {err})") from None
     else:
-        loaded = datasets.load_from_disk(str(resolve_corpus(corpus, data_dir)))
+        loaded = load_saved(resolve_corpus(corpus, data_dir))
         if isinstance(loaded, datasets.Dataset):
             raise CorpusError(f"{corpus} holds a single Dataset; save a DatasetDict with train/validation/test splits")
     result = {}

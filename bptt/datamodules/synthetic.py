@@ -90,6 +90,8 @@ class _SyntheticSequences(ResumableDataModule):
                             ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {value}")
+        if seed < 0:
+            raise ConfigError(f"data.seed must be >= 0 (numpy seeds the sequences and the order), got {seed}")
         if train_size < batch_size:
             raise ConfigError(f"data.train_size={train_size} is fewer than one batch (data.batch_size={batch_size}); "
                               "raise train_size or lower batch_size")

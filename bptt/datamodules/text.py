@@ -15,21 +15,16 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
+from bptt.datamodules.caches import check_writable, default_cache_dir, reading_cache
 from bptt.datamodules.corpora import CorpusError, corpus_identity, load_corpus
 from bptt.datamodules.resumable import ResumableDataModule
 from bptt.datamodules.streams import StreamWindows, shard_streams, stream_layout
-from bptt.datamodules.vocabulary import Vocabulary, tokenize_split
+from bptt.datamodules.vocabulary import Vocabulary, load_token_ids, tokenize_split
 from bptt.errors import ConfigError
-
-
-def default_cache_dir() -> Path:
-    """``$BPTT_CACHE_DIR``, else ``~/.cache/bptt``."""
-    return Path(os.environ.get("BPTT_CACHE_DIR") or Path.home() / ".cache" / "bptt")
 
 
 class TextStreamDataModule(ResumableDataModule):
@@ -76,13 +71,20 @@ class TextStreamDataModule(ResumableDataModule):
         vocab_file: str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("bptt", bptt)):
+        if level not in ("char", "word"):
+            raise ConfigError(f"data.level must be char or word, got {level!r}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("bptt", bptt),
+                            ("min_count", min_count)):
             if value < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {value}")
+        fractions = tuple(split_fractions)
+        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+            raise ConfigError(f"data.split_fractions must be three non-negative numbers summing to 1 (train, "
+                              f"validation, test), got {list(fractions)}")
         self.corpus = corpus
         self.level = level
         self.min_count = min_count
-        self.split_fractions = tuple(split_fractions)
+        self.split_fractions = fractions
         self.stdlib_glob = stdlib_glob
         self.hf_config = hf_config
         self.text_column = text_column
@@ -106,21 +108,29 @@ class TextStreamDataModule(ResumableDataModule):
 
         A corpus seen before (same files, sizes and times, same settings) is not read again:
         its vocabulary and memory-mapped token ids come from the cache.
+
+        Raises:
+            ConfigError: the cache directory cannot be written (and the corpus is not cached yet).
+            CorpusError: the corpus cannot be read, or a cache file is corrupt.
         """
         if self.ids:
             return
         manifest = self._manifest()
         if manifest is not None and manifest.exists():
-            cached = json.loads(manifest.read_text())
-            if all(Path(f).exists() for f in cached["splits"].values()):
-                self.vocab = self.vocab or Vocabulary.from_state_dict(cached["vocab"])
-                self.origin = cached["origin"]
-                self.ids = {s: torch.from_numpy(np.load(f, mmap_mode="c")) for s, f in cached["splits"].items()}
+            with reading_cache(manifest):
+                cached = json.loads(manifest.read_text())
+                files = {split: Path(cached["splits"][split]) for split in self._stream_counts()}
+                vocab = self.vocab or Vocabulary.from_state_dict(cached["vocab"])
+                origin = str(cached["origin"])
+            if all(f.exists() for f in files.values()):
+                self.ids = {s: torch.from_numpy(load_token_ids(f, len(vocab))) for s, f in files.items()}
+                self.vocab, self.origin = vocab, origin
         if not self.ids:
             self._tokenize(manifest)
         self._check_stream_lengths()
 
     def _tokenize(self, manifest: Path | None) -> None:
+        check_writable(self.cache_dir)
         records, origin = load_corpus(
             self.corpus,
             data_dir=self.data_dir,

@@ -7,6 +7,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,7 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 
+from bptt.datamodules.caches import reading_cache
 from bptt.datamodules.corpora import CorpusError
 
 UNK, EOS = "<unk>", "<eos>"
@@ -103,6 +105,9 @@ def tokenize_split(records: datasets.Dataset, vocab: Vocabulary, cache_file: Pat
 
     Returns:
         (N,) int32 ids, a copy-on-write memory map.
+
+    Raises:
+        CorpusError: a cache file is corrupt.
     """
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     flat_file = cache_file.with_suffix(".npy")
@@ -111,15 +116,16 @@ def tokenize_split(records: datasets.Dataset, vocab: Vocabulary, cache_file: Pat
         def encode_batch(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
             return {"ids": [vocab.encode(text) for text in batch["text"]]}
 
-        tokenized = records.map(
-            encode_batch,
-            batched=True,
-            remove_columns=records.column_names,
-            cache_file_name=str(cache_file),
-            load_from_cache_file=True,
-            desc=f"tokenizing {cache_file.stem}",
-        )
-        column = tokenized.data.column("ids")
+        with reading_cache(cache_file) if cache_file.exists() else nullcontext():  # else written here
+            tokenized = records.map(
+                encode_batch,
+                batched=True,
+                remove_columns=records.column_names,
+                cache_file_name=str(cache_file),
+                load_from_cache_file=True,
+                desc=f"tokenizing {cache_file.stem}",
+            )
+            column = tokenized.data.column("ids")
         total = int(pc.sum(pc.list_value_length(column)).as_py() or 0)
         partial = flat_file.with_suffix(".partial.npy")
         flat = np.lib.format.open_memmap(partial, mode="w+", dtype=np.int32, shape=(total,))
@@ -131,4 +137,20 @@ def tokenize_split(records: datasets.Dataset, vocab: Vocabulary, cache_file: Pat
         flat.flush()
         del flat
         os.replace(partial, flat_file)  # atomic: a crash leaves no half-written cache
-    return np.load(flat_file, mmap_mode="c")
+    return load_token_ids(flat_file, len(vocab))
+
+
+def load_token_ids(path: Path, vocab_size: int) -> np.ndarray:
+    """The ids that ``tokenize_split`` saved in ``path`` (``.npy``), memory-mapped copy-on-write.
+
+    Raises:
+        CorpusError: the file is corrupt: unreadable, not a 1-D int32 array, or holding ids
+            outside the vocabulary (which would fail later, inside the embedding).
+    """
+    with reading_cache(path):
+        ids = np.load(path, mmap_mode="c")
+        if ids.dtype != np.int32 or ids.ndim != 1:
+            raise ValueError(f"{ids.dtype} array of shape {ids.shape}, not 1-D int32 token ids")
+        if ids.size and not 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:
+            raise ValueError(f"ids from {int(ids.min())} to {int(ids.max())} in a vocabulary of {vocab_size}")
+    return ids

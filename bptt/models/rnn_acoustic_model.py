@@ -12,7 +12,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bptt.errors import ConfigError
+from bptt.models.arguments import check_core_arguments
 
 # A recurrent state is a tuple of batch-first tensors (B, L, H): (h,) for GRU, (h, c) for LSTM.
 State = tuple[Tensor, ...]
@@ -33,7 +33,7 @@ class RNNAcousticModel(nn.Module):
         rnn_type: LSTM or GRU.
         hidden_size: H.
         num_layers: L.
-        dropout: dropout after the front end, between layers and before the head.
+        dropout: dropout after the front end, between layers and before the head; in [0, 1).
         subsample: S; > 1 adds a conv front end with kernel = stride = S and ``conv_channels``
             channels, which shortens the sequence the RNN runs over S times.
         conv_channels: channels of the conv front end; default H.
@@ -52,17 +52,16 @@ class RNNAcousticModel(nn.Module):
         conv_channels: int | None = None,
     ) -> None:
         super().__init__()
-        if rnn_type not in _RNN_CLASSES:
-            raise ConfigError(f"model.rnn_type {rnn_type!r} is not one of {sorted(_RNN_CLASSES)}")
-        if subsample < 1:
-            raise ConfigError(f"model.subsample must be >= 1, got {subsample}")
+        check_core_arguments(rnn_type=rnn_type, rnn_types=_RNN_CLASSES, dropout=dropout, vocab_size=vocab_size,
+                             num_features=num_features, hidden_size=hidden_size, num_layers=num_layers,
+                             subsample=subsample, conv_channels=conv_channels)
         self.rnn_type = rnn_type
         self.num_features = num_features
         self.subsample = subsample
         width = num_features
         self.front = None
         if subsample > 1:
-            width = conv_channels or hidden_size
+            width = hidden_size if conv_channels is None else conv_channels
             self.front = nn.Conv1d(num_features, width, kernel_size=subsample, stride=subsample)
         self.dropout = nn.Dropout(dropout)
         self.rnn = _RNN_CLASSES[rnn_type](

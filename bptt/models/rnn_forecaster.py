@@ -10,7 +10,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from bptt.errors import ConfigError
+from bptt.models.arguments import check_core_arguments
 
 # A recurrent state is a tuple of batch-first tensors (B, L, Hd): (h,) for GRU, (h, c) for LSTM.
 State = tuple[Tensor, ...]
@@ -29,7 +29,7 @@ class RNNForecaster(nn.Module):
         rnn_type: LSTM or GRU.
         hidden_size: Hd.
         num_layers: L.
-        dropout: dropout between layers and before the head.
+        dropout: dropout between layers and before the head; in [0, 1).
     """
 
     def __init__(
@@ -44,11 +44,8 @@ class RNNForecaster(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if rnn_type not in _RNN_CLASSES:
-            raise ConfigError(f"model.rnn_type {rnn_type!r} is not one of {sorted(_RNN_CLASSES)}")
-        for name, value in (("num_inputs", num_inputs), ("num_targets", num_targets), ("horizon", horizon)):
-            if value < 1:
-                raise ConfigError(f"model.{name} must be >= 1, got {value}")
+        check_core_arguments(rnn_type=rnn_type, rnn_types=_RNN_CLASSES, dropout=dropout, num_inputs=num_inputs,
+                             num_targets=num_targets, horizon=horizon, hidden_size=hidden_size, num_layers=num_layers)
         self.rnn_type = rnn_type
         self.num_inputs, self.num_targets, self.horizon = num_inputs, num_targets, horizon
         self.rnn = _RNN_CLASSES[rnn_type](

@@ -11,6 +11,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from bptt.errors import ConfigError
+from bptt.models.arguments import check_core_arguments
 
 # A recurrent state is a tuple of batch-first tensors (B, L, H): (h,) for GRU/RNN, (h, c) for LSTM.
 State = tuple[Tensor, ...]
@@ -27,7 +28,7 @@ class RNNLanguageModel(nn.Module):
         embedding_size: E.
         hidden_size: H.
         num_layers: L.
-        dropout: dropout on the embeddings, between layers and before the decoder.
+        dropout: dropout on the embeddings, between layers and before the decoder; in [0, 1).
         tie_weights: share the embedding and decoder matrices (Press & Wolf 2017);
             needs ``embedding_size == hidden_size``.
     """
@@ -44,12 +45,12 @@ class RNNLanguageModel(nn.Module):
         tie_weights: bool = False,
     ) -> None:
         super().__init__()
-        if rnn_type not in _RNN_CLASSES:
-            raise ConfigError(f"rnn_type {rnn_type!r} is not one of {sorted(_RNN_CLASSES)}")
+        check_core_arguments(rnn_type=rnn_type, rnn_types=_RNN_CLASSES, dropout=dropout, vocab_size=vocab_size,
+                             embedding_size=embedding_size, hidden_size=hidden_size, num_layers=num_layers)
         if tie_weights and embedding_size != hidden_size:
             raise ConfigError(
-                f"tie_weights needs embedding_size == hidden_size (got {embedding_size} and {hidden_size}); "
-                "set both to the same value or tie_weights: false"
+                f"model.tie_weights needs model.embedding_size == model.hidden_size (got {embedding_size} and "
+                f"{hidden_size}); set both to the same value or tie_weights: false"
             )
         self.rnn_type = rnn_type
         self.num_layers = num_layers

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import types
 
 import datasets
@@ -13,6 +14,7 @@ import pytest
 import soundfile
 import torch
 
+from bptt.cli import main
 from bptt.datamodules import SpeechDataModule
 from bptt.datamodules.audio import LogMel, mel_centres, num_frames
 from bptt.datamodules.corpora import CorpusError
@@ -26,6 +28,7 @@ from tests.speech_data import (
     make_librispeech,
     speak,
     tone,
+    write_speech_checkpoint,
 )
 
 SMALL = {"utterances": (24, 6, 6), "batch_size": 4, "eval_batch_size": 4, "validation_indices": (5, 7)}
@@ -374,3 +377,120 @@ def test_evaluation_batches_give_every_rank_one_when_few():
     assert [b.tolist() for b in evaluation_batches(frames, batch_size=64)] == [[3, 1, 0, 4, 2]]
     assert [b.tolist() for b in evaluation_batches(frames, batch_size=64, world_size=2)] == [[3, 1, 0], [4, 2]]
     assert [b.tolist() for b in evaluation_batches(frames, batch_size=2, world_size=2)] == [[3, 1], [0, 4], [2]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sample_rate": 1}, r"data.sample_rate must be in \[1000, 384000\] \(Hz\), got 1$"),
+        ({"sample_rate": 999}, r"data.sample_rate must be in \[1000, 384000\] \(Hz\), got 999$"),
+        ({"sample_rate": 384_001}, r"data.sample_rate must be in \[1000, 384000\] \(Hz\), got 384001$"),
+        ({"seed": -1}, r"data.seed must be >= 0 \(numpy seeds the composition and the order\), got -1$"),
+        ({"num_workers": -1}, "data.num_workers must be >= 0, got -1$"),
+        ({"batches_per_bucket": 0}, "data.batches_per_bucket must be >= 1, got 0$"),
+        ({"time_mask_width": -5}, "data.time_mask_width must be >= 0, got -5$"),
+    ],
+)
+def test_bad_settings_are_config_errors_at_construction(kwargs, message):
+    with pytest.raises(ConfigError, match=f"^{message}") as err:
+        SpeechDataModule(**kwargs)
+    assert _one_line(err)
+
+
+def _wave(seconds: float = 0.5, rate: int = 8000) -> np.ndarray:
+    return tone([400.0, 1900.0], seconds, rate)
+
+
+def _cut(size: int):
+    def write(path):
+        soundfile.write(path, _wave(), 8000, format="WAV", subtype="PCM_16")
+        path.write_bytes(path.read_bytes()[:size])
+    return write
+
+
+def _float_with(value: float, at: int):
+    def write(path):
+        wave = _wave()
+        wave[at] = value
+        soundfile.write(path, wave, 8000, format="WAV", subtype="FLOAT")
+    return write
+
+
+def _at_rate(rate: int):
+    return lambda path: soundfile.write(path, _wave(0.5, 8000), rate, format="WAV", subtype="PCM_16")
+
+
+BAD_AUDIO = {  # how to write the file, what the one line says after "audio PATH " (or "cannot read audio PATH")
+    "header-only": (_cut(44), "has no samples; replace or remove the file"),
+    "truncated": (_cut(100), r"has 28 sample\(s\) at 8000 Hz \(3.5 ms\), fewer than one 25 ms feature window \(200\); "
+                             "it is cut short or empty: replace or remove the file"),
+    "one-sample": (lambda path: soundfile.write(path, _wave()[:1], 8000, format="WAV"),
+                   r"has 1 sample\(s\) at 8000 Hz \(0.1 ms\), fewer than one 25 ms feature window"),
+    "24-ms": (lambda path: soundfile.write(path, _wave(0.024), 8000, format="WAV"), r"has 192 sample\(s\) at 8000 Hz"),
+    "nan": (_float_with(np.nan, 300), r"has a non-finite sample \(nan\) at sample 300 \(0.037 s\); replace or remove"),
+    "inf": (_float_with(np.inf, 3999), r"has a non-finite sample \(inf\) at sample 3999 \(0.500 s\)"),
+    "-inf": (_float_with(-np.inf, 0), r"has a non-finite sample \(-inf\) at sample 0 \(0.000 s\)"),
+    "huge": (_float_with(1e30, 100), r"gives non-finite features \(peak sample 1e\+30, audio lies in \[-1, 1\]\)"),
+    "1-hz": (_at_rate(1), r"has a sample rate of 1 Hz, outside 1000..384000 Hz; its header is damaged or it is not a "
+                          "recording: replace or remove the file"),
+    "999-hz": (_at_rate(999), "has a sample rate of 999 Hz, outside 1000..384000 Hz"),
+    "768-khz": (_at_rate(768_000), "has a sample rate of 768000 Hz, outside"),
+    "not-audio": (lambda path: path.write_bytes(b"RIFF not really a wave file"), "Error opening"),
+}
+
+
+def _featurizer() -> SpeechDataModule:
+    """A SpeechDataModule with the normalization a checkpoint gives it: featurize needs no corpus."""
+    dm = SpeechDataModule(data_dir="/nonexistent", cache_dir="/nonexistent")
+    dm.load_state_dict({"tokens": dm.tokens, "mean": [0.0] * 40, "std": [1.0] * 40, "epoch": 0, "batch": 0})
+    return dm
+
+
+@pytest.mark.parametrize(("write", "message"), list(BAD_AUDIO.values()), ids=list(BAD_AUDIO))
+def test_featurize_refuses_unusable_audio_in_one_line_naming_the_file(write, message, tmp_path):
+    path = tmp_path / "bad.wav"
+    write(path)
+    with pytest.raises(CorpusError, match=f"^(cannot read )?audio {re.escape(str(path))}:? {message}") as err:
+        _featurizer().featurize(path)
+    assert _one_line(err)
+
+
+@pytest.mark.parametrize(("seconds", "rate"), [(0.025, 8000), (0.025, 1000), (0.5, 384_000), (0.3, 44_100)])
+def test_featurize_accepts_audio_at_the_edges_of_the_rules(seconds, rate, tmp_path):
+    soundfile.write(tmp_path / "ok.wav", _wave(seconds, rate), rate, subtype="FLOAT")
+    feats = _featurizer().featurize(tmp_path / "ok.wav")
+    assert feats.shape == (num_frames(round(seconds * 8000), 8000), 40) and torch.isfinite(feats).all()
+
+
+def test_unusable_training_audio_is_a_counted_skip(tmp_path):
+    texts = ["a cab", "bad ace", "dead bee", "faded", "cafe", "dab", "bead", "deaf cab", "ace"]
+    make_librispeech(tmp_path / "ls", transcripts={"train": texts, "validation": ["a dab"], "test": ["cab"]})
+    train = tmp_path / "ls" / "train-clean-100"
+    bad = ["truncated", "one-sample", "nan", "inf", "huge", "1-hz"]
+    for i, name in enumerate(bad):  # soundfile reads what the bytes are, whatever the .flac name says
+        BAD_AUDIO[name][0](next(train.rglob(f"*-{i:04d}.flac")))
+    dm = SpeechDataModule(corpus="ls", tokens="chars", sample_rate=16000, data_dir=str(tmp_path),
+                          cache_dir=str(tmp_path / "cache"), batch_size=2, eval_batch_size=1)
+    dm.load()
+    assert dm.report["splits"]["train"]["skipped"] == {"unreadable audio": len(bad)}
+    assert sorted(dm.data["train"]["text"]) == sorted(texts[len(bad):])
+    assert all(np.isfinite(f).all() for f in dm.data["train"].with_format("numpy")["features"])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_speech_checkpoint(tmp_path_factory.mktemp("speech-checkpoint") / "untrained.ckpt")
+
+
+@pytest.mark.parametrize("name", ["truncated", "one-sample", "nan", "-inf", "huge", "1-hz", "768-khz"])
+def test_bptt_transcribe_stops_with_one_line_naming_the_file_and_exit_2(name, checkpoint, tmp_path, capsys):
+    good, bad = tmp_path / "good.wav", tmp_path / f"{name}.wav"
+    soundfile.write(good, _wave(), 8000)
+    BAD_AUDIO[name][0](bad)
+    assert main(["transcribe", str(checkpoint), str(good), str(bad)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and re.match(f"bptt: error: audio {re.escape(str(bad))} {BAD_AUDIO[name][1]}", err[0]), err
+    assert captured.out == ""  # not even the good file's line: every file is checked before any is transcribed
+    assert main(["transcribe", str(checkpoint), str(good)]) == 0
+    assert capsys.readouterr().out.startswith(f"{good}\t")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from bptt.cli import main
 from bptt.datamodules import AddingProblemDataModule, CopyMemoryDataModule
 from bptt.errors import ConfigError
 from tests.bptt_command import bptt
@@ -159,6 +160,10 @@ def test_resume_from_state_dict_gives_the_same_remaining_batches():
         (_adding, {"lag": 20}, r"data.lag must be in \[1, data.length\)"),
         (_adding, {"batch_size": 0}, "data.batch_size must be >= 1"),
         (_adding, {"train_size": 4}, "data.train_size=4 is fewer than one batch"),
+        (_copy, {"seed": -1}, r"data.seed must be >= 0 \(numpy seeds the sequences and the order\), got -1"),
+        (_adding, {"seed": -3}, r"data.seed must be >= 0 \(numpy seeds the sequences and the order\), got -3"),
+        (_copy, {"eval_batch_size": 0}, "data.eval_batch_size must be >= 1"),
+        (_adding, {"validation_size": 0}, "data.validation_size must be >= 1"),
     ],
 )
 def test_bad_settings_fail_with_one_line(make, kwargs, message):
@@ -188,3 +193,13 @@ def test_config_fits_end_to_end(config, shrink, tmp_path):
         assert metrics["val/loss"] == pytest.approx(math.log(8), abs=0.3)
     else:
         assert {"val/mae", "val/mase"} <= set(metrics) and metrics["val/mase"] == pytest.approx(metrics["val/mae"])
+
+
+@pytest.mark.parametrize("config", ["conf/synthetic/copy_memory.yaml", "conf/synthetic/adding.yaml"])
+def test_bptt_fit_with_a_negative_seed_stops_with_one_line_and_exit_2(config, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["fit", "--config", str(PROJECT / config), "--data.seed", "-1", "--trainer.default_root_dir",
+                 str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["bptt: error: data.seed must be >= 0 (numpy seeds the sequences and the order), got -1"]
+    assert not run_dir.exists()

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import types
 
 import datasets
 import pytest
 import torch
 
+from bptt.cli import main
 from bptt.datamodules import TextStreamDataModule
 from bptt.datamodules.corpora import CorpusError, load_corpus
 from bptt.datamodules.streams import stream_layout
 from bptt.datamodules.vocabulary import EOS, UNK
 from bptt.errors import ConfigError
+from tests.bptt_command import SMALL
 
 
 def _write_splits(root, train, valid, test):
@@ -156,3 +159,59 @@ def test_shakespeare_splits_90_5_5(shakespeare):
     sizes = [sum(map(len, records[s]["text"])) for s in ("train", "validation", "test")]
     assert sum(sizes) == len(shakespeare.read_text())
     assert [round(s / sum(sizes), 3) for s in sizes] == [0.9, 0.05, 0.05]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "data.batch_size must be >= 1, got 0$"),
+        ({"eval_batch_size": -2}, "data.eval_batch_size must be >= 1, got -2$"),
+        ({"bptt": 0}, "data.bptt must be >= 1, got 0$"),
+        ({"min_count": 0}, "data.min_count must be >= 1, got 0$"),
+        ({"level": "words"}, "data.level must be char or word, got 'words'$"),
+        ({"split_fractions": (0.5, 0.5)}, r"data.split_fractions must be three non-negative numbers summing to 1 "
+                                          r"\(train, validation, test\), got \[0.5, 0.5\]$"),
+        ({"split_fractions": (0.9, 0.2, -0.1)}, r"data.split_fractions must be .*, got \[0.9, 0.2, -0.1\]$"),
+    ],
+)
+def test_bad_settings_are_config_errors_at_construction(kwargs, message):
+    with pytest.raises(ConfigError, match=f"^{message}") as err:
+        TextStreamDataModule(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("damaged", "content", "message"),
+    [
+        ("dataset_dict.json", "{not json", "JSONDecodeError"),
+        ("dataset_dict.json", '{"splits": 3}', "TypeError"),
+        ("train/state.json", "", "JSONDecodeError"),
+        ("validation/dataset_info.json", "[", "JSONDecodeError"),
+    ],
+)
+def test_a_damaged_saved_corpus_fails_with_one_line(damaged, content, message, tmp_path):
+    records = {s: {"text": [f"{s} line {i}\n" for i in range(20)]} for s in ("train", "validation", "test")}
+    datasets.DatasetDict({s: datasets.Dataset.from_dict(r) for s, r in records.items()}).save_to_disk(
+        str(tmp_path / "saved"))
+    (tmp_path / "saved" / damaged).write_text(content)
+    dm = TextStreamDataModule(corpus="saved", data_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(CorpusError, match=f"^cannot load the saved dataset {tmp_path / 'saved'} \\({message}: ") as err:
+        dm.load()
+    assert "\n" not in str(err.value) and str(err.value).endswith(
+        "save it again with save_to_disk, or point data.corpus at another corpus")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data.min_count", "0"], "data.min_count must be >= 1, got 0"),
+        (["--data.split_fractions", "[0.5, 0.6, 0.1]"], r"data.split_fractions must be three non-negative numbers"),
+        (["--data.eval_batch_size", "0"], "data.eval_batch_size must be >= 1, got 0"),
+    ],
+)
+def test_bptt_fit_stops_with_one_line_and_exit_2(args, message, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["fit", *SMALL, *args, "--trainer.default_root_dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bptt: error: ") and re.search(message, err[0]), err
+    assert not run_dir.exists()

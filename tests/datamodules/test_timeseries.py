@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import types
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +14,7 @@ import pytest
 import statsmodels.api as sm
 import torch
 
+from bptt.cli import main
 from bptt.datamodules import TimeSeriesDataModule
 from bptt.datamodules.corpora import CorpusError
 from bptt.errors import BpttError, ConfigError
@@ -338,3 +341,83 @@ def test_bad_settings_are_config_errors_at_construction(kwargs, message):
     with pytest.raises(ConfigError, match=message) as err:
         TimeSeriesDataModule(**kwargs)
     assert isinstance(err.value, BpttError) and "\n" not in str(err.value)
+
+
+def _series_with(tmp_path, cell: str, *, row: int = 17, column: str = "y", suffix: str = "csv") -> str:
+    """Daily values from 2024-01-01 in columns y and z, one cell replaced by ``cell`` (as text in a CSV)."""
+    frame = pd.DataFrame({"d": pd.date_range("2024-01-01", periods=50, freq="D").strftime("%Y-%m-%d"),
+                          "y": np.sin(np.arange(50.0)), "z": np.cos(np.arange(50.0))}).astype({column: object})
+    frame.loc[row, column] = cell
+    if suffix == "parquet":
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+        frame.to_parquet(tmp_path / "series.parquet")
+    else:
+        frame.to_csv(tmp_path / "series.csv", index=False)
+    return f"series.{suffix}"
+
+
+@pytest.mark.parametrize(
+    ("cell", "where", "message"),
+    [
+        ("inf", {}, r"value column 'y' has the value inf at row 17 \(line 19\), timestamp 2024-01-18: not a finite "
+                    r"number of at most 3.4e\+38 in magnitude; fix it, or empty the cell to make it a gap"),
+        ("-inf", {"column": "z", "row": 0},
+         r"value column 'z' has the value -inf at row 0 \(line 2\), timestamp 2024-01-01"),
+        ("Infinity", {"row": 49}, r"value column 'y' has the value inf at row 49 \(line 51\), timestamp 2024-02-19"),
+        ("1e39", {}, r"value column 'y' has the value 1e\+39 at row 17 \(line 19\)"),  # overflows float32
+        ("-4e38", {}, r"value column 'y' has the value -4e\+38 at row 17"),
+        ("inf", {"suffix": "parquet"}, r"value column 'y' has the value inf at row 17, timestamp 2024-01-18"),
+    ],
+    ids=["inf", "-inf", "Infinity", "1e39", "-4e38", "parquet-inf"],
+)
+def test_values_must_be_finite_in_float32(cell, where, message, tmp_path):
+    source = _series_with(tmp_path, cell, **where)
+    dm = TimeSeriesDataModule(source=source, data_dir=str(tmp_path), timestamp_column="d", bptt=4, batch_size=2)
+    with pytest.raises(CorpusError, match=f"^{re.escape(str(tmp_path / source))}: {message}") as err:
+        dm.load()
+    assert "\n" not in str(err.value)
+
+
+def test_the_first_non_finite_value_of_a_multi_series_file_is_named_by_its_row(tmp_path):
+    t = np.arange(30)
+    frame = pd.DataFrame({"id": ["a"] * 30 + ["b"] * 30, "t": np.r_[t, t], "y": np.r_[t, t] * 1.0})
+    frame.loc[[40, 55], "y"] = [np.inf, -np.inf]
+    frame.to_csv(tmp_path / "two.csv", index=False)
+    dm = TimeSeriesDataModule(source="two.csv", data_dir=str(tmp_path), timestamp_column="t", series_column="id",
+                              bptt=2, batch_size=2)
+    with pytest.raises(CorpusError, match=r"value column 'y' has the value inf at row 40 \(line 42\), timestamp 10:"):
+        dm.load()
+
+
+def test_a_numeric_timestamp_must_be_finite(tmp_path):
+    (tmp_path / "t.csv").write_text("t,y\n" + "".join(f"{'inf' if k == 5 else k},{k}\n" for k in range(40)))
+    dm = TimeSeriesDataModule(source="t.csv", data_dir=str(tmp_path), timestamp_column="t", bptt=2, batch_size=2)
+    with pytest.raises(CorpusError, match=r"timestamp inf at row 5 \(line 7\) of column 't' is not a finite number"):
+        dm.load()
+
+
+@pytest.mark.parametrize("cell", ["", "nan", "NaN"])
+def test_missing_values_stay_gaps(cell, tmp_path):
+    source = _series_with(tmp_path, cell)
+    dm = TimeSeriesDataModule(source=source, data_dir=str(tmp_path), timestamp_column="d", bptt=4, batch_size=2)
+    dm.load()
+    assert dm.gap_counts == {"y": 1, "z": 0}
+
+
+SUNSPOTS = str(Path(__file__).resolve().parents[2] / "conf/forecast/sunspots.yaml")
+
+
+@pytest.mark.parametrize(("cell", "shown"), [("inf", "inf"), ("-inf", "-inf"), ("1e39", "1e+39")])
+def test_bptt_fit_on_a_non_finite_value_stops_with_one_line_and_exit_2(cell, shown, tmp_path, capsys, monkeypatch):
+    source = _series_with(tmp_path, cell)
+    monkeypatch.setenv("BPTT_DATA_DIR", str(tmp_path))
+    run_dir = tmp_path / "run"
+    code = main(["fit", "--config", SUNSPOTS, "--data.source", source, "--data.timestamp_column", "d",
+                 "--data.value_columns", "[y]", "--data.bptt", "4", "--data.horizon", "1", "--data.batch_size", "2",
+                 "--model.horizon", "1", "--trainer.default_root_dir", str(run_dir)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == (f"bptt: error: {tmp_path / source}: value column 'y' has the value {shown} at row 17 (line 19), "
+                      "timestamp 2024-01-18: not a finite number of at most 3.4e+38 in magnitude; fix it, or empty "
+                      "the cell to make it a gap")
+    assert not run_dir.exists()
