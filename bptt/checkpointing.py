@@ -6,12 +6,25 @@ progress), the DataModule's read position and vocabulary, the engine's carried s
 keyed by global stream index (``TBPTTModule.on_save_checkpoint``), and under ``"bptt"`` the
 run's config, the MLflow run id and the RNG states of torch, numpy and Python. Everything is
 tensors, numbers and strings: it loads with ``torch.load(weights_only=True)``.
+
+Under ``"bptt_checksum"`` it carries a SHA-256 of all the rest (every tensor's dtype, shape and
+bytes, every key, number and string), which ``load_checkpoint`` verifies: damage after writing
+(a bad disk, a bad copy) stops with one line instead of resuming from wrong weights. The digest
+is over the loaded content, not the file's bytes, so it rides along wherever the file is copied
+and holds for remote paths and memory-mapped loading alike.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
+import re
+import socket
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +37,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from bptt import __version__
 from bptt.errors import CheckpointError, ConfigError
 from bptt.lightning_modules.tbptt import VAL_LOSS
+
+log = logging.getLogger(__name__)
+
+CHECKSUM_KEY = "bptt_checksum"
+_CHECKSUM_ALGORITHM = "sha256/canonical-1"  # names the encoding of ``_digest``: a new encoding, a new name
 
 
 class CheckpointPolicy:
@@ -43,15 +61,23 @@ class CheckpointPolicy:
         self.keep_last = keep_last
 
     def callbacks(self, directory: Path) -> list[ModelCheckpoint]:
-        """Step checkpoints, plus at each validation ``best.ckpt`` (lowest ``val/loss``) and ``last.ckpt``."""
+        """Step checkpoints, ``best.ckpt`` (lowest ``val/loss``) at validations that improve it, and
+        ``last.ckpt`` after every validation and at the end of training."""
         return [
             _StepCheckpoint(dirpath=directory, filename="step-{step:07d}", monitor="step", mode="max",
                             save_top_k=self.keep_last, every_n_steps=self.every_n_steps,
                             auto_insert_metric_name=False, enable_version_counter=False),
             # a resumed run writes into the same directory: replace, never add "-v1" copies
-            ModelCheckpoint(dirpath=directory, filename="best", monitor=VAL_LOSS, mode="min", save_last=True,
+            ModelCheckpoint(dirpath=directory, filename="best", monitor=VAL_LOSS, mode="min",
                             enable_version_counter=False),
+            _LastCheckpoint(dirpath=directory),
         ]
+
+
+def _validation_follows(trainer: pl.Trainer) -> bool:
+    """Whether Lightning validates right after the training batch that just ended (asked from
+    ``on_train_batch_end``; private API of Lightning 2.6's training epoch loop)."""
+    return trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
 
 
 class _StepCheckpoint(ModelCheckpoint):
@@ -67,25 +93,58 @@ class _StepCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         if trainer.global_step // self.every_n_steps == self._last_global_step_saved // self.every_n_steps:
             return
-        if trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+        if _validation_follows(trainer):
             return
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
 
+class _LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, the run's final state: after every validation (Lightning's ``save_last``
+    writes it only when ``best.ckpt`` improved) and when training ends. When ``max_steps`` ends
+    training after a batch that no validation follows, it is written at that batch's end, where
+    a step checkpoint would be, so that a resume with a larger ``max_steps`` continues as the
+    uninterrupted run would: by ``on_train_end`` Lightning has closed the epoch (its epoch-end
+    hooks ran, e.g. an epoch-interval scheduler stepped) and a resume would count a new one. Any
+    other end (``max_epochs``, early stopping, ``max_time``) writes it at ``on_train_end``."""
+
+    def __init__(self, *, dirpath: Path) -> None:
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, enable_version_counter=False)
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # sanity check, not fitting, or done at this step
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        if 0 <= trainer.max_steps <= trainer.global_step and not _validation_follows(trainer):
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file, fsyncs it and renames it into place, so a crash
-    mid-write leaves the previous checkpoint intact; loads with ``weights_only=True``."""
+    """Writes a checkpoint with its checksum to a temporary file (``.NAME.PID@HOST.partial``),
+    fsyncs it and renames it into place, so a crash mid-write leaves the previous checkpoint
+    intact; loads with ``weights_only=True`` and verifies the checksum."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        checkpoint = with_checksum(checkpoint)
         if "://" in str(path):  # remote storage: fsspec's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        with open(partial, "wb") as handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        partial = path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.partial")
+        try:
+            with open(partial, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:  # e.g. a full disk: no partial file stays (a kill -9 leaves one: remove_stale_partials)
+            partial.unlink(missing_ok=True)
+            raise
         os.replace(partial, path)
         directory = os.open(path.parent, os.O_RDONLY)
         try:
@@ -95,7 +154,102 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return None
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        verify_checksum(checkpoint, path)
+        return checkpoint
+
+
+def with_checksum(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``checkpoint`` with the checksum of its content under ``CHECKSUM_KEY``."""
+    content = {k: v for k, v in checkpoint.items() if k != CHECKSUM_KEY}
+    return {**content, CHECKSUM_KEY: {"algorithm": _CHECKSUM_ALGORITHM, "digest": _digest(content)}}
+
+
+def verify_checksum(checkpoint: Any, path: Any) -> None:
+    """Check a loaded checkpoint against the checksum it carries; one without a checksum (written
+    before bptt wrote them) passes unchecked.
+
+    Raises:
+        CheckpointError: the content differs from what was written, or the checksum is not one
+            this version of bptt computes.
+    """
+    problem = _checksum_problem(checkpoint)
+    if problem is not None:
+        fix = "resume from an older checkpoint" if "mismatch" in problem else "upgrade bptt or use an older checkpoint"
+        raise CheckpointError(f"checkpoint {path} {problem}; {fix}")
+
+
+def _checksum_problem(checkpoint: Any) -> str | None:
+    """What is wrong with the checkpoint's checksum, as a predicate ("is corrupt ..."); None: nothing."""
+    if not isinstance(checkpoint, dict) or CHECKSUM_KEY not in checkpoint:
+        return None
+    stored = checkpoint[CHECKSUM_KEY]
+    if not isinstance(stored, dict) or stored.get("algorithm") != _CHECKSUM_ALGORITHM:
+        algorithm = stored.get("algorithm") if isinstance(stored, dict) else type(stored).__name__
+        return f"carries a checksum of an unknown kind ({algorithm!r}): damaged, or written by a newer bptt"
+    content = {k: v for k, v in checkpoint.items() if k != CHECKSUM_KEY}
+    if _digest(content) != stored.get("digest"):
+        return "is corrupt (checksum mismatch): it was damaged after writing"
+    return None
+
+
+def _digest(content: Mapping[str, Any]) -> str:
+    """SHA-256 of ``content`` in an unambiguous encoding (a tag, then a length or a count, then
+    the content) that a ``torch.save`` / ``torch.load(weights_only=True)`` round trip preserves:
+    dict order, and each tensor's dtype, shape and bytes wherever it lives. A tensor's bytes enter
+    as the SHA-256 of each ``_CHUNK`` of them, hashed on several threads (hashlib lets go of the GIL)."""
+    parts: list[bytes | Future[bytes]] = []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=min(8, cores)) as pool:
+        _encode(content, parts, pool)
+        sha = hashlib.sha256()
+        for part in parts:
+            sha.update(part if isinstance(part, bytes) else part.result())
+    return sha.hexdigest()
+
+
+_CHUNK = 1 << 24  # 16 MiB; part of the encoding, like the algorithm
+
+
+def _chunk_digest(flat: torch.Tensor, start: int) -> bytes:
+    return hashlib.sha256(flat[start : start + _CHUNK].cpu().numpy()).digest()  # (N,) uint8; a GPU chunk copies
+
+
+def _encode(value: Any, parts: list[bytes | Future[bytes]], pool: ThreadPoolExecutor) -> None:
+    def atom(tag: bytes, payload: bytes) -> None:
+        parts.append(b"%s%d:%s" % (tag, len(payload), payload))
+
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        if tensor.layout != torch.strided:
+            tensor = tensor.to_dense()
+        tensor = tensor.resolve_conj().resolve_neg().contiguous()
+        flat = tensor.reshape(-1).view(torch.uint8)  # (N,) its bytes
+        atom(b"T", f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        parts.append(b"B%d:" % flat.numel())
+        for start in range(0, flat.numel(), _CHUNK):
+            small = flat.numel() - start < _CHUNK // 16 and flat.device.type == "cpu"  # not worth a thread
+            parts.append(_chunk_digest(flat, start) if small else pool.submit(_chunk_digest, flat, start))
+    elif isinstance(value, Mapping):
+        parts.append(b"D%d:" % len(value))
+        for key, item in value.items():
+            _encode(key, parts, pool)
+            _encode(item, parts, pool)
+    elif isinstance(value, (list, tuple)):
+        parts.append(b"%s%d:" % (b"L" if isinstance(value, list) else b"U", len(value)))
+        for item in value:
+            _encode(item, parts, pool)
+    elif isinstance(value, (set, frozenset)):  # no order survives a round trip: sort the items' digests
+        parts.append(b"E%d:" % len(value))
+        parts.extend(sorted(_digest({"item": item}).encode() for item in value))
+    elif isinstance(value, str):
+        atom(b"S", value.encode("utf-8", "surrogatepass"))
+    elif isinstance(value, (bytes, bytearray)):
+        atom(b"Y", bytes(value))
+    elif value is None or isinstance(value, (bool, int, float, complex)):  # repr is exact and tells bool from int
+        atom(b"N", repr(value).encode())
+    else:  # torch.dtype, torch.device, ...: what weights_only admits besides the above
+        atom(b"O", f"{type(value).__module__}.{type(value).__qualname__}:{value!r}".encode())
 
 
 def _rng_states() -> dict[str, Any]:
@@ -146,10 +300,11 @@ class RunState(pl.Callback):
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by ``bptt fit``, loaded with ``weights_only=True``.
+    """A checkpoint written by ``bptt fit``, loaded with ``weights_only=True`` and its checksum verified.
 
     Raises:
-        CheckpointError: missing, unreadable, truncated or not written by ``bptt fit``.
+        CheckpointError: missing, unreadable, truncated, corrupt (checksum mismatch) or not
+            written by ``bptt fit``.
     """
     path = Path(path)
     if not path.is_file():
@@ -160,26 +315,84 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(err).__name__}); it is damaged or not a checkpoint"
         ) from None
-    if not isinstance(checkpoint, dict) or "bptt" not in checkpoint or "state_dict" not in checkpoint:
+    verify_checksum(checkpoint, path)
+    run = checkpoint.get("bptt") if isinstance(checkpoint, dict) else None
+    if not isinstance(run, dict) or not isinstance(run.get("config"), str) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} was not written by `bptt fit` (no run config inside); pass a bptt checkpoint")
     return checkpoint
 
 
 def latest_checkpoint(directory: Path) -> Path:
-    """The readable checkpoint in ``directory`` with the most optimizer steps.
+    """The intact checkpoint in ``directory`` with the most optimizer steps (``last.ckpt`` first
+    among equals). Unreadable and corrupt ones are skipped with a warning naming them.
+
+    Only the newest files are read whole (to verify their checksums, newest first, until one
+    passes); of the others, memory mapping reads just the few pages that hold ``global_step``.
 
     Raises:
-        CheckpointError: none there can be read.
+        CheckpointError: none there is intact.
     """
-    best: tuple[int, Path] | None = None
-    for path in directory.glob("*.ckpt"):
+    def mapped(path: Path) -> dict[str, Any] | None:
         try:
-            # mmap: only the pages holding global_step are read, not every tensor of every file
-            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-        except Exception:  # a damaged file is skipped: an older checkpoint still resumes the run
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            int(checkpoint["global_step"])
+            return checkpoint
+        except Exception as err:  # torch raises many types for a damaged file
+            log.warning("skipping checkpoint %s: it cannot be read (%s)", path, type(err).__name__)
+            return None
+
+    candidates = [(int(c["global_step"]), p.name == "last.ckpt", p.name, p)
+                  for p in directory.glob("*.ckpt") if (c := mapped(p)) is not None]
+    for *_, path in sorted(candidates, reverse=True):
+        checkpoint = mapped(path)
+        if checkpoint is None:
             continue
-        if best is None or step > best[0]:
-            best = (step, path)
-    if best is None:
-        raise CheckpointError(f"no readable checkpoint in {directory}; pass a checkpoint path to bptt resume")
-    return best[1]
+        problem = _checksum_problem(checkpoint)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: it %s", path, problem)
+    raise CheckpointError(f"no intact checkpoint in {directory}; pass a checkpoint path to bptt resume")
+
+
+# .NAME.PID@HOST.partial (before hosts were named: .NAME.PID.partial)
+_PARTIAL = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)(?:@(?P<host>[^@/]+))?\.partial")
+_FOREIGN_PARTIAL_AGE_S = 3600.0  # a write in progress changes its file far more often than this
+
+
+def remove_stale_partials(directory: str | Path) -> list[Path]:
+    """Delete the temporary files that checkpoint writes killed mid-way left in ``directory``
+    (``AtomicCheckpointIO``'s ``.NAME.PID@HOST.partial``), but never one a live process may
+    still be writing: on this host, those whose process is gone; from another host (a shared
+    filesystem), those unchanged for an hour. Remote (``://``) and missing directories: nothing.
+
+    Returns:
+        the files deleted.
+    """
+    if "://" in str(directory) or not Path(directory).is_dir():
+        return []
+    here, now, removed = socket.gethostname(), time.time(), []
+    for path in Path(directory).glob(".*.partial"):
+        match = _PARTIAL.fullmatch(path.name)
+        if match is None:
+            continue
+        try:
+            if match["host"] in (None, here):
+                if _process_exists(int(match["pid"])):
+                    continue
+            elif now - path.stat().st_mtime < _FOREIGN_PARTIAL_AGE_S:
+                continue
+            path.unlink()
+        except FileNotFoundError:  # its writer renamed it into place, or another process removed it
+            continue
+        removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -11,6 +11,10 @@
     bptt transcribe CHECKPOINT AUDIO [AUDIO ...]
     bptt diagnose --config FILE | CHECKPOINT [--probe-steps K] [--eps E] [--probes N] [--out PATH] [overrides]
 
+``--trust-config`` (any command that reads a config) lets the config, the checkpoint's config or the
+sweep state name code outside the allow-list of import paths (see ``bptt.trust``): give it only for
+configs you wrote yourself.
+
 fit, resume, validate and test end by printing their final metrics as one JSON line; sweep ends with
 its leaderboard and exits 1 when a trial failed; transcribe prints one ``AUDIO<tab>TRANSCRIPT`` line per file. Bad input ends with one line ``bptt: error: ...``
 and exit status 2.
@@ -24,6 +28,7 @@ import sys
 
 from bptt import __version__
 from bptt.errors import BpttError
+from bptt.trust import split_trust_flag
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -105,7 +110,7 @@ def run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    command, args = argv[0], argv[1:]
+    command, (trusted, args) = argv[0], split_trust_flag(argv[1:])
     if command == "--version":
         print(__version__)
         return 0
@@ -113,17 +118,18 @@ def run(argv: list[str]) -> int:
         if args and args[0] in ("-h", "--help"):
             build_parser().print_help()
             return 0
-        print(json.dumps(training.fit(parse_config(args))))
+        print(json.dumps(training.fit(parse_config(args, trusted=trusted))))
         return 0
     if command == "resume":
         target, overrides = _split_checkpoint(command, args)
-        print(json.dumps(training.resume(target, overrides)))
+        print(json.dumps(training.resume(target, overrides, trusted=trusted)))
         return 0
     if command == "sweep":
         from bptt.ray_jobs.sweep import sweep
 
         opts = _sweep_args(args)
-        board = sweep(opts.config, resume=opts.resume, address=opts.address, storage_path=opts.storage_path)
+        board = sweep(opts.config, resume=opts.resume, address=opts.address, storage_path=opts.storage_path,
+                      trusted=trusted)
         failed = [row["trial"] for row in board if row["status"] == "ERROR"]
         if failed:
             print(f"bptt: {len(failed)} of {len(board)} trials failed ({', '.join(failed)}); Tune's output above "
@@ -136,23 +142,24 @@ def run(argv: list[str]) -> int:
         return 0
     if command in ("validate", "test"):
         checkpoint, overrides = _split_checkpoint(command, args)
-        print(json.dumps(training.evaluate(checkpoint, command, overrides)))
+        print(json.dumps(training.evaluate(checkpoint, command, overrides, trusted=trusted)))
         return 0
     if command == "generate":
         opts = _generate_args(args)
         print(training.generate(opts.checkpoint, prompt=opts.prompt, num_tokens=opts.num_tokens,
-                                temperature=opts.temperature, seed=opts.seed))
+                                temperature=opts.temperature, seed=opts.seed, trusted=trusted))
         return 0
     if command == "diagnose":
         from pathlib import Path
 
         opts, overrides = _diagnose_args(args)
         print(training.diagnose(opts.target, overrides, probe_steps=opts.probe_steps, warmup_steps=opts.warmup_steps,
-                                probes=opts.probes, eps=opts.eps, out=Path(opts.out) if opts.out else None))
+                                probes=opts.probes, eps=opts.eps, out=Path(opts.out) if opts.out else None,
+                                trusted=trusted))
         return 0
     if command == "transcribe":
         checkpoint, audio = _split_checkpoint(command, args)
-        for path, text in zip(audio, training.transcribe(checkpoint, audio)):
+        for path, text in zip(audio, training.transcribe(checkpoint, audio, trusted=trusted)):
             print(f"{path}\t{text}")
         return 0
     raise BpttError(

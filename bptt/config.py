@@ -27,6 +27,7 @@ from bptt.checkpointing import CheckpointPolicy
 from bptt.errors import BpttError, ConfigError
 from bptt.lightning_modules.tbptt import TBPTTModule
 from bptt.tracking import MlflowTracking
+from bptt.trust import check_args
 
 
 def _vocab_size(data: Any) -> int | None:
@@ -71,12 +72,25 @@ def one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in lines[:3]) + hint
 
 
-def parse_config(args: list[str], parser: ArgumentParser | None = None) -> Namespace:
+def parse_config(
+    args: list[str], parser: ArgumentParser | None = None, *, trusted: bool = False, source: str | None = None
+) -> Namespace:
     """Parse ``--config FILE`` plus dotted overrides and check what the parser cannot.
 
+    Every import path in ``args`` is checked against the allow-list (``bptt.trust``) before
+    anything is parsed, since parsing imports what a config names.
+
+    Args:
+        args: ``--config FILE_OR_YAML`` and dotted overrides.
+        parser: the parser to use (default: ``build_parser()``).
+        trusted: the user vouches for the config (``--trust-config``): any import path goes.
+        source: what the ``--config`` YAML is, for messages (e.g. "checkpoint runs/x/last.ckpt").
+
     Raises:
-        ConfigError: unknown key, wrong type, or a Trainer setting the TBPTT engine does not support.
+        ConfigError: unknown key, wrong type, code outside the allow-list, or a Trainer setting
+            the TBPTT engine does not support.
     """
+    check_args(args, trusted=trusted, source=source)
     parser = parser or build_parser()
     try:
         cfg = parser.parse_args(args)
@@ -107,6 +121,16 @@ def check_trainer(trainer: Namespace) -> None:
         raise ConfigError(
             "trainer.use_distributed_sampler must stay false: the DataModule gives each rank its own streams"
         )
+    interval = trainer.val_check_interval
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
+        raise ConfigError(
+            f"trainer.val_check_interval must be > 0 (batches, or a fraction of an epoch), got {interval}; "
+            "set trainer.limit_val_batches: 0 to skip validation"
+        )
+    if trainer.log_every_n_steps is not None and trainer.log_every_n_steps < 1:
+        raise ConfigError(f"trainer.log_every_n_steps must be >= 1, got {trainer.log_every_n_steps}")
+    if trainer.max_steps is not None and trainer.max_steps < -1:
+        raise ConfigError(f"trainer.max_steps must be >= 0, or -1 for no limit; got {trainer.max_steps}")
 
 
 def instantiate(cfg: Namespace, parser: ArgumentParser | None = None) -> Namespace:

@@ -18,15 +18,18 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from bptt import __version__
 from bptt.errors import BpttError
+from bptt.private_api import pending_train_step_metrics
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # else MLflow 3's UI opens on GenAI
 CHECKPOINT_DIR_TAG = "bptt.checkpoint_dir"
@@ -109,6 +112,7 @@ class MlflowTracking:
                 ) from None
             return
         if "://" in uri and not uri.startswith(("sqlite:///", "file://")):
+            self._check_scheme(uri)
             return  # a database or remote store: its client reports its own errors
         path = Path(uri.removeprefix("sqlite:///").removeprefix("file://").removeprefix("file:"))
         directory = path.parent if uri.startswith("sqlite:") else path
@@ -123,6 +127,37 @@ class MlflowTracking:
             raise TrackingError(
                 f"MLflow store {uri} is on a path this process cannot write ({err.strerror}: {directory}); point "
                 "tracking.tracking_uri or $MLFLOW_TRACKING_URI at a writable location"
+            ) from None
+
+    @staticmethod
+    def _check_scheme(uri: str) -> None:
+        """A URI whose scheme no MLflow tracking store serves (``bogus://``), before any run is made."""
+        from mlflow.tracking import MlflowClient
+
+        try:
+            MlflowClient(uri)
+        except Exception as err:  # MLflow raises its own error types for an unsupported scheme
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TrackingError(
+                f"MLflow cannot use the tracking URI {uri} ({first[:200]}); use http(s)://HOST:PORT, sqlite:///PATH.db, "
+                "file:/PATH or a database URI"
+            ) from None
+
+    def check_run(self, run_id: str, *, what: str) -> None:
+        """Fail before any training when the run to continue is not in this store.
+
+        Raises:
+            TrackingError: no run ``run_id`` at ``uri()``.
+        """
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        try:
+            MlflowClient(self.uri()).get_run(run_id)
+        except MlflowException:
+            raise TrackingError(
+                f"{what} continues MLflow run {run_id}, which is not in the store {self.uri()}; pass "
+                "--tracking.tracking_uri of the store it was logged to"
             ) from None
 
     def artifact_location(self) -> str | None:
@@ -168,6 +203,9 @@ class ServedStore:
     file (whose writers lock one another out). The server starts on entering the block and is
     waited for only in ``wait()``, so its start overlaps other work (Ray's). A store that is
     already a server is used as it is.
+
+    The server runs in a process group of its own (``mlflow server`` and the uvicorn process it
+    starts), which leaving the block ends as a whole.
     """
 
     def __init__(self, tracking: MlflowTracking, *, log: Path) -> None:
@@ -181,44 +219,61 @@ class ServedStore:
         if not self.store_uri.startswith("sqlite:///"):
             raise TrackingError(f"a sweep serves only sqlite stores; {self.store_uri} is not one: use sqlite:///PATH.db "
                                 "or an MLflow server")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._start()
+        return self
+
+    def _start(self) -> None:
+        """Start the server on a free port (it starts in the background; ``wait`` waits for it)."""
         store = Path(self.store_uri.removeprefix("sqlite:///"))
         port = free_port()
-        self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as out:
             self._server = subprocess.Popen(
                 [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                  "--backend-store-uri", self.store_uri, "--artifacts-destination", str(store.parent / "mlartifacts"),
                  "--workers", "1"],
-                stdout=out, stderr=subprocess.STDOUT, cwd=store.parent,
+                stdout=out, stderr=subprocess.STDOUT, cwd=store.parent, start_new_session=True,
                 # tracking only: MLflow 3's job runner (five more processes) would take CPU from the trials
                 env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             )
         self.uri = f"http://127.0.0.1:{port}"
-        return self
 
     def wait(self, timeout: float = 120.0) -> None:
-        """Block until the server answers ``/health``."""
+        """Block until the server answers ``/health``; start it again on another port when the free
+        port it was given has been taken before it could bind it (by Ray, say, starting meanwhile)."""
+        import http.client
+
         if self._server is None:
             return
-        deadline = time.time() + timeout
+        deadline, restarts = time.time() + timeout, 2
         while True:
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
                     return
-            except OSError:
-                if self._server.poll() is not None or time.time() > deadline:
+            except (OSError, http.client.HTTPException):  # not up yet, or another program answers on the port
+                if self._server.poll() is not None and restarts and "already in use" in self.log.read_text():
+                    restarts -= 1
+                    self._start()
+                elif self._server.poll() is not None or time.time() > deadline:
                     raise TrackingError(f"mlflow server on {self.store_uri} did not start; its log: {self.log}") from None
                 time.sleep(0.25)
 
     def __exit__(self, *exc: Any) -> None:
+        import signal
+
         if self._server is None:
             return
-        self._server.terminate()  # every request has been answered, so sqlite has committed it
-        try:
-            self._server.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            self._server.kill()
-            self._server.wait()
+        group = self._server.pid  # the leader of its own session and process group
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # every request has been answered: sqlite has committed it
+            try:
+                os.killpg(group, sig)  # SIGKILL: whatever is left after 3 s, e.g. a uvicorn whose launcher died
+            except ProcessLookupError:
+                break
+            try:
+                self._server.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                pass
+        self._server.wait()
 
 
 class RunLogger(MLFlowLogger):
@@ -242,6 +297,21 @@ class RunLogger(MLFlowLogger):
                     self.logged_through[key] = max(m.step for m in history)
         return client
 
+    @contextmanager
+    def failed_on_error(self) -> Iterator[None]:
+        """Mark the run FAILED (KILLED on Ctrl-C) when the block raises, so that it is never left
+        RUNNING; Lightning does so only for errors inside ``fit``."""
+        try:
+            yield
+        except BaseException as err:
+            if self._run_id is not None and rank_zero_only.rank == 0:
+                status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+                try:
+                    self.experiment.set_terminated(self._run_id, status)
+                except Exception:  # the store itself may be what failed; the original error matters
+                    pass
+            raise
+
     def log_config(self, config: Mapping[str, Any]) -> None:
         """Every resolved config value as a param with its dotted key (once per run)."""
         from mlflow.entities import Param
@@ -256,11 +326,25 @@ class RunLogger(MLFlowLogger):
         fresh = {k: v for k, v in metrics.items() if step is None or step > self.logged_through.get(k, -1)}
         if fresh:
             super().log_metrics(fresh, step)
+            if step is not None:
+                self.logged_through.update(dict.fromkeys(fresh, step))
 
     def log_artifacts(self, paths: list[Path], artifact_dir: str | None = None) -> None:
         for path in paths:
             if path.exists():
                 self.experiment.log_artifact(self.run_id, str(path), artifact_dir)
+
+
+class LogStepBeforeCheckpoint(pl.Callback):
+    """Sends a training step's metrics to the ``RunLogger`` before that step's checkpoint is written
+    (Lightning writes it first, so a process killed in between resumes after a step that MLflow
+    never received); Lightning's own send of the same step then finds them logged."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, RunLogger)]
+        if loggers and trainer.is_global_zero and (pending := pending_train_step_metrics(trainer)) is not None:
+            for logger in loggers:
+                logger.log_metrics(*pending)
 
 
 def curves_png(client: Any, run_id: str, path: Path) -> Path:
@@ -293,12 +377,22 @@ def runs_table(experiment_name: str, tracking_uri: str | None = None) -> str:
 
     tracking = MlflowTracking(tracking_uri=tracking_uri, experiment_name=experiment_name)
     tracking.check()
-    client = MlflowClient(tracking.uri())
-    experiment = client.get_experiment_by_name(experiment_name)
+    uri = tracking.uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise TrackingError(f"no MLflow store at {uri}; run bptt from the directory that holds mlflow.db, or pass "
+                            "--tracking.tracking_uri")
+    try:
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(experiment_name)
+        names = [e.name for e in client.search_experiments()] if experiment is None else []
+        runs = [] if experiment is None else client.search_runs([experiment.experiment_id],
+                                                                 order_by=["attributes.start_time DESC"])
+    except Exception as err:  # MLflow and SQLAlchemy raise many types for a damaged store
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise TrackingError(f"the MLflow store {uri} cannot be read ({first}); check the file or pass another "
+                            "--tracking.tracking_uri") from None
     if experiment is None:
-        names = [e.name for e in client.search_experiments()]
-        raise TrackingError(f"no experiment {experiment_name!r} at {tracking.uri()}; experiments there: {names}")
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+        raise TrackingError(f"no experiment {experiment_name!r} at {uri}; experiments there: {names}")
     if not runs:
         return f"experiment {experiment_name!r} has no runs"
     keys = sorted({k for r in runs for k in r.data.params})

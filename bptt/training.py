@@ -6,6 +6,8 @@ Nothing happens at import time; ``bptt.cli`` and ``bptt.ray_jobs`` call these.
 
 from __future__ import annotations
 
+import math
+import os
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -16,14 +18,17 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from jsonargparse import Namespace
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor
-from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.loggers import CSVLogger
 
 from bptt.checkpointing import (
     AtomicCheckpointIO,
     RunState,
     latest_checkpoint,
     load_checkpoint,
+    remove_stale_partials,
 )
 from bptt.config import build_parser, instantiate, parse_config, parse_tracking
 from bptt.datamodules.vocabulary import Vocabulary
@@ -31,7 +36,7 @@ from bptt.errors import CheckpointError, ConfigError
 from bptt.lightning_modules.language_model import LanguageModelTask
 from bptt.lightning_modules.speech_recognizer import CTCSpeechTask
 from bptt.lightning_modules.tbptt import VAL_LOSS
-from bptt.tracking import CHECKPOINT_DIR_TAG, MlflowTracking, RunLogger, curves_png
+from bptt.tracking import CHECKPOINT_DIR_TAG, LogStepBeforeCheckpoint, MlflowTracking, RunLogger, curves_png
 
 
 def _quiet_known_warnings() -> None:
@@ -46,19 +51,36 @@ def _trainer(
     trainer_args: Namespace,
     *,
     callbacks: list[Callback],
-    loggers: list[Logger] | None = None,
     placement: dict[str, Any] | None = None,
 ) -> pl.Trainer:
     """A Trainer from the config's ``trainer`` node; ``placement`` (strategy, plugins, devices,
-    accelerator) replaces the config's when the processes are started by someone else (Ray Train)."""
+    accelerator) replaces the config's when the processes are started by someone else (Ray Train).
+
+    Raises:
+        ConfigError: Lightning refused a trainer setting (devices, strategy, accelerator, precision, ...),
+            or it names more CPU processes than this machine has cores, or 16-bit mixed precision on a CPU.
+    """
     args = dict(vars(trainer_args))
     callbacks = list(args.pop("callbacks") or []) + callbacks + [LearningRateMonitor(logging_interval="step")]
     if args.get("logger") is None:
-        args["logger"] = [*(loggers or []), CSVLogger(save_dir=args["default_root_dir"], name="logs")]
+        args["logger"] = [CSVLogger(save_dir=args["default_root_dir"], name="logs")]
     placement = dict(placement or {})
     args["plugins"] = [*(args.get("plugins") or []), *placement.pop("plugins", []), AtomicCheckpointIO()]
     args.update(placement)
-    return pl.Trainer(callbacks=callbacks, **args)
+    try:
+        trainer = pl.Trainer(callbacks=callbacks, **args)
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"the trainer settings do not work here: {first} (see `bptt fit --help`, trainer.*)") from None
+    if isinstance(trainer.accelerator, CPUAccelerator):
+        if str(trainer_args.precision) in ("16", "16-mixed") and "precision" not in placement:
+            raise ConfigError(f"trainer.precision={trainer_args.precision} needs a GPU; on a CPU use bf16-mixed "
+                              "(or 32-true)")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if "devices" not in placement and trainer.num_devices > cores:
+            raise ConfigError(f"trainer.devices={trainer_args.devices} asks for {trainer.num_devices} CPU processes but "
+                              f"this machine has {cores} cores; set trainer.devices <= {cores}")
+    return trainer
 
 
 def fit(cfg: Namespace, callbacks: list[Callback] | None = None) -> dict[str, float]:
@@ -76,13 +98,16 @@ def fit(cfg: Namespace, callbacks: list[Callback] | None = None) -> dict[str, fl
     return train(cfg, callbacks=callbacks or [])
 
 
-def resume(target: str, overrides: list[str], callbacks: list[Callback] | None = None) -> dict[str, float]:
+def resume(
+    target: str, overrides: list[str], callbacks: list[Callback] | None = None, *, trusted: bool = False
+) -> dict[str, float]:
     """Continue a run from its newest checkpoint, in the same MLflow run, exactly where it stopped.
 
     Args:
         target: a checkpoint file, a run's ``checkpoints/`` directory, or an MLflow run id.
         overrides: dotted config overrides, e.g. ``["--trainer.devices", "1"]`` to continue on
             another number of processes (the streams are re-sharded).
+        trusted: the checkpoint's config may name code outside the allow-list (``--trust-config``).
     """
     path = Path(target)
     if path.is_dir():
@@ -90,8 +115,9 @@ def resume(target: str, overrides: list[str], callbacks: list[Callback] | None =
     elif not path.exists() and not target.endswith(".ckpt") and "/" not in target:
         path = latest_checkpoint(_checkpoint_dir_of_run(target, overrides))
     checkpoint = load_checkpoint(path)
-    cfg = parse_config(["--config", checkpoint["bptt"]["config"], *overrides])
-    return train(cfg, callbacks=callbacks or [], checkpoint=(path, checkpoint))
+    cfg = parse_config(["--config", checkpoint["bptt"]["config"], *overrides], trusted=trusted,
+                       source=f"the config inside checkpoint {path}")
+    return train(cfg, callbacks=callbacks or [], checkpoint=(path, checkpoint), trusted=trusted)
 
 
 def _checkpoint_dir_of_run(run_id: str, overrides: list[str]) -> Path:
@@ -120,10 +146,16 @@ def train(
     run_id: str | None = None,
     placement: dict[str, Any] | None = None,
     prepare: Callable[[pl.Trainer], pl.Trainer] | None = None,
+    trusted: bool = False,
 ) -> dict[str, float]:
     """Train ``cfg``, from ``checkpoint`` when given, logging to the MLflow run ``run_id`` (else
     the checkpoint's run, else a new one); ``placement`` and ``prepare`` are for processes that
-    Ray Train started (its strategy and environment, ``ray.train.lightning.prepare_trainer``)."""
+    Ray Train started (its strategy and environment, ``ray.train.lightning.prepare_trainer``).
+
+    Every check runs before anything is written: the config and the data, the store and the
+    run to continue, the output directory, the Trainer's settings and the optimizer. A run that
+    fails after that is marked FAILED in MLflow, never left RUNNING.
+    """
     _quiet_known_warnings()
     parser = build_parser()
     config_yaml = parser.dump(cfg)
@@ -132,33 +164,86 @@ def train(
     init.data.prepare_data()  # bad data fails here, before the Trainer starts anything
     if checkpoint is not None:
         _check_same_model(init.task, checkpoint[1], checkpoint[0])
-        callbacks = [*callbacks, *_changed_optimizer_settings(cfg, checkpoint[1], parser)]
+        callbacks = [*callbacks, *_changed_optimizer_settings(cfg, checkpoint[1], parser, trusted)]
     tracking: MlflowTracking = init.tracking
     tracking.check()
+    run_id = run_id or (checkpoint[1]["bptt"].get("mlflow_run_id") if checkpoint else None)
+    if run_id is not None:
+        tracking.check_run(run_id, what=f"checkpoint {checkpoint[0]}" if checkpoint else "this trial")
     root = Path(cfg.trainer.default_root_dir)
-    logger = tracking.logger(run_id=run_id or (checkpoint[1]["bptt"].get("mlflow_run_id") if checkpoint else None))
+    check_writable_directory(root, "trainer.default_root_dir")
     state = RunState(config_yaml)
     checkpoints = init.checkpoint.callbacks(root / "checkpoints") if cfg.trainer.enable_checkpointing is not False else []
-    trainer = _trainer(init.trainer, callbacks=[*callbacks, state, *checkpoints], loggers=[logger], placement=placement)
+    callbacks = [*callbacks, state, LogStepBeforeCheckpoint(), *checkpoints]
+    trainer = _trainer(init.trainer, callbacks=callbacks, placement=placement)
     if prepare is not None:
         trainer = prepare(trainer)
-    if trainer.is_global_zero:
-        state.run_id = logger.run_id
-        logger.log_config(yaml.safe_load(config_yaml))
-        if checkpoints:
-            logger.experiment.set_tag(logger.run_id, CHECKPOINT_DIR_TAG, str((root / "checkpoints").resolve()))
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "config.yaml").write_text(config_yaml)
-    data_artifacts = init.data.save_artifacts(root) if trainer.is_global_zero and hasattr(init.data, "save_artifacts") else []
-    trainer.fit(init.task, datamodule=init.data, ckpt_path=str(checkpoint[0]) if checkpoint else None)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if getattr(init.task, "test_after_fit", False):  # e.g. the forecaster: test metrics and plot in the same run
-        best = next((c.best_model_path for c in checkpoints if c.monitor == VAL_LOSS and c.best_model_path), None)
-        trainer.test(init.task, datamodule=init.data, ckpt_path=best, verbose=False)
-        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if trainer.is_global_zero:
-        _log_artifacts(logger, tracking, root, init.task, data_artifacts)
+    _preflight(trainer, init)
+    logger = tracking.logger(run_id=run_id)  # MLflow's client creates a local store: only now
+    if cfg.trainer.logger is None:  # the config's own loggers, when it names some, replace bptt's
+        trainer.loggers = [logger, *trainer.loggers]
+    with logger.failed_on_error():  # from here on the run exists in MLflow
+        if trainer.is_global_zero:
+            state.run_id = logger.run_id
+            logger.log_config(yaml.safe_load(config_yaml))
+            if checkpoints:
+                logger.experiment.set_tag(logger.run_id, CHECKPOINT_DIR_TAG, str((root / "checkpoints").resolve()))
+            root.mkdir(parents=True, exist_ok=True)
+            (root / "config.yaml").write_text(config_yaml)
+            if checkpoints:  # left by a process killed mid-write
+                remove_stale_partials(root / "checkpoints")
+        data_artifacts = init.data.save_artifacts(root) if trainer.is_global_zero and hasattr(init.data, "save_artifacts") else []
+        trainer.fit(init.task, datamodule=init.data, ckpt_path=str(checkpoint[0]) if checkpoint else None)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if getattr(init.task, "test_after_fit", False):  # e.g. the forecaster: test metrics and plot in the same run
+            best = next((c.best_model_path for c in checkpoints if c.monitor == VAL_LOSS and c.best_model_path), None)
+            trainer.test(init.task, datamodule=init.data, ckpt_path=best, verbose=False)
+            metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if trainer.is_global_zero:
+            _log_artifacts(logger, tracking, root, init.task, data_artifacts)
     return metrics
+
+
+def _preflight(trainer: pl.Trainer, init: Namespace) -> None:
+    """What would otherwise fail inside ``trainer.fit``, after the run was written: the optimizer
+    and scheduler settings, and the data on this many processes (e.g. streams that do not divide
+    over the ranks).
+
+    Raises:
+        ConfigError: the optimizer or scheduler refuses its settings, or the data cannot be split.
+    """
+    try:
+        init.task.configure_optimizers()
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"task.optimizer / task.lr_scheduler: {str(err).strip().splitlines()[0]}; fix the value in "
+                          "the config") from None
+    init.data.trainer = trainer  # rank and world size, as Lightning attaches it in fit
+    try:
+        init.data.setup("fit")
+    finally:
+        init.data.trainer = None
+
+
+def check_writable_directory(directory: Path, key: str) -> None:
+    """Fail before anything is written when ``directory`` cannot be created or written; creates nothing.
+
+    Raises:
+        ConfigError: a path component is a file, or the nearest existing directory cannot be written
+            (a real write test: permission bits do not stop root, a read-only mount does).
+    """
+    existing = directory.absolute()
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={directory}: {existing} is a file, not a directory; choose another directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".bptt-write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{key}={directory} cannot be written ({err.strerror}: {existing}); choose a writable "
+                          "directory") from None
 
 
 class _OptimizerSettings(Callback):
@@ -177,7 +262,7 @@ class _OptimizerSettings(Callback):
                 config.scheduler.base_lrs = [self.settings["lr"]] * len(config.scheduler.base_lrs)
 
 
-def _changed_optimizer_settings(cfg: Namespace, checkpoint: dict[str, Any], parser: Any) -> list[Callback]:
+def _changed_optimizer_settings(cfg: Namespace, checkpoint: dict[str, Any], parser: Any, trusted: bool) -> list[Callback]:
     """An ``_OptimizerSettings`` callback when ``cfg`` sets the optimizer otherwise than the
     checkpoint's run did (``bptt resume ... --task.optimizer.init_args.lr``, or a PBT exploit)."""
     def settings(config: Namespace) -> dict[str, Any]:
@@ -185,7 +270,8 @@ def _changed_optimizer_settings(cfg: Namespace, checkpoint: dict[str, Any], pars
         return dict(vars(optimizer.init_args)) if optimizer is not None and optimizer.get("init_args") else {}
 
     new = settings(cfg)
-    old = settings(parse_config(["--config", checkpoint["bptt"]["config"]], parser))
+    old = settings(parse_config(["--config", checkpoint["bptt"]["config"]], parser, trusted=trusted,
+                                source="the config inside the checkpoint"))
     changed = {k: v for k, v in new.items() if old.get(k) != v}
     return [_OptimizerSettings(changed)] if changed else []
 
@@ -215,8 +301,11 @@ def _log_artifacts(
                                      code_paths=[str(Path(__file__).parent)])  # the bptt package rides along
 
 
-def _restore(checkpoint_path: str | Path, overrides: list[str]) -> tuple[Namespace, Namespace, dict[str, Any]]:
-    """Rebuild a checkpoint's run: (config, instantiated objects, checkpoint)."""
+def _restore(
+    checkpoint_path: str | Path, overrides: list[str], trusted: bool
+) -> tuple[Namespace, Namespace, dict[str, Any]]:
+    """Rebuild a checkpoint's run: (config, instantiated objects, checkpoint); its config may name
+    code outside the allow-list only when ``trusted``."""
     _quiet_known_warnings()
     checkpoint = load_checkpoint(checkpoint_path)
     datamodule_state = next((v for v in checkpoint.values() if isinstance(v, dict) and "vocab" in v), None)
@@ -227,7 +316,7 @@ def _restore(checkpoint_path: str | Path, overrides: list[str]) -> tuple[Namespa
             vocab_file = Path(tmp) / "vocab.json"
             Vocabulary.from_state_dict(datamodule_state["vocab"]).save(vocab_file)
             args += ["--data.vocab_file", str(vocab_file)]
-        cfg = parse_config(args, parser)
+        cfg = parse_config(args, parser, trusted=trusted, source=f"the config inside checkpoint {checkpoint_path}")
         init = instantiate(cfg, parser)
     _check_same_model(init.task, checkpoint, checkpoint_path)
     data_state = checkpoint.get(type(init.data).__qualname__)
@@ -247,18 +336,21 @@ def _check_same_model(task: pl.LightningModule, checkpoint: dict[str, Any], path
         )
 
 
-def evaluate(checkpoint_path: str | Path, stage: Literal["validate", "test"], overrides: list[str]) -> dict[str, float]:
+def evaluate(
+    checkpoint_path: str | Path, stage: Literal["validate", "test"], overrides: list[str], *, trusted: bool = False
+) -> dict[str, float]:
     """Run the validation or test split through a checkpoint's model with state carried.
 
     Args:
         checkpoint_path: a ``.ckpt`` written by ``bptt fit``.
         stage: ``validate`` or ``test``.
         overrides: dotted config overrides, e.g. ``["--data.data_dir", "/data"]``.
+        trusted: the checkpoint's config may name code outside the allow-list (``--trust-config``).
 
     Returns:
         the split's metrics (``val/loss`` and ``val/ppl``, or ``test/...``).
     """
-    _, init, _ = _restore(checkpoint_path, overrides)
+    _, init, _ = _restore(checkpoint_path, overrides, trusted)
     trainer = _trainer(init.trainer, callbacks=[])
     run = trainer.validate if stage == "validate" else trainer.test
     results = run(init.task, datamodule=init.data, ckpt_path=str(checkpoint_path), verbose=True)
@@ -266,16 +358,16 @@ def evaluate(checkpoint_path: str | Path, stage: Literal["validate", "test"], ov
 
 
 def generate(
-    checkpoint_path: str | Path, *, prompt: str, num_tokens: int, temperature: float, seed: int
+    checkpoint_path: str | Path, *, prompt: str, num_tokens: int, temperature: float, seed: int, trusted: bool = False
 ) -> str:
     """Sample text from a language-model checkpoint.
 
     Returns:
         ``prompt`` followed by ``num_tokens`` sampled tokens, decoded.
     """
-    if num_tokens < 1 or temperature < 0:
-        raise ConfigError(f"need --num-tokens >= 1 and --temperature >= 0, got {num_tokens} and {temperature}")
-    _, init, checkpoint = _restore(checkpoint_path, [])
+    if num_tokens < 1 or not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"need --num-tokens >= 1 and a finite --temperature >= 0, got {num_tokens} and {temperature}")
+    _, init, checkpoint = _restore(checkpoint_path, [], trusted)
     task = init.task
     if not isinstance(task, LanguageModelTask):
         raise CheckpointError(f"{checkpoint_path} is a {type(task).__name__} checkpoint; generate needs a language model")
@@ -290,7 +382,7 @@ def generate(
     return prompt + vocab.decode(sample[0].tolist())
 
 
-def transcribe(checkpoint_path: str | Path, audio: list[str]) -> list[str]:
+def transcribe(checkpoint_path: str | Path, audio: list[str], *, trusted: bool = False) -> list[str]:
     """Greedy transcripts of audio files by a speech-recognition checkpoint.
 
     Args:
@@ -302,7 +394,7 @@ def transcribe(checkpoint_path: str | Path, audio: list[str]) -> list[str]:
     """
     if not audio:
         raise ConfigError("`bptt transcribe` needs audio files after the checkpoint, e.g. bptt transcribe last.ckpt a.wav")
-    _, init, checkpoint = _restore(checkpoint_path, [])
+    _, init, checkpoint = _restore(checkpoint_path, [], trusted)
     task = init.task
     if not isinstance(task, CTCSpeechTask):
         raise CheckpointError(f"{checkpoint_path} is a {type(task).__name__} checkpoint; transcribe needs a speech model")
@@ -313,7 +405,7 @@ def transcribe(checkpoint_path: str | Path, audio: list[str]) -> list[str]:
 
 
 def diagnose(target: str, overrides: list[str], *, probe_steps: int, warmup_steps: int, probes: int, eps: float,
-             out: Path | None = None) -> str:
+             out: Path | None = None, trusted: bool = False) -> str:
     """Gradient-through-time curve of a run's network on its training data, and the truncation it suggests.
 
     Args:
@@ -324,6 +416,7 @@ def diagnose(target: str, overrides: list[str], *, probe_steps: int, warmup_step
         probes: probe windows averaged, from consecutive training batches.
         eps: the fraction of the tau = 0 gradient that defines the suggestion.
         out: also write the curve there (.json, and a .png beside it).
+        trusted: the config may name code outside the allow-list (``--trust-config``).
 
     Returns:
         the report: a table of g(tau) / g(0) per layer and the suggested truncation.
@@ -334,14 +427,16 @@ def diagnose(target: str, overrides: list[str], *, probe_steps: int, warmup_step
     if probe_steps < 1 or warmup_steps < 0 or probes < 1 or not 0 < eps < 1:
         raise ConfigError(f"need --probe-steps >= 1, --warmup-steps >= 0, --probes >= 1 and 0 < --eps < 1; got "
                           f"{probe_steps}, {warmup_steps}, {probes}, {eps}")
+    if out is not None:
+        check_writable_directory(out.parent, "--out")
     if target.endswith((".yaml", ".yml")):
         _quiet_known_warnings()
         parser = build_parser()
-        cfg = parse_config(["--config", target, *overrides], parser)
+        cfg = parse_config(["--config", target, *overrides], parser, trusted=trusted)
         pl.seed_everything(cfg.seed_everything, workers=True, verbose=False)
         init = instantiate(cfg, parser)
     else:
-        _, init, checkpoint = _restore(target, overrides)
+        _, init, checkpoint = _restore(target, overrides, trusted)
         init.task.load_state_dict(checkpoint["state_dict"])
     if init.task.loss_per != "step":
         raise ConfigError(f"{type(init.task).__name__} has a loss over whole sequences; bptt diagnose needs a per-step "

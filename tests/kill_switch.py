@@ -2,9 +2,16 @@
 
 Used through the run config (``trainer.callbacks``), so the kill happens inside the real
 `bptt fit` process. ``marker`` makes it one-shot: a resumed run passes the step unharmed.
-With ``during_checkpoint``, the process dies inside the next checkpoint write, after the
-bytes went to the temporary file and before it was renamed into place. With ``rank``, only that
-data-parallel rank dies (its peers find out through the collective they wait in).
+``when`` picks the moment, once the step is reached:
+
+- ``"step"``: at the end of the training batch;
+- ``"in-write"``: inside the next checkpoint write, after its bytes went to the temporary file and
+  before it was renamed into place;
+- ``"after-write"``: right after the next checkpoint was renamed into place (before anything else
+  happens, e.g. the step's metrics reaching the logger); with ``writes``, after the n-th write.
+
+With ``rank``, only that data-parallel rank dies (its peers find out through the collective they
+wait in).
 """
 
 from __future__ import annotations
@@ -17,8 +24,11 @@ import pytorch_lightning as pl
 
 
 class KillAt(pl.Callback):
-    def __init__(self, step: int, marker: str, during_checkpoint: bool = False, rank: int | None = None) -> None:
-        self.step, self.marker, self.during_checkpoint, self.rank = step, Path(marker), during_checkpoint, rank
+    def __init__(self, step: int, marker: str, during_checkpoint: bool = False, rank: int | None = None,
+                 when: str = "step", writes: int = 1) -> None:
+        self.step, self.marker, self.rank, self.writes = step, Path(marker), rank, writes
+        self.when = "in-write" if during_checkpoint else when
+        assert self.when in ("step", "in-write", "after-write"), when
 
     def _die(self) -> None:
         self.marker.write_text(str(self.step))
@@ -29,12 +39,14 @@ class KillAt(pl.Callback):
             return
         if self.rank is not None and trainer.global_rank != self.rank:
             return
-        if not self.during_checkpoint:
+        if self.when == "step":
             self._die()
-        fsync = os.fsync
+        fsync, calls = os.fsync, []
 
-        def die_in_write(fd: int) -> None:  # the checkpoint's bytes are in its .partial file now
+        def die_in_write(fd: int) -> None:  # a write fsyncs the file, renames it, then fsyncs the directory
             fsync(fd)
-            self._die()
+            calls.append(fd)
+            if self.when == "in-write" or len(calls) == 2 * self.writes:
+                self._die()
 
         os.fsync = die_in_write

@@ -26,15 +26,18 @@ RICH = [*SMALL, "--trainer.max_steps", "30", "--trainer.val_check_interval", "10
 TIMING = {"train/tokens_per_sec"}
 
 
-def _kills(tmp: Path, steps: list[int], armed: bool) -> list[str]:
+def _kills(tmp: Path, steps: list[int], armed: bool, when: list[str] | None = None) -> list[str]:
+    """Kill switches at ``steps`` (``when``: see tests/kill_switch.py; default: mid-step, then the
+    last one inside a checkpoint write)."""
+    when = when or ["step"] * (len(steps) - 1) + ["in-write"]
     callbacks = []
-    for i, step in enumerate(steps):
+    for i, (step, moment) in enumerate(zip(steps, when)):
         marker = tmp / f"killed-{i}"
         if not armed:
             marker.write_text("disarmed")
         callbacks.append({"class_path": "tests.kill_switch.KillAt",
-                          "init_args": {"step": step, "marker": str(marker), "during_checkpoint": i == len(steps) - 1}})
-    return ["--trainer.callbacks", json.dumps(callbacks)]
+                          "init_args": {"step": step, "marker": str(marker), "when": moment}})
+    return ["--trust-config", "--trainer.callbacks", json.dumps(callbacks)]  # the tests' own callback
 
 
 def _history(client: MlflowClient, experiment: str) -> tuple[str, dict[str, list[tuple[int, float]]]]:
@@ -64,10 +67,10 @@ def test_sigkilled_run_resumes_bit_for_bit(mlflow_server, tmp_path):
     killed = bptt("fit", *RICH, *_kills(b, [first, second], armed=True), *tracking,
                   "--tracking.experiment_name", experiment, "--trainer.default_root_dir", str(b / "run"), cwd=b)
     assert killed.returncode == -9, f"expected SIGKILL at step {first}: {killed.stderr[-2000:]}"
-    again = bptt("resume", str(b / "run/checkpoints"), cwd=b)
+    again = bptt("resume", str(b / "run/checkpoints"), "--trust-config", cwd=b)
     assert again.returncode == -9, f"expected SIGKILL in a checkpoint write at step >= {second}: {again.stderr[-2000:]}"
     assert list((b / "run/checkpoints").glob(".*.partial")), "the second kill did not land inside a checkpoint write"
-    finished = bptt("resume", str(b / "run/checkpoints"), cwd=b)
+    finished = bptt("resume", str(b / "run/checkpoints"), "--trust-config", cwd=b)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
     expected, found = _final_parameters(a / "run"), _final_parameters(b / "run")
@@ -83,6 +86,39 @@ def test_sigkilled_run_resumes_bit_for_bit(mlflow_server, tmp_path):
     for key, points in history_b.items():
         steps = [s for s, _ in points]
         assert key == "epoch" or len(steps) == len(set(steps)), f"{key} logged a step twice"
+
+
+# one optimizer step per batch: step checkpoints at 4, 8, ..., validations (best.ckpt, last.ckpt) at 10, 20, 30
+PLAIN = [*SMALL, "--trainer.max_steps", "30", "--trainer.val_check_interval", "10", "--trainer.log_every_n_steps", "1",
+         "--checkpoint.every_n_steps", "4", "--trainer.deterministic", "true"]
+
+
+@pytest.mark.slow
+def test_history_survives_kills_right_after_each_kind_of_checkpoint_write(mlflow_server, tmp_path):
+    """Killed right after a step checkpoint was renamed into place (step 8, before that step's
+    metrics went to MLflow), then right after a validation's best.ckpt (step 10): the resumed run's
+    MLflow history equals the uninterrupted run's, step for step."""
+    tracking = ["--tracking.tracking_uri", mlflow_server]
+    a, b = tmp_path / "uninterrupted", tmp_path / "killed"
+    a.mkdir(), b.mkdir()
+    done = bptt("fit", *PLAIN, *_kills(a, [5, 10], armed=False, when=["after-write"] * 2), *tracking,
+                "--tracking.experiment_name", f"plain-{id(a)}", "--trainer.default_root_dir", str(a / "run"), cwd=a)
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = bptt("fit", *PLAIN, *_kills(b, [5, 10], armed=True, when=["after-write"] * 2), *tracking,
+                  "--tracking.experiment_name", f"killed-{id(b)}", "--trainer.default_root_dir", str(b / "run"), cwd=b)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert torch.load(b / "run/checkpoints/step-0000008.ckpt", weights_only=True)["global_step"] == 8
+    again = bptt("resume", str(b / "run/checkpoints"), "--trust-config", cwd=b)
+    assert again.returncode == -9, again.stderr[-2000:]
+    assert torch.load(b / "run/checkpoints/best.ckpt", weights_only=True)["global_step"] == 10
+    finished = bptt("resume", str(b / "run/checkpoints"), "--trust-config", cwd=b)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    status_a, history_a = _history(client, f"plain-{id(a)}")
+    status_b, history_b = _history(client, f"killed-{id(b)}")
+    assert status_a == status_b == "FINISHED"
+    assert [s for s, _ in history_a["train/loss"]] == list(range(30))
+    assert history_b == history_a
 
 
 DDP = [*SMALL, "--trainer.max_steps", "16", "--trainer.val_check_interval", "100", "--checkpoint.every_n_steps", "3",
@@ -101,7 +137,7 @@ def test_resume_on_fewer_processes_reshards_the_streams(tmp_path):
                   str(tmp_path / "killed"), cwd=tmp_path)
     assert killed.returncode != 0
     resumed = bptt("resume", str(tmp_path / "killed/checkpoints"), "--trainer.devices", "1", "--trainer.strategy",
-                   "auto", cwd=tmp_path)
+                   "auto", "--trust-config", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "MEMBER: 1/2" not in resumed.stderr
     expected, found = _final_parameters(tmp_path / "straight"), _final_parameters(tmp_path / "killed")

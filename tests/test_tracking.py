@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
-from pathlib import Path
+import urllib.request
 
 import mlflow
 import pytest
@@ -14,6 +16,7 @@ from bptt.cli import main
 from bptt.models import RNNLanguageModel
 from bptt.tracking import EXPERIMENT_KIND, MlflowTracking, ServedStore, free_port
 from tests.bptt_command import SMALL, bptt
+from tests.ray_jobs.process_tree import LINUX_PROC, alive, descendants
 
 
 @pytest.fixture(scope="module")
@@ -112,42 +115,56 @@ def test_read_only_store_fails_before_training(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def _descendants(pid: int) -> dict[int, str]:
-    """pid -> command line of every live process below ``pid`` (Linux /proc)."""
-    found, todo = {}, [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-        except OSError:
-            continue
-        for child in map(int, children):
-            try:
-                found[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from Linux's /proc")
+@pytest.mark.skipif(not LINUX_PROC, reason="reads the process tree from Linux's /proc")
 def test_served_store_runs_only_the_tracking_server_and_stops_all_of_it(tmp_path):
     """A sweep's served store: MLflow 3's job runner (huey consumers) stays off, since its processes
     would take CPU from the trials, and leaving the block ends every process the server started."""
     store = ServedStore(MlflowTracking(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"), log=tmp_path / "server.log")
     with store:
         store.wait(timeout=90)
-        processes = _descendants(store._server.pid)
+        processes = descendants(store._server.pid)
         assert any("uvicorn" in cmd for cmd in processes.values()), processes  # the listing sees the server
         assert not [cmd for cmd in processes.values() if "huey" in cmd or "job_runner" in cmd], processes
     deadline = time.time() + 10
-    while any(_alive(pid) for pid in processes) and time.time() < deadline:
+    while any(alive(p) for p in processes) and time.time() < deadline:
         time.sleep(0.2)
-    assert not [pid for pid in processes if _alive(pid)], processes
+    assert not [p for p in processes if alive(p)], processes
+
+
+def test_served_store_moves_to_another_port_when_its_port_is_taken_before_it_binds(tmp_path, monkeypatch):
+    """free_port() only names a port that was free a moment ago: in a sweep, Ray starts meanwhile
+    and may take it. Another program answering there (not HTTP) must not pass for the server, nor
+    crash the wait, and the server, unable to bind, starts again on another port."""
+    import bptt.tracking
+
+    stop = threading.Event()
+
+    def answer_not_http(squatter: socket.socket) -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = squatter.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.sendall(b"\x00\x01 not http\r\n\r\n")
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        squatter.settimeout(0.2)
+        taken = squatter.getsockname()[1]
+        answering = threading.Thread(target=answer_not_http, args=(squatter,))
+        answering.start()
+        ports = iter([taken])
+        monkeypatch.setattr(bptt.tracking, "free_port", lambda: next(ports, None) or free_port())
+        store = ServedStore(MlflowTracking(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"), log=tmp_path / "server.log")
+        try:
+            with store:
+                assert store.uri == f"http://127.0.0.1:{taken}"
+                store.wait(timeout=90)
+                assert store.uri != f"http://127.0.0.1:{taken}"
+                with urllib.request.urlopen(f"{store.uri}/health", timeout=5) as answer:
+                    assert answer.status == 200
+        finally:
+            stop.set()
+            answering.join()

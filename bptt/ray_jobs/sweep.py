@@ -8,6 +8,8 @@ store is checked and, when it is a local file, served by ``mlflow server`` on 12
 the sweep's duration; Ray starts (or joins ``--address``) and the trial resources are checked
 against its nodes; then the parent MLflow run opens and Tune runs the trials. At the end the
 parent run gets the leaderboard and the best trial's config, and the leaderboard is printed.
+The served store and a local Ray instance end with the driver, even when it is killed
+(``fate_sharing.py``); ``--resume`` continues from the experiment directory's ``bptt-sweep.json``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import yaml
 from ray.tune import Callback
 
 from bptt.errors import ConfigError
+from bptt.ray_jobs.fate_sharing import FateSharing
 from bptt.ray_jobs.sweep_config import (
     SweepSpec,
     load_sweep,
@@ -55,38 +58,38 @@ HEAD_NODE = "node:__internal_head__"  # a resource only the head node has
 
 
 def sweep(config: str | None = None, *, resume: str | None = None, address: str | None = None,
-          storage_path: str | None = None) -> list[dict]:
-    """Run (or, with ``resume``, continue) a sweep; prints and returns the leaderboard (best first)."""
+          storage_path: str | None = None, trusted: bool = False) -> list[dict]:
+    """Run (or, with ``resume``, continue) a sweep; prints and returns the leaderboard (best first).
+    ``trusted``: the sweep file (or the saved sweep state) may name code outside the allow-list."""
     if resume is not None:
         directory = Path(resume).resolve()
-        state_file = directory / STATE_FILE
-        if not state_file.is_file():
-            raise ConfigError(f"{directory} is not a bptt sweep directory (no {STATE_FILE}); pass the directory "
-                              "`bptt sweep` printed, e.g. ~/ray_results/quickstart-20261125-120000")
-        state = json.loads(state_file.read_text())
-        spec, base = load_sweep(state["sweep_file"], state["sweep_yaml"])
+        state = SweepState.load(directory)
+        spec, base = state.spec(directory, trusted=trusted)
         name, storage = directory.name, str(directory.parent)
     else:
         if config is None:
             raise ConfigError("bptt sweep needs --config conf/sweep/NAME.yaml or --resume EXPERIMENT_DIR")
-        spec, base = load_sweep(config)
-        state = {"sweep_file": str(Path(config).resolve()), "sweep_yaml": Path(config).read_text(),
-                 "cwd": os.getcwd(), "parent_run_id": None}
+        spec, base = load_sweep(config, trusted=trusted)
+        state = SweepState(sweep_file=str(Path(config).resolve()), sweep_yaml=Path(config).read_text(),
+                           cwd=os.getcwd())
         name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         storage = str(Path(storage_path or spec.storage_path or "~/ray_results").expanduser().resolve())
         directory = Path(storage) / name
     tracking = _tracking(spec, base)
-    if state.get("tracking_uri"):  # a resumed sweep writes where it started, wherever it is resumed from
-        tracking.tracking_uri = state["tracking_uri"]
-    state["tracking_uri"] = tracking.uri()
+    if state.tracking_uri:  # a resumed sweep writes where it started, wherever it is resumed from
+        tracking.tracking_uri = state.tracking_uri
+    state.tracking_uri = tracking.uri()
     tracking.check()
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the served URL ends with the sweep
     import ray  # Ray starts below, after every check that needs no cluster
 
-    with ServedStore(tracking, log=directory / "mlflow-server.log") as store:
+    # every process started below (served store, local Ray instance) ends with this one, even on kill -9
+    with FateSharing(), ServedStore(tracking, log=directory / "mlflow-server.log") as store:
         if ray.is_initialized():
             ray.shutdown()
-        ray.init(address=address, log_to_driver=False,  # the dashboard stays: Train cleans up through its state API
+        # "local": an instance of its own, even where `ray start` (or a test cluster) left its address behind.
+        # The dashboard stays: Train cleans up through its state API.
+        ray.init(address=address or "local", log_to_driver=False,
                  runtime_env={"env_vars": _forwarded_env()} if address is None else None)
         try:
             check_resources(spec)
@@ -97,11 +100,66 @@ def sweep(config: str | None = None, *, resume: str | None = None, address: str 
             ray.shutdown()
 
 
+@dataclass
+class SweepState:
+    """What ``--resume`` needs, kept as ``bptt-sweep.json`` in the experiment directory."""
+
+    sweep_file: str  # where the sweep file was: its relative ``base`` resolves against it
+    sweep_yaml: str  # the sweep file's text when the sweep started
+    cwd: str  # the directory the sweep started in: trials run there
+    tracking_uri: str | None = None  # the MLflow store the sweep writes to, wherever it is resumed from
+    parent_run_id: str | None = None  # the sweep's MLflow run, once opened
+
+    @classmethod
+    def load(cls, directory: Path) -> SweepState:
+        """The saved state of the sweep in ``directory``.
+
+        Raises:
+            ConfigError: no state file, or one that is not a state this version wrote (not JSON,
+                truncated, keys missing or of the wrong type).
+        """
+        path = directory / STATE_FILE
+        if not path.is_file():
+            raise ConfigError(f"{directory} is not a bptt sweep directory (no {STATE_FILE}); pass the directory "
+                              "`bptt sweep` printed, e.g. ~/ray_results/quickstart-20261125-120000")
+        fix = "restore the file, or start the sweep anew with bptt sweep --config SWEEP_FILE"
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"sweep state {path} is not readable JSON ({err}); {fix}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"sweep state {path} is not a JSON object but a {type(raw).__name__}; {fix}")
+        for item in fields(cls):
+            value, optional = raw.get(item.name), item.default is None
+            if item.name not in raw and not optional:
+                raise ConfigError(f"sweep state {path} has no {item.name}; {fix}")
+            if not isinstance(value, str) and not (optional and value is None):
+                kinds = "a string or null" if optional else "a string"
+                raise ConfigError(f"sweep state {path}: {item.name} must be {kinds}, got {type(value).__name__}; {fix}")
+        return cls(**{item.name: raw.get(item.name) for item in fields(cls)})
+
+    def spec(self, directory: Path, *, trusted: bool = False) -> tuple[SweepSpec, str]:
+        """The saved sweep file, loaded and checked as when the sweep started: (spec, base config path).
+        Its import paths are checked against the allow-list unless ``trusted``: the file is data."""
+        try:
+            return load_sweep(self.sweep_file, self.sweep_yaml, trusted=trusted)
+        except ConfigError as err:
+            raise ConfigError(f"sweep state {directory / STATE_FILE}: its sweep_yaml no longer loads ({err}); "
+                              "restore the file, or start the sweep anew with bptt sweep --config SWEEP_FILE") from None
+
+    def save(self, directory: Path) -> None:
+        """Write the state whole or not at all (a crash mid-write leaves the previous file)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = directory / f"{STATE_FILE}.partial"
+        partial.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(partial, directory / STATE_FILE)
+
+
 def _tracking(spec: SweepSpec, base: str) -> MlflowTracking:
     """The base config's tracking node, with the sweep's tracking settings on top."""
     from bptt.config import build_parser, parse_config
 
-    cfg = parse_config(["--config", base], build_parser())
+    cfg = parse_config(["--config", base], build_parser(), trusted=spec.trusted)
     tracking = dict(vars(cfg.tracking))
     tracking["experiment_name"] = spec.tracking.experiment_name or f"{spec.name}-sweep"
     if spec.tracking.tracking_uri:
@@ -166,30 +224,29 @@ def _concurrency(spec: SweepSpec) -> int:
     return max(1, math.floor(min(limits, default=1) + 1e-9))
 
 
-def _tune(spec: SweepSpec, base: str, state: dict[str, Any], name: str, storage: str, directory: Path,
+def _tune(spec: SweepSpec, base: str, state: SweepState, name: str, storage: str, directory: Path,
           tracking: MlflowTracking, served_uri: str, resuming: bool) -> list[dict]:
     import ray.tune
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(served_uri)
     experiment_id = _experiment(client, tracking)
-    if state.get("parent_run_id") is None:
+    if state.parent_run_id is None:
         parent = client.create_run(experiment_id, run_name=name, tags={SWEEP_TAG: name, "bptt.kind": "sweep"})
-        state["parent_run_id"] = parent.info.run_id
-        _log_sweep_params(client, state["parent_run_id"], spec, base)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
-        client.log_text(state["parent_run_id"], state["sweep_yaml"], "sweep.yaml")
-        client.log_text(state["parent_run_id"], yaml.safe_dump(spec.space, sort_keys=False), "search_space.yaml")
+        state.parent_run_id = parent.info.run_id
+        _log_sweep_params(client, state.parent_run_id, spec, base)
+        state.save(directory)
+        client.log_text(state.parent_run_id, state.sweep_yaml, "sweep.yaml")
+        client.log_text(state.parent_run_id, yaml.safe_dump(spec.space, sort_keys=False), "search_space.yaml")
     else:
-        client.update_run(state["parent_run_id"], status="RUNNING")
+        client.update_run(state.parent_run_id, status="RUNNING")
     context = SweepContext(sweep=name, base_yaml=Path(base).read_text(), spec=spec, tracking_uri=served_uri,
-                           experiment_name=tracking.experiment_name, parent_run_id=state["parent_run_id"],
-                           storage_path=storage, cwd=state["cwd"])
+                           experiment_name=tracking.experiment_name, parent_run_id=state.parent_run_id,
+                           storage_path=storage, cwd=state.cwd)
     driver = {"CPU": spec.resources.driver_cpus} if spec.resources.driver_cpus > 0 else {HEAD_NODE: 0.001}
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), driver)
     os.environ[SERVED_URI_ENV] = served_uri  # where _ChildRunStatus, restored from an older run, writes
-    status = _ChildRunStatus(experiment_id, state["parent_run_id"])
+    status = _ChildRunStatus(experiment_id, state.parent_run_id)
     print(f"bptt sweep: experiment {directory}  (continue after a crash: bptt sweep --resume {directory})", flush=True)
     if resuming:
         tuner = ray.tune.Tuner.restore(str(directory), trainable, resume_unfinished=True, resume_errored=True)
@@ -210,9 +267,9 @@ def _tune(spec: SweepSpec, base: str, state: dict[str, Any], name: str, storage:
             ),
         )
     results = tuner.fit()
-    board = leaderboard(results, spec, client, experiment_id, state["parent_run_id"])
+    board = leaderboard(results, spec, client, experiment_id, state.parent_run_id)
     table = _format(board)
-    _finish_parent(client, state["parent_run_id"], spec, base, board, table)
+    _finish_parent(client, state.parent_run_id, spec, base, board, table)
     print(table)
     print(f"\nMLflow: {_ui_command(tracking)}  (experiment {tracking.experiment_name!r}, parent run {name})")
     return board

@@ -28,6 +28,7 @@ Relative paths (``base``) resolve against the sweep file's directory, else the w
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,9 +36,11 @@ from typing import Any, Literal
 import yaml
 
 from bptt.errors import ConfigError
+from bptt.trust import check_config
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 DEFAULT_CHECKPOINTS_TO_KEEP = 2
+FIT_HELP = "; `bptt fit --help` lists every key and type"  # bptt.config.one_line's hint, which fits no sweep file
 
 
 @dataclass
@@ -111,6 +114,8 @@ class SweepSpec:
     checkpoints_to_keep: int | None = None  # per trial; default 2, and every one under PBT
     storage_path: str | None = None
     tracking: Tracking = field(default_factory=Tracking)
+    # not a sweep-file key: set by load_sweep from --trust-config, carried to every trial
+    trusted = False  # unannotated: a class attribute, not a dataclass field
 
     def train_checkpoints_to_keep(self) -> int:
         """Ray Train's checkpoints kept per trial run: ``checkpoints_to_keep``, by default 2."""
@@ -126,12 +131,14 @@ class SweepSpec:
         return self.train_checkpoints_to_keep()
 
 
-def load_sweep(path: str | Path, text: str | None = None) -> tuple[SweepSpec, str]:
+def load_sweep(path: str | Path, text: str | None = None, *, trusted: bool = False) -> tuple[SweepSpec, str]:
     """Read and check a sweep file (or its saved ``text``): (spec, base config path).
 
-    Every check that needs no cluster happens here: keys and types of the sweep file, the
-    distributions, the scheduler and search algorithm, and that each space key is a key of the
-    base config taking the values the space can draw.
+    Every check that needs no cluster happens here: the import paths the sweep file and its base
+    config name (``bptt.trust``; any, when ``trusted``, which the spec then carries to every
+    trial), keys and types of the sweep file, the distributions, the scheduler and search
+    algorithm, and that each space key is a key of the base config taking the values the space
+    can draw.
 
     Raises:
         ConfigError: one line naming the problem and the fix.
@@ -148,9 +155,10 @@ def load_sweep(path: str | Path, text: str | None = None) -> tuple[SweepSpec, st
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML ({one_line(err)})") from None
+        raise ConfigError(f"{path} is not valid YAML ({one_line(err).removesuffix(FIT_HELP)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping with at least name, base and space")
+    check_config(raw, source=f"sweep file {path}", trusted=trusted, base=path.parent)
     # config values stay as written (jsonargparse would build the objects of class_path entries)
     verbatim = {k: raw.pop(k) for k in ("space", "overrides") if k in raw}
     scheduler_raw = raw.get("scheduler")
@@ -164,9 +172,10 @@ def load_sweep(path: str | Path, text: str | None = None) -> tuple[SweepSpec, st
         spec_ns = parser.parse_object({"sweep": raw})
         spec: SweepSpec = parser.instantiate_classes(spec_ns).sweep
         spec.space, spec.overrides = verbatim.get("space", {}), verbatim.get("overrides", {})
+        spec.trusted = trusted
         spec.scheduler.mutations = mutations
     except Exception as err:  # jsonargparse: unknown key, wrong type, a value outside a Literal
-        raise ConfigError(f"{path}: {one_line(err).replace('; `bptt fit --help` lists every key and type', '')}"
+        raise ConfigError(f"{path}: {one_line(err).replace(FIT_HELP, '')}"
                           "; see conf/sweep/quickstart.yaml for the keys") from None
     base = _resolve(spec.base, path)
     if not spec.space:
@@ -188,12 +197,48 @@ def load_sweep(path: str | Path, text: str | None = None) -> tuple[SweepSpec, st
             raise ConfigError(
                 f"search {spec.search.type} needs the {module} package; pip install 'bptt[{module}]' or drop search"
             ) from None
-    if spec.num_samples < 1 or spec.resources.num_workers < 1 or (spec.checkpoints_to_keep is not None and spec.checkpoints_to_keep < 1):
-        raise ConfigError(f"{path}: num_samples, resources.num_workers and checkpoints_to_keep must be >= 1")
-    if spec.max_concurrent_trials is not None and spec.max_concurrent_trials < 1:
-        raise ConfigError(f"{path}: max_concurrent_trials must be >= 1 (or left out)")
+    _check_numbers(path, spec)
     _check_against_base(path, spec, base)
     return spec, str(base)
+
+
+def _check_numbers(path: Path, spec: SweepSpec) -> None:
+    """Every count, size, resource and bound of the sweep file within what Tune and Ray accept
+    (jsonargparse has checked the types; a value out of range would otherwise pass until Ray runs)."""
+    r, s, f = spec.resources, spec.scheduler, spec.failure
+    search_seed = spec.search.seed if spec.search is not None else None
+    seed_range = ">= 0 and < 2**32 (or null), as numpy's seeds are"
+    rules: list[tuple[str, Any, bool, str]] = [
+        ("num_samples", spec.num_samples, spec.num_samples >= 1, ">= 1"),
+        ("max_concurrent_trials", spec.max_concurrent_trials,
+         spec.max_concurrent_trials is None or spec.max_concurrent_trials >= 1, ">= 1 (or left out)"),
+        ("checkpoints_to_keep", spec.checkpoints_to_keep,
+         spec.checkpoints_to_keep is None or spec.checkpoints_to_keep >= 1, ">= 1 (or left out)"),
+        ("seed", spec.seed, spec.seed is None or 0 <= spec.seed < 2**32, seed_range),
+        ("search.seed", search_seed, search_seed is None or 0 <= search_seed < 2**32, seed_range),
+        ("resources.num_workers", r.num_workers, r.num_workers >= 1, ">= 1"),
+        *((f"resources.{name}", value, _is_quantity(value), ">= 0 and finite: 0, or at least 0.0001 (Ray's unit)")
+          for name, value in (("cpus_per_worker", r.cpus_per_worker), ("gpus_per_worker", r.gpus_per_worker),
+                              ("driver_cpus", r.driver_cpus))),
+        ("failure.trial_retries", f.trial_retries, f.trial_retries >= -1, ">= 0, or -1 for no limit"),
+        ("failure.worker_retries", f.worker_retries, f.worker_retries >= -1, ">= 0, or -1 for no limit"),
+        ("scheduler.grace_period", s.grace_period, s.grace_period >= 1, ">= 1"),
+        ("scheduler.max_t", s.max_t, s.max_t >= max(s.grace_period, 1), ">= 1 and >= scheduler.grace_period"),
+        ("scheduler.reduction_factor", s.reduction_factor, math.isfinite(s.reduction_factor) and s.reduction_factor > 1,
+         "> 1 and finite"),
+        ("scheduler.perturbation_interval", s.perturbation_interval, s.perturbation_interval >= 1, ">= 1"),
+        ("scheduler.quantile_fraction", s.quantile_fraction, 0 <= s.quantile_fraction <= 0.5, "from 0 to 0.5"),
+        ("scheduler.resample_probability", s.resample_probability, 0 <= s.resample_probability <= 1, "from 0 to 1"),
+        *((f"stop.{key}", value, math.isfinite(value), "a finite number") for key, value in spec.stop.items()),
+    ]
+    for key, value, ok, requirement in rules:
+        if not ok:
+            raise ConfigError(f"{path}: {key} must be {requirement}, got {value!r}")
+
+
+def _is_quantity(value: float) -> bool:
+    """A Ray resource amount: Ray counts in units of 0.0001 and refuses negative amounts."""
+    return math.isfinite(value) and (value == 0 or value >= 0.0001)
 
 
 def _resolve(base: str, sweep_file: Path) -> Path:
@@ -249,7 +294,7 @@ def _check_against_base(path: Path, spec: SweepSpec, base: Path) -> None:
 
     parser = build_parser()
     try:
-        parse_config(trial_args(str(base), spec, {}), parser)
+        parse_config(trial_args(str(base), spec, {}), parser, trusted=spec.trusted)
     except ConfigError as err:
         raise ConfigError(f"{path}: base config with the sweep's overrides: {err}") from None
     keys = {**spec.space, **(spec.scheduler.mutations or {} if spec.scheduler.type == "pbt" else {})}
@@ -258,7 +303,7 @@ def _check_against_base(path: Path, spec: SweepSpec, base: Path) -> None:
             raise ConfigError(f"{path}: {key!r} is both in overrides and in space; keep one")
         for value in _samples(dist):
             try:
-                parse_config(trial_args(str(base), spec, {key: value}), parser)
+                parse_config(trial_args(str(base), spec, {key: value}), parser, trusted=spec.trusted)
             except ConfigError as err:
                 raise ConfigError(f"{path}: space key {key!r} = {value!r} does not fit {base.name}: {err}") from None
 
@@ -318,4 +363,4 @@ def resolved_config(base: str, spec: SweepSpec, sampled: dict[str, Any]) -> str:
     from bptt.config import build_parser, parse_config
 
     parser = build_parser()
-    return parser.dump(parse_config(trial_args(base, spec, sampled), parser))
+    return parser.dump(parse_config(trial_args(base, spec, sampled), parser, trusted=spec.trusted))

@@ -87,7 +87,8 @@ def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"args": args, "run_id": run_id, "start": ray.tune.get_checkpoint(),
-                           "cwd": context.cwd, "use_gpu": resources.gpus_per_worker > 0},
+                           "cwd": context.cwd, "use_gpu": resources.gpus_per_worker > 0,
+                           "trusted": context.spec.trusted},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers, use_gpu=resources.gpus_per_worker > 0,
             resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},

@@ -34,7 +34,8 @@ def train_worker(loop: dict[str, Any]) -> None:
         os.chdir(loop["cwd"])
     context = ray.train.get_context()
     root = Path(tempfile.gettempdir()) / "bptt-trials" / context.get_experiment_name() / f"rank{context.get_world_rank()}"
-    cfg = parse_config([*loop["args"], "--trainer.default_root_dir", str(root)])
+    # the sweep driver checked these arguments against the allow-list, or was told to trust them
+    cfg = parse_config([*loop["args"], "--trainer.default_root_dir", str(root)], trusted=loop["trusted"])
     placement = {"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()], "devices": "auto",
                  "accelerator": "gpu" if loop["use_gpu"] else "cpu", "num_nodes": 1}
     start = ray.train.get_checkpoint() or loop["start"]

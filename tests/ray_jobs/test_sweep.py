@@ -1,13 +1,13 @@
 """`bptt sweep` end to end on a 2-node Ray cluster simulated on this machine (ray.cluster_utils):
 trials of 2 data-parallel workers each; a worker SIGKILLed mid-trial; the sweep's driver SIGKILLed
 and the sweep resumed; MLflow (the sweep's own served sqlite store) holds one parent and a child
-per trial with complete histories; resources no node holds stop the sweep before any trial."""
+per trial with complete histories; resources no node holds stop the sweep before any trial. And on
+a local Ray instance of the driver's own: a SIGKILLed driver leaves none of its processes behind."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import PROJECT
+from tests.ray_jobs.process_tree import LINUX_PROC, alive, descendants
 
 pytestmark = pytest.mark.slow
 BPTT = str(Path(sys.executable).parent / "bptt")
@@ -79,6 +80,31 @@ def _assert_complete(client, child) -> None:
     assert child.info.status == "FINISHED"
 
 
+@pytest.mark.skipif(not LINUX_PROC, reason="reads the process tree from Linux's /proc")
+def test_killed_driver_leaves_no_process_behind(tmp_path):
+    """SIGKILL of a sweep's driver, once its served store and its own local Ray instance are up, ends
+    every process it started: mlflow server and its uvicorn, Ray's GCS, raylet, dashboard, agents and
+    workers. (First in this file: the cluster fixture's nodes are not up yet to share the CPUs.)"""
+    sweep = _sweep_file(tmp_path, space={"model.dropout": {"choice": [0.0]}}, resources={"num_workers": 1})
+    with open(tmp_path / "driver.out", "w") as out:
+        driver = subprocess.Popen([BPTT, "sweep", "--config", str(sweep), "--storage-path", str(tmp_path / "results")],
+                                  cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("results/*/bptt-sweep.json")):  # written once the parent run is open
+        assert driver.poll() is None, (tmp_path / "driver.out").read_text()[-4000:]
+        assert time.time() < deadline, "the sweep did not start"
+        time.sleep(0.5)
+    started = descendants(driver.pid)
+    commands = " ".join(started.values())
+    assert all(name in commands for name in ("uvicorn", "gcs_server", "raylet", "dashboard", "ray::")), commands
+    driver.kill()
+    driver.wait()
+    deadline = time.time() + 20
+    while (left := [cmd for p, cmd in started.items() if alive(p)]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left
+
+
 def test_killed_worker_resumes_its_trial_from_the_checkpoint(cluster, tmp_path):
     """Two trials with the same config; rank 1 of one of them is SIGKILLed at step 15. Train restarts
     that trial's workers from the step-10 checkpoint, and the trial ends where the untouched one ends."""
@@ -87,7 +113,7 @@ def test_killed_worker_resumes_its_trial_from_the_checkpoint(cluster, tmp_path):
     sweep = _sweep_file(tmp_path, space={"seed_everything": {"grid": [3, 3]}}, extra={"trainer.callbacks": kill},
                         max_concurrent_trials=2)
     done = _bptt("sweep", "--config", str(sweep), "--address", cluster.address, "--storage-path",
-                 str(tmp_path / "results"), cwd=tmp_path)
+                 str(tmp_path / "results"), "--trust-config", cwd=tmp_path)  # the tests' own callback
     out, _ = done.communicate(timeout=900)
     assert done.returncode == 0, out[-4000:]
     assert marker.exists(), "no worker was killed"
@@ -117,7 +143,7 @@ def test_killed_driver_then_resume_finishes_every_trial_once(cluster, tmp_path):
         assert driver.poll() is None, driver.communicate()[0][-4000:]
         assert time.time() < deadline, "the sweep made no progress"
         time.sleep(1)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the mlflow server it started
+    driver.kill()  # the driver alone: the mlflow server it started ends with it
     driver.wait()
     (experiment,) = results.iterdir()
     first_done = {name: n for name, n in reports.items() if n == len(VAL_STEPS)}

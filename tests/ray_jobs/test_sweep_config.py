@@ -3,6 +3,7 @@ the cluster can judge, before any trial starts), and writes nothing."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,23 @@ def _sweep_file(tmp_path: Path, **changes) -> Path:
         ({"space": {"model.hidden_size": {"randint": [64, 16]}}}, "low < high"),
         ({"scheduler": {"type": "hyperband"}}, "scheduler"),
         ({"scheduler": {"type": "asha", "grace": 1}}, "grace"),
-        ({"resources": {"num_workers": 0}}, "must be >= 1"),
+        ({"resources": {"num_workers": 0}}, "resources.num_workers must be >= 1, got 0"),
+        ({"resources": {"cpus_per_worker": -1}}, "resources.cpus_per_worker must be >= 0"),
+        ({"resources": {"gpus_per_worker": float("nan")}}, "resources.gpus_per_worker must be >= 0 and finite"),
+        ({"resources": {"driver_cpus": 0.00001}}, "resources.driver_cpus must be >= 0 and finite: 0, or at least"),
+        ({"num_samples": 0}, "num_samples must be >= 1"),
+        ({"max_concurrent_trials": 0}, "max_concurrent_trials must be >= 1"),
+        ({"checkpoints_to_keep": 0}, "checkpoints_to_keep must be >= 1"),
+        ({"seed": -1}, "seed must be >= 0 and < 2**32"),
+        ({"failure": {"trial_retries": -2}}, "failure.trial_retries must be >= 0, or -1 for no limit"),
+        ({"failure": {"worker_retries": -5}}, "failure.worker_retries must be >= 0, or -1"),
+        ({"scheduler": {"type": "asha", "grace_period": 0}}, "scheduler.grace_period must be >= 1"),
+        ({"scheduler": {"type": "asha", "grace_period": 5, "max_t": 4}}, "scheduler.max_t must be >= 1 and >= scheduler"),
+        ({"scheduler": {"type": "asha", "reduction_factor": 1}}, "scheduler.reduction_factor must be > 1"),
+        ({"scheduler": {"type": "pbt", "quantile_fraction": 0.7}}, "scheduler.quantile_fraction must be from 0 to 0.5"),
+        ({"scheduler": {"type": "pbt", "perturbation_interval": 0}}, "scheduler.perturbation_interval must be >= 1"),
+        ({"scheduler": {"type": "pbt", "resample_probability": 2}}, "scheduler.resample_probability must be from 0 to 1"),
+        ({"stop": {"training_iteration": float("inf")}}, "stop.training_iteration must be a finite number"),
         ({"base": "conf/lm/nope.yaml"}, "base config conf/lm/nope.yaml not found"),
         ({"overrides": {"trainer.max_step": 5}}, "base config with the sweep's overrides"),
         ({"mode": "lowest"}, "mode"),
@@ -71,6 +88,42 @@ def test_missing_search_package_names_the_extra(tmp_path, capsys):
 def test_resume_of_a_directory_that_is_no_sweep(tmp_path, capsys):
     assert main(["sweep", "--resume", str(tmp_path)]) == 2
     assert "is not a bptt sweep directory" in capsys.readouterr().err
+
+
+STATE = {"sweep_file": "/nowhere/sweep.yaml", "sweep_yaml": yaml.safe_dump(GOOD), "cwd": "/nowhere",
+         "tracking_uri": None, "parent_run_id": None}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "is not readable JSON (Expecting value"),
+        (json.dumps(STATE)[:-20], "is not readable JSON"),  # truncated
+        (b"\xff\xfe{", "is not readable JSON ('utf-8' codec can't decode"),
+        ("[1, 2]", "is not a JSON object but a list"),
+        (json.dumps({k: v for k, v in STATE.items() if k != "sweep_yaml"}), "has no sweep_yaml"),
+        (json.dumps({**STATE, "cwd": ["/nowhere"]}), "cwd must be a string, got list"),
+        (json.dumps({**STATE, "parent_run_id": 7}), "parent_run_id must be a string or null, got int"),
+        (json.dumps({**STATE, "sweep_yaml": "name: [t"}), "its sweep_yaml no longer loads (/nowhere/sweep.yaml is not valid YAML"),
+        (json.dumps({**STATE, "sweep_yaml": yaml.safe_dump({**GOOD, "base": "gone.yaml"})}),
+         "its sweep_yaml no longer loads (base config gone.yaml not found"),
+    ],
+)
+def test_resume_of_a_corrupt_sweep_state_fails_in_one_line_before_ray(text, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    experiment = tmp_path / "e2e-20261125-120000"
+    experiment.mkdir()
+    state = experiment / "bptt-sweep.json"
+    state.write_bytes(text if isinstance(text, bytes) else text.encode())
+    before = state.read_bytes()
+    assert main(["sweep", "--resume", str(experiment)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"bptt: error: sweep state {state}") and len(err.splitlines()) == 1 and message in err, err
+    assert "bptt sweep --config" in err  # the way out
+    assert sorted(tmp_path.rglob("*")) == [experiment, state] and state.read_bytes() == before
+    import ray
+
+    assert not ray.is_initialized()
 
 
 def test_sweep_needs_config_or_resume(capsys):
