@@ -130,11 +130,11 @@ def test_sigkilled_speech_run_resumes_bit_for_bit(tmp_path):
             marker.write_text("disarmed")
         kill = [{"class_path": "tests.kill_switch.KillAt", "init_args": {"step": 13, "marker": str(marker)}}]
         run = tmp_path / name
-        result = bptt("fit", *common, "--trainer.default_root_dir", str(run / "run"), "--trainer.callbacks",
+        result = bptt("fit", *common, "--trust-config", "--trainer.default_root_dir", str(run / "run"), "--trainer.callbacks",
                       json.dumps(kill), "--tracking.tracking_uri", f"sqlite:///{tmp_path}/{name}.db", cwd=tmp_path)
         if armed:
             assert result.returncode == -9, result.stderr[-2000:]
-            result = bptt("resume", str(run / "run/checkpoints"), cwd=tmp_path)
+            result = bptt("resume", str(run / "run/checkpoints"), "--trust-config", cwd=tmp_path)  # its KillAt
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = torch.load(run / "run/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     for key, value in runs["straight"].items():
