@@ -36,12 +36,13 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from bptt import __version__
 from bptt.errors import CheckpointError, ConfigError
-from bptt.lightning_modules.tbptt import VAL_LOSS
+from bptt.metric_names import VAL_LOSS
+from bptt.private_api import validation_follows, write_last_checkpoint
 
 log = logging.getLogger(__name__)
 
 CHECKSUM_KEY = "bptt_checksum"
-_CHECKSUM_ALGORITHM = "sha256/canonical-1"  # names the encoding of ``_digest``: a new encoding, a new name
+_CHECKSUM_ALGORITHM = "sha256/canonical-1"  # names the encoding of ``content_digest``: a new encoding, a new name
 
 
 class CheckpointPolicy:
@@ -74,12 +75,6 @@ class CheckpointPolicy:
         ]
 
 
-def _validation_follows(trainer: pl.Trainer) -> bool:
-    """Whether Lightning validates right after the training batch that just ended (asked from
-    ``on_train_batch_end``; private API of Lightning 2.6's training epoch loop)."""
-    return trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
-
-
 class _StepCheckpoint(ModelCheckpoint):
     """A checkpoint each time the step count passes a multiple of ``every_n_steps`` (a batch can
     take several optimizer steps when task.k1 is shorter than the window), except after a batch
@@ -89,13 +84,15 @@ class _StepCheckpoint(ModelCheckpoint):
     def __init__(self, *, every_n_steps: int, **kwargs: Any) -> None:
         super().__init__(every_n_train_steps=1, **kwargs)
         self.every_n_steps = every_n_steps
+        self.saved_at_step = 0  # the step of this process's last step checkpoint (none yet: as at step 0)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
-        if trainer.global_step // self.every_n_steps == self._last_global_step_saved // self.every_n_steps:
+        if trainer.global_step // self.every_n_steps == self.saved_at_step // self.every_n_steps:
             return
-        if _validation_follows(trainer):
+        if validation_follows(trainer):
             return
-        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)  # writes: "step" is always a candidate
+        self.saved_at_step = trainer.global_step
 
 
 class _LastCheckpoint(ModelCheckpoint):
@@ -111,11 +108,10 @@ class _LastCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, enable_version_counter=False)
 
     def _save(self, trainer: pl.Trainer) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):  # sanity check, not fitting, or done at this step
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        write_last_checkpoint(self, trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
-        if 0 <= trainer.max_steps <= trainer.global_step and not _validation_follows(trainer):
+        if 0 <= trainer.max_steps <= trainer.global_step and not validation_follows(trainer):
             self._save(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -162,7 +158,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def with_checksum(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """A shallow copy of ``checkpoint`` with the checksum of its content under ``CHECKSUM_KEY``."""
     content = {k: v for k, v in checkpoint.items() if k != CHECKSUM_KEY}
-    return {**content, CHECKSUM_KEY: {"algorithm": _CHECKSUM_ALGORITHM, "digest": _digest(content)}}
+    return {**content, CHECKSUM_KEY: {"algorithm": _CHECKSUM_ALGORITHM, "digest": content_digest(content)}}
 
 
 def verify_checksum(checkpoint: Any, path: Any) -> None:
@@ -188,13 +184,13 @@ def _checksum_problem(checkpoint: Any) -> str | None:
         algorithm = stored.get("algorithm") if isinstance(stored, dict) else type(stored).__name__
         return f"carries a checksum of an unknown kind ({algorithm!r}): damaged, or written by a newer bptt"
     content = {k: v for k, v in checkpoint.items() if k != CHECKSUM_KEY}
-    if _digest(content) != stored.get("digest"):
+    if content_digest(content) != stored.get("digest"):
         return "is corrupt (checksum mismatch): it was damaged after writing"
     return None
 
 
-def _digest(content: Mapping[str, Any]) -> str:
-    """SHA-256 of ``content`` in an unambiguous encoding (a tag, then a length or a count, then
+def content_digest(content: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of ``content`` in an unambiguous encoding (a tag, then a length or a count, then
     the content) that a ``torch.save`` / ``torch.load(weights_only=True)`` round trip preserves:
     dict order, and each tensor's dtype, shape and bytes wherever it lives. A tensor's bytes enter
     as the SHA-256 of each ``_CHUNK`` of them, hashed on several threads (hashlib lets go of the GIL)."""
@@ -241,7 +237,7 @@ def _encode(value: Any, parts: list[bytes | Future[bytes]], pool: ThreadPoolExec
             _encode(item, parts, pool)
     elif isinstance(value, (set, frozenset)):  # no order survives a round trip: sort the items' digests
         parts.append(b"E%d:" % len(value))
-        parts.extend(sorted(_digest({"item": item}).encode() for item in value))
+        parts.extend(sorted(content_digest({"item": item}).encode() for item in value))
     elif isinstance(value, str):
         atom(b"S", value.encode("utf-8", "surrogatepass"))
     elif isinstance(value, (bytes, bytearray)):

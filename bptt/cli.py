@@ -1,15 +1,19 @@
 """The ``bptt`` command.
 
-    bptt fit --config conf/lm/quickstart.yaml [--model.hidden_size 512 --trainer.max_steps 100 ...]
+    bptt fit --config conf/lm/quickstart.yaml | quickstart [--model.hidden_size 512 --trainer.max_steps 100 ...]
     bptt resume CHECKPOINT | CHECKPOINT_DIR | MLFLOW_RUN_ID [--trainer.devices 1 ...]
-    bptt sweep --config conf/sweep/NAME.yaml [--address auto | ray://HOST:10001] [--storage-path PATH]
+    bptt sweep --config conf/sweep/NAME.yaml | NAME [--address auto | ray://HOST:10001] [--storage-path PATH]
     bptt sweep --resume EXPERIMENT_DIR [--address ...]
     bptt runs [--experiment NAME] [--tracking.tracking_uri URI]
+    bptt configs
     bptt validate CHECKPOINT [--data.data_dir DIR ...]
     bptt test CHECKPOINT [...]
     bptt generate CHECKPOINT [--prompt TEXT] [--num-tokens N] [--temperature T] [--seed S]
     bptt transcribe CHECKPOINT AUDIO [AUDIO ...]
     bptt diagnose --config FILE | CHECKPOINT [--probe-steps K] [--eps E] [--probes N] [--out PATH] [overrides]
+
+``--config`` takes a file or the name of a config that ships with bptt (``quickstart``,
+``lm/tinyshakespeare_char``; ``bptt configs`` lists them).
 
 ``--trust-config`` (any command that reads a config) lets the config, the checkpoint's config or the
 sweep state name code outside the allow-list of import paths (see ``bptt.trust``): give it only for
@@ -101,12 +105,11 @@ def _generate_args(args: list[str]) -> argparse.Namespace:
 
 
 def run(argv: list[str]) -> int:
-    """Dispatch a ``bptt`` command line; returns the exit status."""
-    # Imported here so that `bptt --help` answers at once.
-    from bptt import training
-    from bptt.config import build_parser, parse_config
-    from bptt.tracking import runs_table
+    """Dispatch a ``bptt`` command line; returns the exit status.
 
+    Each command imports what it needs when it runs (torch, Lightning, Ray, MLflow take seconds),
+    so that ``--help``, ``configs``, ``runs`` and bad command lines answer at once.
+    """
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
@@ -114,21 +117,39 @@ def run(argv: list[str]) -> int:
     if command == "--version":
         print(__version__)
         return 0
+    if command == "configs":
+        from bptt.packaged_configs import configs_table
+
+        _Parser(prog="bptt configs", description="The configs that ship with bptt.").parse_args(args)
+        print(configs_table())
+        return 0
     if command == "fit":
+        from bptt.packaged_configs import resolve_config_args
+
+        args = resolve_config_args(args, "train")  # a bad name fails before Lightning is imported
+        from bptt.config import build_parser, parse_config
+
         if args and args[0] in ("-h", "--help"):
             build_parser().print_help()
             return 0
-        print(json.dumps(training.fit(parse_config(args, trusted=trusted))))
+        cfg = parse_config(args, trusted=trusted)
+        from bptt import training
+
+        print(json.dumps(training.fit(cfg)))
         return 0
     if command == "resume":
         target, overrides = _split_checkpoint(command, args)
+        from bptt import training
+
         print(json.dumps(training.resume(target, overrides, trusted=trusted)))
         return 0
     if command == "sweep":
-        from bptt.ray_jobs.sweep import sweep
+        from bptt.packaged_configs import resolve_config
 
         opts = _sweep_args(args)
-        board = sweep(opts.config, resume=opts.resume, address=opts.address, storage_path=opts.storage_path,
+        from bptt.ray_jobs.sweep import sweep
+
+        board = sweep(resolve_config(opts.config, "sweep") if opts.config else None, resume=opts.resume, address=opts.address, storage_path=opts.storage_path,
                       trusted=trusted)
         failed = [row["trial"] for row in board if row["status"] == "ERROR"]
         if failed:
@@ -138,32 +159,47 @@ def run(argv: list[str]) -> int:
         return 0
     if command == "runs":
         opts = _runs_args(args)
+        from bptt.tracking import runs_table
+
         print(runs_table(opts.experiment, opts.tracking_uri))
         return 0
     if command in ("validate", "test"):
         checkpoint, overrides = _split_checkpoint(command, args)
+        from bptt import training
+
         print(json.dumps(training.evaluate(checkpoint, command, overrides, trusted=trusted)))
         return 0
     if command == "generate":
         opts = _generate_args(args)
+        from bptt import training
+
         print(training.generate(opts.checkpoint, prompt=opts.prompt, num_tokens=opts.num_tokens,
                                 temperature=opts.temperature, seed=opts.seed, trusted=trusted))
         return 0
     if command == "diagnose":
         from pathlib import Path
 
+        from bptt.packaged_configs import resolve_config
+
         opts, overrides = _diagnose_args(args)
+        if opts.config is not None:
+            opts.target = resolve_config(opts.config, "train")
+        from bptt import training
+
         print(training.diagnose(opts.target, overrides, probe_steps=opts.probe_steps, warmup_steps=opts.warmup_steps,
                                 probes=opts.probes, eps=opts.eps, out=Path(opts.out) if opts.out else None,
                                 trusted=trusted))
         return 0
     if command == "transcribe":
         checkpoint, audio = _split_checkpoint(command, args)
+        from bptt import training
+
         for path, text in zip(audio, training.transcribe(checkpoint, audio, trusted=trusted)):
             print(f"{path}\t{text}")
         return 0
     raise BpttError(
-        f"unknown command {command!r}; commands: fit, resume, sweep, runs, validate, test, generate, transcribe, diagnose "
+        f"unknown command {command!r}; commands: fit, resume, sweep, runs, configs, validate, test, generate, transcribe, "
+        "diagnose "
         "(see bptt --help)"
     )
 

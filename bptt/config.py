@@ -26,6 +26,7 @@ from torch import nn
 from bptt.checkpointing import CheckpointPolicy
 from bptt.errors import BpttError, ConfigError
 from bptt.lightning_modules.tbptt import TBPTTModule
+from bptt.packaged_configs import resolve_config_args
 from bptt.tracking import MlflowTracking
 from bptt.trust import check_args
 
@@ -37,7 +38,8 @@ def _vocab_size(data: Any) -> int | None:
 def build_parser(prog: str = "bptt fit") -> ArgumentParser:
     """The parser of ``bptt fit``; ``bptt validate``/``test``/``generate`` reuse it on a checkpoint's config."""
     parser = ArgumentParser(prog=prog, exit_on_error=False, allow_abbrev=False, description="Train with truncated BPTT.")
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML config, e.g. conf/lm/quickstart.yaml")
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="a YAML config, e.g. conf/lm/quickstart.yaml (bptt configs lists those shipped by name)")
     parser.add_argument("--seed_everything", type=int, default=0, help="seed of torch, numpy and random")
     parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False)
     parser.set_defaults({"trainer.use_distributed_sampler": False, "trainer.default_root_dir": "runs"})
@@ -81,7 +83,8 @@ def parse_config(
     anything is parsed, since parsing imports what a config names.
 
     Args:
-        args: ``--config FILE_OR_YAML`` and dotted overrides.
+        args: ``--config FILE_OR_YAML_OR_NAME`` and dotted overrides; a name (``quickstart``,
+            ``lm/tinyshakespeare_char``) is a config shipped in the package (``bptt.packaged_configs``).
         parser: the parser to use (default: ``build_parser()``).
         trusted: the user vouches for the config (``--trust-config``): any import path goes.
         source: what the ``--config`` YAML is, for messages (e.g. "checkpoint runs/x/last.ckpt").
@@ -90,6 +93,7 @@ def parse_config(
         ConfigError: unknown key, wrong type, code outside the allow-list, or a Trainer setting
             the TBPTT engine does not support.
     """
+    args = resolve_config_args(args, "train")
     check_args(args, trusted=trusted, source=source)
     parser = parser or build_parser()
     try:

@@ -33,7 +33,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from torch import Tensor
 
 from bptt.errors import ConfigError
-from bptt.lightning_modules.tbptt import TBPTTModule
+from bptt.lightning_modules.tbptt import StepLossModule, TBPTTModule
 
 
 def gradient_through_time(task: TBPTTModule, window: dict[str, Tensor], probe_steps: int) -> Tensor:
@@ -48,7 +48,7 @@ def gradient_through_time(task: TBPTTModule, window: dict[str, Tensor], probe_st
     Returns:
         (K + 1, L): the mean over rows of the hidden state's gradient norm, per tau and layer.
     """
-    if task.loss_per != "step":
+    if not isinstance(task, StepLossModule):
         raise ConfigError(f"{type(task).__name__} has a loss over whole sequences; gradient diagnostics need a "
                           "per-step loss (language model, forecaster, synthetic tasks)")
     length = window[task.time_keys[0]].shape[1]
@@ -161,7 +161,7 @@ class GradientThroughTime(pl.Callback):
         if self.windows is None:
             self.windows = ProbeWindows(pl_module.time_keys, self.probe_steps + 1 + self.warmup_steps)
         window = self.windows.add(batch)
-        self.grad_norms.append((trainer.global_step, float(getattr(pl_module, "_grad_norm", math.nan))))
+        self.grad_norms.append((trainer.global_step, float(getattr(pl_module, "last_grad_norm", math.nan))))
         step = trainer.global_step
         if step // self.every_n_steps == self._last_measured // self.every_n_steps:
             return

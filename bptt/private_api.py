@@ -32,3 +32,80 @@ def pending_train_step_metrics(trainer: pl.Trainer) -> tuple[dict[str, float], i
         return metrics, int(step)
     metrics.setdefault("epoch", trainer.current_epoch)
     return metrics, trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """The fingerprint ``datasets`` gives a ``datasets.Dataset``: a hash of its source files (or
+    content) and of every transform applied to it, the key of its own cache.
+
+    ``TextStreamDataModule`` keys its tokenized cache files with it, so that a changed corpus is
+    tokenized again. Reads ``Dataset._fingerprint`` (datasets has no public accessor); without it
+    every corpus would need hashing of its whole text to find its cache entry.
+    """
+    return str(dataset._fingerprint)
+
+
+def head_node_resource() -> dict[str, float]:
+    """A resource request that places a task on the Ray cluster's head node: a sliver of the
+    ``node:__internal_head__`` resource that Ray gives only the head (Ray Train places its own
+    state actor so). A sweep's trial drivers take no CPU and run there, the node least likely to
+    go away. Reads ``ray._common.constants.HEAD_NODE_RESOURCE_NAME``; without it, trial drivers
+    with ``resources.driver_cpus: 0`` land on any node and die with a preempted worker node."""
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    return {HEAD_NODE_RESOURCE_NAME: 0.001}
+
+
+def forward_train_reports(reports: Any) -> Any:
+    """A Ray Train callback that puts ``(metrics of rank 0, checkpoint)`` on ``reports`` (a
+    ``ray.util.queue.Queue``) after every ``ray.train.report``, in the Train controller, once the
+    checkpoint is persisted. Uses ``ray.train.UserCallback.after_report``, a DeveloperAPI with no
+    public counterpart in Train V2 that hands Tune a checkpoint (``TuneReportCallback`` passes only
+    its path); without it a sweep's trials report nothing to Tune (no ASHA, no PBT, no restart).
+
+    The class is made here, not at module level, so that cloudpickle carries it by value and the
+    Train controller does not import this module (and Lightning with it)."""
+    from ray.train import UserCallback
+
+    class ForwardTrainReports(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            reports.put((metrics[0], checkpoint))
+
+    return ForwardTrainReports()
+
+
+def validation_follows(trainer: pl.Trainer) -> bool:
+    """Whether Lightning validates right after the training batch that just ended (asked from
+    ``on_train_batch_end``).
+
+    A step checkpoint written before a due validation resumes by skipping that validation, so
+    bptt writes none there (``last.ckpt``, written after it, stands in). Reads
+    ``trainer.fit_loop.epoch_loop._should_check_val_fx`` and ``trainer.fit_loop._data_fetcher``;
+    without them a resumed run would miss a validation and its MLflow history would differ.
+    """
+    return trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+
+
+def write_last_checkpoint(callback: Any, trainer: pl.Trainer) -> None:
+    """Have a ``ModelCheckpoint(save_last=True)`` write ``last.ckpt`` now, outside Lightning's own
+    schedule (after every validation, and where ``max_steps`` ends training), unless Lightning
+    would skip it (sanity check, not fitting, already written at this step).
+
+    Calls ``ModelCheckpoint._should_skip_saving_checkpoint``, ``_monitor_candidates`` and
+    ``_save_last_checkpoint``; without them ``last.ckpt`` would hold the state of the last
+    improvement only, and a finished run resumed with more steps would not continue as one run.
+    """
+    if not callback._should_skip_saving_checkpoint(trainer):
+        callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+
+def logs_this_step(trainer: Any) -> bool:
+    """Whether Lightning sends this training step's ``self.log`` values to the loggers
+    (every ``trainer.log_every_n_steps`` batches, counted over optimizer-stepping batches).
+
+    The engine logs its diagnostics (throughput, gradient norm, clip and skip counts) only on
+    those steps: a ``self.log`` costs about 1 ms, and the throughput clock must run between the
+    steps that are logged. Reads ``trainer._logger_connector.should_update_logs``; without it the
+    engine would log every step (slower) or guess the count Lightning keeps (wrong after a resume).
+    """
+    return bool(trainer._logger_connector.should_update_logs)

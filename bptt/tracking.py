@@ -15,24 +15,23 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import MLFlowLogger
-from pytorch_lightning.utilities import rank_zero_only
+from typing import TYPE_CHECKING, Any
 
 from bptt import __version__
 from bptt.errors import BpttError
-from bptt.private_api import pending_train_step_metrics
+from bptt.metric_names import BPC, GRAD_NORM, PPL, TEST, TEST_LOSS, TRAIN, TRAIN_LOSS, VAL, VAL_LOSS, metric
+
+if TYPE_CHECKING:
+    from bptt.run_logger import RunLogger
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # else MLflow 3's UI opens on GenAI
 CHECKPOINT_DIR_TAG = "bptt.checkpoint_dir"
+PARENT_RUN_TAG = "mlflow.parentRunId"
 
 
 class TrackingError(BpttError):
@@ -167,220 +166,150 @@ class MlflowTracking:
             return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
         return None
 
-    def logger(self, *, run_id: str | None = None) -> RunLogger:
-        """A Lightning logger on a new run, or continuing ``run_id``."""
+    def logger(self, *, run_id: str | None = None, global_zero: bool = True) -> RunLogger:
+        """A Lightning logger on a new run, or continuing ``run_id``.
+
+        On the global-zero process the run is opened here, through MLflow's client: the experiment
+        (tagged as model development) is found or created, a new run gets its tags (the ``bptt``
+        command line as its source), and a continued run's logged steps are read, so that none is
+        logged twice. Other processes log nothing and open nothing.
+        """
+        from bptt.run_logger import RunLogger
+
+        if not global_zero:
+            return RunLogger(tracking_uri=self.uri(), run_id=run_id, synchronous=True)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri())
+        if run_id is None:
+            experiment_id = self._experiment_id(client)
+            run_id = client.create_run(experiment_id, tags=self._run_tags(), run_name=self.run_name).info.run_id
+        else:
+            experiment_id = client.get_run(run_id).info.experiment_id
+        client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+        logged_through = {key: max(m.step for m in client.get_metric_history(run_id, key))
+                          for key in client.get_run(run_id).data.metrics}
+        return RunLogger(tracking_uri=self.uri(), run_id=run_id, synchronous=True, logged_through=logged_through)
+
+    def _experiment_id(self, client: Any) -> str:
+        experiment = client.get_experiment_by_name(self.experiment_name)
+        if experiment is not None and experiment.lifecycle_stage != "deleted":
+            return experiment.experiment_id
+        return client.create_experiment(self.experiment_name, artifact_location=self.artifact_location())
+
+    def _run_tags(self) -> dict[str, str]:
+        """MLflow's own context tags (user, source, git) with bptt's on top: the command line as the
+        run's source, its version, host and commit, and the parent run."""
+        from mlflow.tracking.context.registry import resolve_tags
+
+        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
         tags = {
             "bptt.version": __version__,
             "host": socket.gethostname(),
-            "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "command": command,
+            "mlflow.source.name": command,
+            "mlflow.source.type": "LOCAL",
         }
         commit = _git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
         if self.parent_run_id:
-            tags["mlflow.parentRunId"] = self.parent_run_id
-        return RunLogger(
-            experiment_name=self.experiment_name, run_name=self.run_name, tracking_uri=self.uri(), tags=tags,
-            artifact_location=self.artifact_location(), run_id=run_id, synchronous=True,
-        )
+            tags[PARENT_RUN_TAG] = self.parent_run_id
+        return resolve_tags(tags)
 
 
-def is_local_store(uri: str) -> bool:
-    """A store in a local file (sqlite, file:) rather than behind a server."""
-    return uri.startswith(("sqlite:///", "file:")) or "://" not in uri
+@dataclass(frozen=True)
+class DataInput:
+    """What a run reads, as MLflow shows it among the run's dataset inputs.
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServedStore:
-    """A local sqlite store served by ``mlflow server`` on 127.0.0.1 while the ``with`` block runs.
-
-    Concurrent trials then write through one server process instead of each opening the sqlite
-    file (whose writers lock one another out). The server starts on entering the block and is
-    waited for only in ``wait()``, so its start overlaps other work (Ray's). A store that is
-    already a server is used as it is.
-
-    The server runs in a process group of its own (``mlflow server`` and the uvicorn process it
-    starts), which leaving the block ends as a whole.
+    Attributes:
+        name: the corpus or source (``stdlib``, ``statsmodels:co2``), else the DataModule's kind.
+        digest: identifies the data: its config and the DataModule's fitted state (vocabulary,
+            normalization) and split sizes.
+        source: the ``data`` config node as JSON.
+        split_batches: batches per split, of this process.
     """
 
-    def __init__(self, tracking: MlflowTracking, *, log: Path) -> None:
-        self.store_uri, self.log = tracking.uri(), log
-        self.uri = self.store_uri
-        self._server: subprocess.Popen | None = None
+    name: str
+    digest: str
+    source: str
+    split_batches: dict[str, int]
 
-    def __enter__(self) -> ServedStore:
-        if not is_local_store(self.store_uri):
-            return self
-        if not self.store_uri.startswith("sqlite:///"):
-            raise TrackingError(f"a sweep serves only sqlite stores; {self.store_uri} is not one: use sqlite:///PATH.db "
-                                "or an MLflow server")
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        self._start()
-        return self
+    @classmethod
+    def of(cls, data_config: Mapping[str, Any], datamodule: Any) -> DataInput:
+        """The input of a set-up DataModule (``setup("fit")`` done) built from ``data_config``."""
+        from bptt.checkpointing import content_digest
 
-    def _start(self) -> None:
-        """Start the server on a free port (it starts in the background; ``wait`` waits for it)."""
-        store = Path(self.store_uri.removeprefix("sqlite:///"))
-        port = free_port()
-        with open(self.log, "w") as out:
-            self._server = subprocess.Popen(
-                [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                 "--backend-store-uri", self.store_uri, "--artifacts-destination", str(store.parent / "mlartifacts"),
-                 "--workers", "1"],
-                stdout=out, stderr=subprocess.STDOUT, cwd=store.parent, start_new_session=True,
-                # tracking only: MLflow 3's job runner (five more processes) would take CPU from the trials
-                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            )
-        self.uri = f"http://127.0.0.1:{port}"
-
-    def wait(self, timeout: float = 120.0) -> None:
-        """Block until the server answers ``/health``; start it again on another port when the free
-        port it was given has been taken before it could bind it (by Ray, say, starting meanwhile)."""
-        import http.client
-
-        if self._server is None:
-            return
-        deadline, restarts = time.time() + timeout, 2
-        while True:
+        init_args = dict(data_config.get("init_args") or {})
+        kind = str(data_config.get("class_path", type(datamodule).__name__)).rsplit(".", 1)[-1]
+        name = str(init_args.get("corpus") or init_args.get("source") or kind.removesuffix("DataModule"))
+        split_batches = {}
+        for split, loader in (("train", "train_dataloader"), ("validation", "val_dataloader"), ("test", "test_dataloader")):
             try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
-                    return
-            except (OSError, http.client.HTTPException):  # not up yet, or another program answers on the port
-                if self._server.poll() is not None and restarts and "already in use" in self.log.read_text():
-                    restarts -= 1
-                    self._start()
-                elif self._server.poll() is not None or time.time() > deadline:
-                    raise TrackingError(f"mlflow server on {self.store_uri} did not start; its log: {self.log}") from None
-                time.sleep(0.25)
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        if self._server is None:
-            return
-        group = self._server.pid  # the leader of its own session and process group
-        for sig in (signal.SIGTERM, signal.SIGKILL):  # every request has been answered: sqlite has committed it
-            try:
-                os.killpg(group, sig)  # SIGKILL: whatever is left after 3 s, e.g. a uvicorn whose launcher died
-            except ProcessLookupError:
-                break
-            try:
-                self._server.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                pass
-        self._server.wait()
-
-
-class RunLogger(MLFlowLogger):
-    """Lightning's MLflow logger, plus: the experiment is tagged as model development, params are
-    the flattened config, and a resumed run skips steps that the run already logged (a resumed
-    run recomputes them bit for bit, so no step is logged twice)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.logged_through: dict[str, int] = {}
-
-    @property
-    def experiment(self) -> Any:
-        fresh = not self._initialized
-        client = super().experiment  # on ranks other than 0: Lightning's no-op stand-in
-        if fresh and rank_zero_only.rank == 0:
-            client.set_experiment_tag(self._experiment_id, *EXPERIMENT_KIND)
-            if self._run_id is not None:
-                for key in client.get_run(self._run_id).data.metrics:
-                    history = client.get_metric_history(self._run_id, key)
-                    self.logged_through[key] = max(m.step for m in history)
-        return client
-
-    @contextmanager
-    def failed_on_error(self) -> Iterator[None]:
-        """Mark the run FAILED (KILLED on Ctrl-C) when the block raises, so that it is never left
-        RUNNING; Lightning does so only for errors inside ``fit``."""
-        try:
-            yield
-        except BaseException as err:
-            if self._run_id is not None and rank_zero_only.rank == 0:
-                status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-                try:
-                    self.experiment.set_terminated(self._run_id, status)
-                except Exception:  # the store itself may be what failed; the original error matters
-                    pass
-            raise
-
-    def log_config(self, config: Mapping[str, Any]) -> None:
-        """Every resolved config value as a param with its dotted key (once per run)."""
-        from mlflow.entities import Param
-
-        if self.run_id and self.experiment.get_run(self.run_id).data.params:
-            return  # a resumed run keeps its params
-        params = [Param(k, v[:6000]) for k, v in sorted(flatten(config).items())]
-        for start in range(0, len(params), 100):
-            self.experiment.log_batch(self.run_id, params=params[start : start + 100], synchronous=True)
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        fresh = {k: v for k, v in metrics.items() if step is None or step > self.logged_through.get(k, -1)}
-        if fresh:
-            super().log_metrics(fresh, step)
-            if step is not None:
-                self.logged_through.update(dict.fromkeys(fresh, step))
-
-    def log_artifacts(self, paths: list[Path], artifact_dir: str | None = None) -> None:
-        for path in paths:
-            if path.exists():
-                self.experiment.log_artifact(self.run_id, str(path), artifact_dir)
-
-
-class LogStepBeforeCheckpoint(pl.Callback):
-    """Sends a training step's metrics to the ``RunLogger`` before that step's checkpoint is written
-    (Lightning writes it first, so a process killed in between resumes after a step that MLflow
-    never received); Lightning's own send of the same step then finds them logged."""
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        loggers = [logger for logger in trainer.loggers if isinstance(logger, RunLogger)]
-        if loggers and trainer.is_global_zero and (pending := pending_train_step_metrics(trainer)) is not None:
-            for logger in loggers:
-                logger.log_metrics(*pending)
+                split_batches[split] = len(getattr(datamodule, loader)())
+            except (AttributeError, NotImplementedError, TypeError):  # no such split, or a length unknown
+                continue
+        fitted = datamodule.data_state() if hasattr(datamodule, "data_state") else {}
+        source = json.dumps(data_config, sort_keys=True, default=str)
+        digest = content_digest({"source": source, "fitted": fitted, "split_batches": split_batches})
+        return cls(name=name, digest=digest[:16], source=source, split_batches=split_batches)
 
 
 def curves_png(client: Any, run_id: str, path: Path) -> Path:
-    """Training and validation curves of a run, read back from MLflow, as a PNG."""
+    """Training and validation curves of a run, read back from MLflow, as a PNG: one panel per
+    quantity (loss; perplexity or bits per character; gradient norm), each on its own scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
-    keys = sorted(k for k in client.get_run(run_id).data.metrics if k.endswith(("/loss", "/ppl", "/bpc", "grad_norm")))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key in keys:
-        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        axis = axes[1] if key.endswith("grad_norm") else axes[0]
-        axis.plot([m.step for m in history], [m.value for m in history], label=key, marker="." if "val" in key else None)
-    for axis, title in zip(axes, ("loss", "gradient norm before clipping")):
+    logged = client.get_run(run_id).data.metrics
+    splits = (TRAIN, VAL, TEST)
+    panels = [  # (title, keys, log scale)
+        ("loss", [metric(s, "loss") for s in splits], False),
+        ("perplexity", [metric(s, PPL) for s in splits], True),  # exp(loss): thousands early on
+        ("bits per character", [metric(s, BPC) for s in splits], False),  # loss / ln 2: already a log
+        ("gradient norm before clipping", [GRAD_NORM], True),
+    ]
+    panels = [(title, [k for k in keys if k in logged], log) for title, keys, log in panels]
+    panels = [panel for panel in panels if panel[1]]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), squeeze=False)
+    for axis, (title, keys, log) in zip(axes[0], panels):
+        for key in keys:
+            history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+            axis.plot([m.step for m in history], [m.value for m in history], label=key,
+                      marker="." if not key.startswith(TRAIN) else None)
         axis.set_xlabel("optimizer step")
         axis.set_title(title)
         axis.legend(fontsize=8)
-    axes[1].set_yscale("log")
+        if log:
+            axis.set_yscale("log")
+            axis.yaxis.set_major_formatter(ScalarFormatter())
+            axis.yaxis.set_minor_formatter(ScalarFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def runs_table(experiment_name: str, tracking_uri: str | None = None) -> str:
-    """A text table of an experiment's runs: the params that differ, final metrics, status."""
-    from mlflow.tracking import MlflowClient
+RUNS_TABLE_METRICS = (TRAIN_LOSS, VAL_LOSS, metric(VAL, PPL), metric(VAL, BPC), TEST_LOSS)
 
+
+def runs_table(experiment_name: str, tracking_uri: str | None = None) -> str:
+    """A text table of an experiment's runs: final metrics, status and the params that differ.
+
+    A sweep's trials (runs nested under a parent run of the same experiment) are compared with
+    one another, under a line for their parent; the other runs form a table of their own.
+    """
     tracking = MlflowTracking(tracking_uri=tracking_uri, experiment_name=experiment_name)
     tracking.check()
     uri = tracking.uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise TrackingError(f"no MLflow store at {uri}; run bptt from the directory that holds mlflow.db, or pass "
                             "--tracking.tracking_uri")
+    from mlflow.tracking import MlflowClient  # seconds to import: only once the store is known to be there
+
     try:
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(experiment_name)
@@ -395,13 +324,32 @@ def runs_table(experiment_name: str, tracking_uri: str | None = None) -> str:
         raise TrackingError(f"no experiment {experiment_name!r} at {uri}; experiments there: {names}")
     if not runs:
         return f"experiment {experiment_name!r} has no runs"
+    ids = {r.info.run_id for r in runs}
+    children: dict[str, list[Any]] = {}
+    for r in runs:
+        parent = r.data.tags.get(PARENT_RUN_TAG)
+        if parent in ids:
+            children.setdefault(parent, []).append(r)
+    sections = []
+    for r in runs:
+        if r.info.run_id in children:
+            header = f"sweep {r.info.run_name or ''} (parent run {r.info.run_id[:8]}, {r.info.status}): " \
+                     f"{len(children[r.info.run_id])} trials"
+            sections.append(header + "\n" + _runs_text(children[r.info.run_id], indent="  "))
+    alone = [r for r in runs if r.info.run_id not in children and r.data.tags.get(PARENT_RUN_TAG) not in ids]
+    if alone:
+        sections.append(_runs_text(alone))
+    return "\n\n".join(sections)
+
+
+def _runs_text(runs: list[Any], indent: str = "") -> str:
+    """Runs as table rows: id, name, status, the metrics any of them has, the params that differ among them."""
     keys = sorted({k for r in runs for k in r.data.params})
     differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
-    metrics = [m for m in ("train/loss", "val/loss", "val/ppl", "val/bpc", "test/loss") if any(m in r.data.metrics for r in runs)]
+    metrics = [m for m in RUNS_TABLE_METRICS if any(m in r.data.metrics for r in runs)]
     header = ["run_id", "name", "status", *metrics, *(k.replace(".init_args", "") for k in differing)]
     rows = [[r.info.run_id[:8], r.info.run_name or "", r.info.status,
              *(f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "" for m in metrics),
              *(r.data.params.get(k, "") for k in differing)] for r in runs]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows])
-
+    return "\n".join(indent + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows])

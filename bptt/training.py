@@ -35,8 +35,10 @@ from bptt.datamodules.vocabulary import Vocabulary
 from bptt.errors import CheckpointError, ConfigError
 from bptt.lightning_modules.language_model import LanguageModelTask
 from bptt.lightning_modules.speech_recognizer import CTCSpeechTask
-from bptt.lightning_modules.tbptt import VAL_LOSS
-from bptt.tracking import CHECKPOINT_DIR_TAG, LogStepBeforeCheckpoint, MlflowTracking, RunLogger, curves_png
+from bptt.lightning_modules.tbptt import StepLossModule
+from bptt.metric_names import VAL_LOSS
+from bptt.run_logger import LogStepBeforeCheckpoint, RunLogger
+from bptt.tracking import CHECKPOINT_DIR_TAG, DataInput, MlflowTracking, curves_png
 
 
 def _quiet_known_warnings() -> None:
@@ -179,13 +181,16 @@ def train(
     if prepare is not None:
         trainer = prepare(trainer)
     _preflight(trainer, init)
-    logger = tracking.logger(run_id=run_id)  # MLflow's client creates a local store: only now
+    data_input = DataInput.of(yaml.safe_load(config_yaml)["data"], init.data) if trainer.is_global_zero else None
+    # MLflow's client creates a local store: only now
+    logger = tracking.logger(run_id=run_id, global_zero=trainer.is_global_zero)
     if cfg.trainer.logger is None:  # the config's own loggers, when it names some, replace bptt's
         trainer.loggers = [logger, *trainer.loggers]
     with logger.failed_on_error():  # from here on the run exists in MLflow
         if trainer.is_global_zero:
             state.run_id = logger.run_id
             logger.log_config(yaml.safe_load(config_yaml))
+            logger.log_data_input(data_input)
             if checkpoints:
                 logger.experiment.set_tag(logger.run_id, CHECKPOINT_DIR_TAG, str((root / "checkpoints").resolve()))
             root.mkdir(parents=True, exist_ok=True)
@@ -281,24 +286,43 @@ def _log_artifacts(
 ) -> None:
     """The run's config, the DataModule's files (vocabulary, data report), best and last checkpoints,
     curves, and the final network."""
-    import mlflow
-
     curves = curves_png(logger.experiment, logger.run_id, root / "curves.png")
     logger.log_artifacts([root / "config.yaml", *data_artifacts, curves])
     logger.log_artifacts([root / "checkpoints" / "best.ckpt", root / "checkpoints" / "last.ckpt"], "checkpoints")
     if tracking.log_model and hasattr(task, "serving_model"):
-        from mlflow.models import infer_signature
+        _log_network(task, tracking.uri(), logger.run_id)
 
-        network, example = task.serving_model()
-        with torch.no_grad():
-            signature = infer_signature(example.numpy(), network(example).numpy())
-        mlflow.set_tracking_uri(tracking.uri())
-        # pickle, not pt2: torch.export unrolls the RNN over the example's length and fixes T
-        with mlflow.start_run(run_id=logger.run_id), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mlflow.pytorch.log_model(network, name="model", input_example=example.numpy(), signature=signature,
-                                     pip_requirements=[f"torch=={torch.__version__}"], serialization_format="pickle",
-                                     code_paths=[str(Path(__file__).parent)])  # the bptt package rides along
+
+def log_model(checkpoint_path: str | Path, *, tracking_uri: str, run_id: str, trusted: bool = False) -> bool:
+    """Log a checkpoint's network into the MLflow run ``run_id`` as ``bptt fit`` logs its final one
+    (a sweep's best trial, trained without ``tracking.log_model``).
+
+    Returns:
+        whether a model was logged (False for tasks without a serving model).
+    """
+    _, init, checkpoint = _restore(checkpoint_path, [], trusted)
+    if not hasattr(init.task, "serving_model"):
+        return False
+    init.task.load_state_dict(checkpoint["state_dict"])
+    _log_network(init.task, tracking_uri, run_id)
+    return True
+
+
+def _log_network(task: pl.LightningModule, tracking_uri: str, run_id: str) -> None:
+    """``task.serving_model()`` as the run's logged model, with its signature and the bptt package."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    network, example = task.serving_model()
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), network(example).numpy())
+    mlflow.set_tracking_uri(tracking_uri)
+    # pickle, not pt2: torch.export unrolls the RNN over the example's length and fixes T
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlflow.pytorch.log_model(network, name="model", input_example=example.numpy(), signature=signature,
+                                 pip_requirements=[f"torch=={torch.__version__}"], serialization_format="pickle",
+                                 code_paths=[str(Path(__file__).parent)])  # the bptt package rides along
 
 
 def _restore(
@@ -438,7 +462,7 @@ def diagnose(target: str, overrides: list[str], *, probe_steps: int, warmup_step
     else:
         _, init, checkpoint = _restore(target, overrides, trusted)
         init.task.load_state_dict(checkpoint["state_dict"])
-    if init.task.loss_per != "step":
+    if not isinstance(init.task, StepLossModule):
         raise ConfigError(f"{type(init.task).__name__} has a loss over whole sequences; bptt diagnose needs a per-step "
                           "loss (language models, forecasters, the synthetic tasks)")
     init.data.prepare_data()

@@ -17,7 +17,18 @@ SMALL = ["--config", QUICK, "--data.stdlib_glob", "json/*.py", "--model.hidden_s
          "--data.batch_size", "4", "--data.eval_batch_size", "4", "--data.bptt", "16", "--tracking.log_model", "false"]
 
 
-def bptt(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`bptt ARGS` with the tests' own helpers importable (for callbacks named in a config)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
+# Only there to stop a run that hangs: a busy 2-core machine runs the longest command (about 25 s
+# idle) ten times slower, and a timeout must never be what fails a slow but working run.
+TIMEOUT = 1800
+
+
+def bptt(*args: str, cwd: Path, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
+    """`bptt ARGS` with the tests' own helpers importable (for callbacks named in a config).
+
+    One intra-op thread unless OMP_NUM_THREADS says otherwise: the tests' models are tiny, and on
+    a machine whose cores are taken torch's second thread spins for them (measured on 2 busy cores:
+    sunspots 30 epochs, 22 s of CPU with 2 threads, 10 s with 1; results identical).
+    """
+    env = {"OMP_NUM_THREADS": "1", **os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([BPTT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)

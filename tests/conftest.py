@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bptt.tracking import MlflowTracking, ServedStore, TrackingError
+from bptt.tracking import MlflowTracking, TrackingError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROJECT = Path(__file__).resolve().parents[1]
@@ -35,6 +35,8 @@ def shakespeare() -> Path:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` on 127.0.0.1 (sqlite backend, served artifacts), stopped after the session."""
+    from bptt.ray_jobs.sweep_tracking import ServedStore  # a sweep's served store; imports Ray only here
+
     root = tmp_path_factory.mktemp("mlflow-server")
     with ServedStore(MlflowTracking(tracking_uri=f"sqlite:///{root}/mlflow.db"), log=root / "server.log") as store:
         try:

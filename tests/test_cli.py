@@ -151,3 +151,25 @@ def test_shakespeare_config_trains(shakespeare, tmp_path):
                   cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run/checkpoints/last.ckpt").is_file()
+
+
+def test_configs_lists_the_shipped_configs(capsys):
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "task", "description"]
+    quickstart = next(line for line in lines if line.startswith("lm/quickstart "))
+    assert quickstart.split()[1] == "LanguageModelTask" and "character-level LSTM" in quickstart
+
+
+def test_help_configs_and_bad_command_lines_import_no_torch():
+    """--help, configs and a bad `runs` line answer without torch, Lightning, Ray or MLflow."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom bptt.cli import main\n"
+            "assert main(['--help']) == 0 and main(['configs']) == 0 and main(['runs', '--bogus']) == 2\n"
+            "assert main(['fit', '--config', 'nope']) == 2\n"
+            "print(sorted(m for m in ('torch', 'pytorch_lightning', 'ray', 'mlflow') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PROJECT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "[]"

@@ -1,44 +1,12 @@
-"""Every YAML in conf/ parses and instantiates; bad config values fail with one line."""
+"""Bad config values fail with one line (every YAML under conf/ is loaded by tests/test_conf_files.py)."""
 
 from __future__ import annotations
 
 import pytest
-import yaml
 
-from bptt.config import build_parser, instantiate, parse_config
-from bptt.datamodules.vocabulary import Vocabulary
+from bptt.config import parse_config
 from bptt.errors import ConfigError
-from bptt.lightning_modules import TBPTTModule
 from tests.conftest import PROJECT
-
-CONFIGS = sorted(p for p in (PROJECT / "conf").rglob("*.yaml") if p.parent.name not in ("sweep", "cluster"))  # training configs
-
-
-def test_conf_holds_the_configs_the_issues_name():
-    names = {p.relative_to(PROJECT / "conf").as_posix() for p in CONFIGS}
-    assert {"lm/quickstart.yaml", "lm/tinyshakespeare_char.yaml", "lm/wikitext2_word.yaml", "asr/fsdd_digits.yaml",
-            "forecast/co2.yaml", "forecast/sunspots.yaml"} <= names
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(PROJECT / "conf").as_posix())
-def test_every_config_instantiates(path, tmp_path):
-    data = yaml.safe_load(path.read_text())["data"]["class_path"].rsplit(".", 1)[-1]
-    args = ["--config", str(path)]
-    if data == "TextStreamDataModule":  # a stand-in vocabulary, so that configs whose corpus is not here still build
-        vocab = tmp_path / "vocab.json"
-        Vocabulary(["<unk>", "<eos>", "a", "b"], "word").save(vocab)
-        args += ["--data.vocab_file", str(vocab)]
-    parser = build_parser()
-    init = instantiate(parse_config(args, parser), parser)  # speech tokens and series need no corpus to build
-    assert isinstance(init.task, TBPTTModule) and init.task.model is init.model
-    if data == "TextStreamDataModule":
-        assert init.model.decoder.out_features == 4  # the stand-in vocabulary
-    elif data == "SpeechDataModule":
-        assert init.model.head.out_features == 11  # digits + the CTC blank
-    elif data == "CopyMemoryDataModule":
-        assert init.model.decoder.out_features == init.data.vocab_size == init.data.symbols + 2  # + blank, delimiter
-    else:
-        assert init.model.head.out_features == init.model.horizon * init.model.num_targets
 
 
 @pytest.mark.parametrize(
@@ -55,3 +23,37 @@ def test_bad_config_values_fail_in_one_line(override, message):
     with pytest.raises(ConfigError, match=message) as err:
         parse_config(["--config", str(PROJECT / "conf/lm/quickstart.yaml"), *override])
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("name", "path"), [("quickstart", "lm/quickstart.yaml"),
+                                            ("lm/tinyshakespeare_char", "lm/tinyshakespeare_char.yaml"),
+                                            ("synthetic/adding", "synthetic/adding.yaml")])
+def test_a_shipped_config_is_found_by_name(name, path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as an installed bptt runs: no conf/ here
+    by_name = parse_config(["--config", name, "--trainer.max_steps", "7"])
+    by_path = parse_config(["--config", str(PROJECT / "conf" / path), "--trainer.max_steps", "7"])
+    assert by_name.trainer.max_steps == 7
+    assert {k: v for k, v in by_name.as_dict().items() if k != "config"} == {
+        k: v for k, v in by_path.as_dict().items() if k != "config"}
+
+
+def test_a_name_that_is_no_shipped_config_fails_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="--config nope is neither a file nor a shipped config; .*lm/quickstart"):
+        parse_config(["--config", "nope"])
+    (tmp_path / "quickstart").write_text("trainer: {max_steps: 3}\n")  # a file of that name is the file
+    with pytest.raises(ConfigError, match="model|task|data"):
+        parse_config(["--config", "quickstart"])
+
+
+def test_shipped_configs_are_conf_itself_and_listed_with_task_and_description():
+    from bptt.packaged_configs import CONF_DIR, packaged_configs
+
+    assert CONF_DIR.resolve() == (PROJECT / "conf").resolve()  # bptt/conf is conf/, shipped as package data
+    listed = {c.name: c for c in packaged_configs()}
+    assert listed["lm/quickstart"].task == "LanguageModelTask"
+    assert listed["lm/quickstart"].description.startswith("Quick start: a character-level LSTM")
+    assert listed["sweep/quickstart"].task == "sweep" and "cluster/rayjob" not in listed
+    training = {p.relative_to(PROJECT / "conf").with_suffix("").as_posix() for p in (PROJECT / "conf").rglob("*.yaml")
+                if p.parent.name != "cluster"}
+    assert training == set(listed)

@@ -18,7 +18,7 @@ from bptt.gradient_diagnostics import (
     suggest_truncation,
 )
 from bptt.lightning_modules import LanguageModelTask
-from bptt.lightning_modules.tbptt import TBPTTModule
+from bptt.lightning_modules.tbptt import StepLossModule
 from tests.bptt_command import SMALL, bptt
 from tests.engine_harness import run, sgd, stream_batches, tiny_model
 
@@ -43,7 +43,7 @@ class LinearRNN(nn.Module):
         return torch.stack(outputs, dim=1), (h[:, None],)  # (B, T), ((B, 1, H),)
 
 
-class LinearTask(TBPTTModule):
+class LinearTask(StepLossModule):
     """The loss at each step is the network's output there."""
 
     time_keys = ("inputs",)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-import threading
+import json
 import time
-import urllib.request
 
 import mlflow
 import pytest
@@ -14,9 +12,9 @@ from mlflow.tracking import MlflowClient
 
 from bptt.cli import main
 from bptt.models import RNNLanguageModel
-from bptt.tracking import EXPERIMENT_KIND, MlflowTracking, ServedStore, free_port
+from bptt.ray_jobs.sweep_tracking import free_port
+from bptt.tracking import EXPERIMENT_KIND
 from tests.bptt_command import SMALL, bptt
-from tests.ray_jobs.process_tree import LINUX_PROC, alive, descendants
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +94,58 @@ def test_runs_lists_the_experiment(tracked_run, mlflow_server, capsys):
     assert run.info.run_id[:8] in table and "FINISHED" in table and "val/loss" in table.splitlines()[0]
 
 
+@pytest.mark.slow
+def test_the_data_is_a_dataset_input_and_the_command_line_the_source(tracked_run):
+    client, _, run, _ = tracked_run
+    assert run.data.tags["mlflow.source.name"].startswith("bptt fit --config ")
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"
+    (data,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert data.dataset.name == "stdlib" and len(data.dataset.digest) == 16
+    assert json.loads(data.dataset.source)["init_args"]["stdlib_glob"] == "json/*.py"
+    profile = json.loads(data.dataset.profile)
+    assert profile["train_batches"] > 0 and profile["validation_batches"] > 0 and profile["test_batches"] > 0
+    tags = {t.key: t.value for t in data.tags}
+    assert tags["mlflow.data.context"] == "training" and tags["train_batches"] == str(profile["train_batches"])
+
+
+@pytest.mark.slow
+def test_curves_have_a_panel_per_quantity(tracked_run, tmp_path):
+    import matplotlib.image
+
+    from bptt.tracking import curves_png
+
+    client, _, run, _ = tracked_run
+    image = matplotlib.image.imread(curves_png(client, run.info.run_id, tmp_path / "curves.png"))  # (H, W, 4)
+    assert image.shape[1] == 3 * 500  # loss, bits per character, gradient norm: 5 inches at 100 dpi each
+
+
+def test_runs_shows_a_sweeps_trials_apart_from_its_parent(mlflow_server, capsys):
+    """Trials are compared with one another (the params that differ among them), under their parent."""
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment("runs-of-a-sweep")
+    parent = client.create_run(experiment, run_name="quickstart", tags={"bptt.sweep": "quickstart"}).info.run_id
+    client.log_param(parent, "sweep.name", "quickstart")
+    for lr, hidden, loss in (("0.01", "32", 2.5), ("0.001", "64", 2.75)):
+        child = client.create_run(experiment, run_name=f"lr={lr} hidden={hidden}",
+                                  tags={"mlflow.parentRunId": parent}).info.run_id
+        for key, value in {"task.init_args.optimizer.init_args.lr": lr, "model.init_args.hidden_size": hidden,
+                           "checkpoint.every_n_steps": "500", "data.class_path": "bptt.datamodules.X"}.items():
+            client.log_param(child, key, value)
+        client.log_metric(child, "val/loss", loss)
+    lonely = client.create_run(experiment, run_name="lonely").info.run_id
+    assert main(["runs", "--experiment", "runs-of-a-sweep", "--tracking.tracking_uri", mlflow_server]) == 0
+    out = capsys.readouterr().out
+    sweep, alone = out.split("\n\n")
+    header, trials_header, *trials = sweep.splitlines()
+    assert header.startswith("sweep quickstart (parent run " + parent[:8]) and header.endswith("2 trials")
+    assert trials_header.split() == ["run_id", "name", "status", "val/loss", "model.hidden_size",
+                                     "task.optimizer.lr"]
+    assert "checkpoint.every_n_steps" not in out and "sweep.name" not in out
+    assert [t.split()[2:] for t in trials] == [["hidden=64", "RUNNING", "2.7500", "64", "0.001"],
+                                               ["hidden=32", "RUNNING", "2.5000", "32", "0.01"]]
+    assert lonely[:8] in alone and parent[:8] not in alone
+
+
 def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, capsys):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.time()
@@ -113,58 +163,3 @@ def test_read_only_store_fails_before_training(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "cannot write" in err and uri in err
     assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.skipif(not LINUX_PROC, reason="reads the process tree from Linux's /proc")
-def test_served_store_runs_only_the_tracking_server_and_stops_all_of_it(tmp_path):
-    """A sweep's served store: MLflow 3's job runner (huey consumers) stays off, since its processes
-    would take CPU from the trials, and leaving the block ends every process the server started."""
-    store = ServedStore(MlflowTracking(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"), log=tmp_path / "server.log")
-    with store:
-        store.wait(timeout=90)
-        processes = descendants(store._server.pid)
-        assert any("uvicorn" in cmd for cmd in processes.values()), processes  # the listing sees the server
-        assert not [cmd for cmd in processes.values() if "huey" in cmd or "job_runner" in cmd], processes
-    deadline = time.time() + 10
-    while any(alive(p) for p in processes) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in processes if alive(p)], processes
-
-
-def test_served_store_moves_to_another_port_when_its_port_is_taken_before_it_binds(tmp_path, monkeypatch):
-    """free_port() only names a port that was free a moment ago: in a sweep, Ray starts meanwhile
-    and may take it. Another program answering there (not HTTP) must not pass for the server, nor
-    crash the wait, and the server, unable to bind, starts again on another port."""
-    import bptt.tracking
-
-    stop = threading.Event()
-
-    def answer_not_http(squatter: socket.socket) -> None:
-        while not stop.is_set():
-            try:
-                connection, _ = squatter.accept()
-            except TimeoutError:
-                continue
-            with connection:
-                connection.sendall(b"\x00\x01 not http\r\n\r\n")
-
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        squatter.settimeout(0.2)
-        taken = squatter.getsockname()[1]
-        answering = threading.Thread(target=answer_not_http, args=(squatter,))
-        answering.start()
-        ports = iter([taken])
-        monkeypatch.setattr(bptt.tracking, "free_port", lambda: next(ports, None) or free_port())
-        store = ServedStore(MlflowTracking(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"), log=tmp_path / "server.log")
-        try:
-            with store:
-                assert store.uri == f"http://127.0.0.1:{taken}"
-                store.wait(timeout=90)
-                assert store.uri != f"http://127.0.0.1:{taken}"
-                with urllib.request.urlopen(f"{store.uri}/health", timeout=5) as answer:
-                    assert answer.status == 200
-        finally:
-            stop.set()
-            answering.join()

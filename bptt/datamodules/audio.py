@@ -26,7 +26,7 @@ import soxr
 import torch
 from torch import Tensor
 
-from bptt.datamodules.corpora import CorpusError
+from bptt.datamodules.sources import CorpusError
 
 WINDOW_SECONDS = 0.025
 HOP_SECONDS = 0.010

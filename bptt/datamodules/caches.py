@@ -13,21 +13,15 @@ fail in one line instead of a traceback:
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bptt.datamodules.corpora import CorpusError
+from bptt.datamodules.sources import CorpusError
 from bptt.errors import BpttError, ConfigError
 
 FIX = "point data.cache_dir or $BPTT_CACHE_DIR at another directory"
-
-
-def default_cache_dir() -> Path:
-    """``$BPTT_CACHE_DIR``, else ``~/.cache/bptt``."""
-    return Path(os.environ.get("BPTT_CACHE_DIR") or Path.home() / ".cache" / "bptt")
 
 
 def check_writable(directory: Path) -> None:

@@ -16,29 +16,18 @@ else ``./data``.
 
 from __future__ import annotations
 
-import os
 import sysconfig
 from pathlib import Path
 
 import datasets
 
-from bptt.errors import BpttError
+from bptt.datamodules.sources import SPLITS, CorpusError, data_root
 
-SPLITS = ("train", "validation", "test")
 _DIR_LAYOUTS = (
     {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"},
     {"train": "train.txt", "validation": "validation.txt", "test": "test.txt"},
     {"train": "wiki.train.tokens", "validation": "wiki.valid.tokens", "test": "wiki.test.tokens"},
 )
-
-
-class CorpusError(BpttError, ValueError):
-    """A corpus that cannot be read: the message names the problem and the fix."""
-
-
-def data_root(data_dir: str | None = None) -> Path:
-    """The directory that relative data paths start from."""
-    return Path(data_dir or os.environ.get("BPTT_DATA_DIR") or "data")
 
 
 def corpus_identity(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from bptt.datamodules.corpora import CorpusError, data_root
+from bptt.datamodules.sources import CorpusError, data_root
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # the batches hold float32: larger values become inf
 

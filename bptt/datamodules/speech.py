@@ -29,19 +29,18 @@ import torch
 from filelock import FileLock
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from bptt.datamodules.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, LogMel, load_audio
-from bptt.datamodules.caches import check_writable, default_cache_dir, reading_cache
-from bptt.datamodules.corpora import SPLITS, CorpusError
-from bptt.datamodules.resumable import ResumableDataModule
+from bptt.datamodules.caches import check_writable, reading_cache
+from bptt.datamodules.resumable import BatchOrder, ResumableDataModule, SplitReader
+from bptt.datamodules.sources import SPLITS, CorpusError, default_cache_dir
 from bptt.datamodules.speech_corpora import (
     Utterance,
     corpus_files,
     corpus_kind,
     load_speech_corpus,
 )
-from bptt.datamodules.utterance_batches import BatchOrder, SpeechBatches
+from bptt.datamodules.utterance_batches import SpeechBatches
 from bptt.errors import ConfigError
 
 TOKEN_SETS = {"digits": "0123456789", "chars": " 'abcdefghijklmnopqrstuvwxyz"}
@@ -130,14 +129,10 @@ class SpeechDataModule(ResumableDataModule):
         super().__init__()
         if tokens not in TOKEN_SETS:
             raise ConfigError(f"data.tokens must be one of {sorted(TOKEN_SETS)}, got {tokens!r}")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
-                            ("batches_per_bucket", batches_per_bucket), ("sample_rate", sample_rate), ("n_mels", n_mels)):
-            if value < 1:
-                raise ConfigError(f"data.{name} must be >= 1, got {value}")
-        for name, value in (("freq_masks", freq_masks), ("freq_mask_width", freq_mask_width), ("time_masks", time_masks),
-                            ("time_mask_width", time_mask_width), ("num_workers", num_workers)):
-            if value < 0:
-                raise ConfigError(f"data.{name} must be >= 0, got {value}")
+        self.check_at_least(1, batch_size=batch_size, eval_batch_size=eval_batch_size, batches_per_bucket=batches_per_bucket,
+                            sample_rate=sample_rate, n_mels=n_mels)
+        self.check_at_least(0, freq_masks=freq_masks, freq_mask_width=freq_mask_width, time_masks=time_masks,
+                            time_mask_width=time_mask_width, num_workers=num_workers)
         if seed < 0:
             raise ConfigError(f"data.seed must be >= 0 (numpy seeds the composition and the order), got {seed}")
         if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
@@ -179,9 +174,6 @@ class SpeechDataModule(ResumableDataModule):
         self.data: dict[str, datasets.Dataset] = {}
         self.report: dict[str, Any] = {}
         self.stats: tuple[Tensor, Tensor] | None = None  # (F,) mean, (F,) std of the train split
-        self._batches: dict[str, SpeechBatches] = {}
-        self._orders: dict[str, BatchOrder] = {}
-        self._resume_at: tuple[int, int] | None = None
 
     # ------------------------------------------------------------ tokens
 
@@ -214,9 +206,6 @@ class SpeechDataModule(ResumableDataModule):
         return "".join(self.tokens[i - 1] for i in ids if 1 <= i <= len(self.tokens))
 
     # ------------------------------------------------------------ features and cache
-
-    def prepare_data(self) -> None:
-        self.load()
 
     def load(self) -> None:
         """Featurize every split and fit the normalization, or load both from the cache; idempotent.
@@ -389,63 +378,46 @@ class SpeechDataModule(ResumableDataModule):
 
     # ------------------------------------------------------------ batches
 
-    def setup(self, stage: str) -> None:
-        self.load()
+    def readers(self, rank: int, world_size: int) -> dict[str, SplitReader]:
         assert self.stats is not None
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        if self.batch_size % world:
-            raise ConfigError(f"data.batch_size={self.batch_size} utterances cannot be split evenly over {world} "
-                              f"processes; make it a multiple of {world}")
+        self.check_divides(world_size, "utterances", batch_size=self.batch_size)
         if len(self.data["train"]) < self.batch_size:
             raise ConfigError(f"data.batch_size={self.batch_size} is more than the {len(self.data['train'])} usable "
                               "train utterances; lower it or use more utterances")
         for split in ("validation", "test"):
-            if len(self.data[split]) < world:
+            if len(self.data[split]) < world_size:
                 raise ConfigError(f"the {split} split has {len(self.data[split])} usable utterances, fewer than the "
-                                  f"{world} processes; use more utterances or fewer processes")
+                                  f"{world_size} processes; use more utterances or fewer processes")
         mean, std = self.stats
+        readers = {}
         for split in SPLITS:
             training = split == "train"
-            self._batches[split] = SpeechBatches(
-                self.data[split], mean=mean, std=std, rank=rank, world_size=world, training=training,
+            batches = SpeechBatches(
+                self.data[split], mean=mean, std=std, rank=rank, world_size=world_size, training=training,
                 batch_size=self.batch_size if training else self.eval_batch_size,
                 batches_per_bucket=self.batches_per_bucket, seed=self.seed,
                 augment=self.augment if training and self.spec_augment else None,
             )
-            self._orders[split] = BatchOrder(len(self._batches[split]))
-        if self._resume_at is not None:
-            self._orders["train"].start_at(*self._resume_at)
-            self._resume_at = None
+            readers[split] = SplitReader(batches, BatchOrder(len(batches)))
+        return readers
 
-    def _loader(self, split: str) -> DataLoader:
-        # batch_size=None: each item already is a collated batch; the sampler fixes the order
-        return DataLoader(self._batches[split], batch_size=None, sampler=self._orders[split],
-                          num_workers=self.num_workers, pin_memory=self._pin_memory())
-
-
-    def state_dict(self) -> dict[str, Any]:
-        """The tokens, the normalization statistics and the read position (epoch, next batch) of training."""
+    def data_state(self) -> dict[str, Any]:
+        """The tokens and the normalization statistics; the skeleton adds the read position (epoch, next batch)."""
         if self.stats is None:
             self.load()
         assert self.stats is not None
-        return {"tokens": self.tokens, "mean": self.stats[0].tolist(), "std": self.stats[1].tolist(),
-                "epoch": self._position[0], "batch": self._position[1]}
+        return {"tokens": self.tokens, "mean": self.stats[0].tolist(), "std": self.stats[1].tolist()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict["tokens"] != self.tokens:
-            raise ConfigError(f"the checkpoint was trained with tokens {state_dict['tokens']!r}, but data.tokens is "
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        if state["tokens"] != self.tokens:
+            raise ConfigError(f"the checkpoint was trained with tokens {state['tokens']!r}, but data.tokens is "
                               f"{self.token_set} ({self.tokens!r}); set data.tokens to match the checkpoint")
-        if len(state_dict["mean"]) != self.n_mels:
-            raise ConfigError(f"the checkpoint has {len(state_dict['mean'])} mel bins, but data.n_mels is {self.n_mels}; "
+        if len(state["mean"]) != self.n_mels:
+            raise ConfigError(f"the checkpoint has {len(state['mean'])} mel bins, but data.n_mels is {self.n_mels}; "
                               "set data.n_mels to match the checkpoint")
-        self.stats = (torch.tensor(state_dict["mean"]), torch.tensor(state_dict["std"]))
-        self._position = (int(state_dict["epoch"]), int(state_dict["batch"]))
-        for batches in self._batches.values():
-            batches.mean, batches.std = self.stats
-        if "train" in self._orders:
-            self._orders["train"].start_at(*self._position)
-        else:
-            self._resume_at = self._position
+        self.stats = (torch.tensor(state["mean"]), torch.tensor(state["std"]))
+        for reader in self._readers.values():
+            reader.batches.mean, reader.batches.std = self.stats
 
 
 def _check_range(name: str, value: tuple[float, float], minimum: float, why: str = "") -> None:

@@ -14,6 +14,8 @@ Window w of a rank is the (B_local, T) slice of its streams starting where windo
 w - 1 ended, so row b of batch k + 1 continues row b of batch k: the hidden state
 carried from one batch to the next stays valid. Targets are the inputs shifted by
 one step. ``reset`` marks the first window of an epoch, where every stream starts over.
+``StreamWindows`` reads windows so for text and for series (``bptt.datamodules.timeseries``);
+the rows are dealt out to ranks by ``bptt.sharding.shard``.
 """
 
 from __future__ import annotations
@@ -39,23 +41,8 @@ def stream_layout(ids: Tensor, num_streams: int) -> Tensor:
     return ids[: num_streams * length].reshape(num_streams, length, *ids.shape[1:])  # (B, L, ...)
 
 
-def shard_streams(streams: Tensor, rank: int, world_size: int) -> Tensor:
-    """The contiguous block of streams that ``rank`` owns.
-
-    Args:
-        streams: (B_global, L, ...).
-        rank: this process's global rank.
-        world_size: number of data-parallel processes; must divide B_global.
-
-    Returns:
-        (B_global / world_size, L, ...).
-    """
-    per_rank = streams.shape[0] // world_size
-    return streams[rank * per_rank : (rank + 1) * per_rank]
-
-
-def window_lengths(stream_length: int, bptt: int, random_bptt: bool, seed: int, epoch: int) -> list[int]:
-    """The window lengths of one epoch over streams of ``stream_length`` steps.
+def window_lengths(steps: int, bptt: int, random_bptt: bool, seed: int, epoch: int) -> list[int]:
+    """The window lengths of one epoch over ``steps`` steps.
 
     Fixed windows of ``bptt`` steps, the last one shorter; or, with ``random_bptt``,
     AWD-LSTM's schedule (Merity et al. 2018): ``bptt`` with probability 0.95 else
@@ -63,9 +50,8 @@ def window_lengths(stream_length: int, bptt: int, random_bptt: bool, seed: int, 
     only on (seed, epoch), so every rank and every resumed run draws the same one.
 
     Returns:
-        window lengths summing to ``stream_length - 1`` (targets need one step more).
+        window lengths summing to ``steps``.
     """
-    steps = stream_length - 1
     if not random_bptt:
         return [min(bptt, steps - start) for start in range(0, steps, bptt)]
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -82,19 +68,25 @@ def window_lengths(stream_length: int, bptt: int, random_bptt: bool, seed: int, 
 class StreamWindows(IterableDataset):
     """Yields the consecutive windows of a rank's streams, one batch per window.
 
-    Each item is ``{"inputs": (B, T), "targets": (B, T), "reset": (B,), "epoch": int,
-    "window": int}``. Iterating again starts the next epoch. ``start_at`` resumes
-    mid-epoch.
+    Each item holds, for every entry of ``streams``, its (B, T, ...) slice of the window
+    (integer entries as int64), the entries of ``rows`` unchanged, and ``reset`` (B,),
+    ``epoch`` and ``window`` (ints). Iterating again starts the next epoch, also when
+    Lightning stops after ``len()`` windows without exhausting the iterator; ``start_at``
+    resumes mid-epoch. An epoch covers the L steps of the streams: text streams pass inputs
+    and targets one step apart (``token_streams``), series streams their precomputed targets.
 
     Args:
-        streams: (B, L) this rank's streams.
+        streams: entries (B, L, ...) that are cut along time, e.g. ``inputs`` and ``targets``.
+        rows: entries (B, ...) that hold per stream, e.g. ``series``.
         bptt: nominal window length T.
         random_bptt: draw window lengths with AWD-LSTM's schedule.
         seed: seed of that schedule.
     """
 
-    def __init__(self, streams: Tensor, *, bptt: int, random_bptt: bool = False, seed: int = 0) -> None:
+    def __init__(self, streams: dict[str, Tensor], *, rows: dict[str, Tensor] | None = None, bptt: int,
+                 random_bptt: bool = False, seed: int = 0) -> None:
         self.streams = streams
+        self.rows = rows or {}
         self.bptt = bptt
         self.random_bptt = random_bptt
         self.seed = seed
@@ -108,7 +100,8 @@ class StreamWindows(IterableDataset):
             self.epoch, self.start_window = epoch + 1, 0
 
     def _lengths(self) -> list[int]:
-        return window_lengths(self.streams.shape[1], self.bptt, self.random_bptt, self.seed, self.epoch)
+        steps = next(iter(self.streams.values())).shape[1]
+        return window_lengths(steps, self.bptt, self.random_bptt, self.seed, self.epoch)
 
     def __len__(self) -> int:
         # the whole epoch, also when resuming mid-epoch: Lightning counts the consumed windows itself
@@ -118,18 +111,25 @@ class StreamWindows(IterableDataset):
         lengths = self._lengths()
         epoch, first = self.epoch, self.start_window
         offset = sum(lengths[:first])
-        batch_size = self.streams.shape[0]
+        batch_size = next(iter(self.streams.values())).shape[0]
         for index in range(first, len(lengths)):
             if index == len(lengths) - 1:  # Lightning stops after len() items and never exhausts the generator
                 self.epoch, self.start_window = epoch + 1, 0
-            length = lengths[index]
-            yield {
-                "inputs": self.streams[:, offset : offset + length].long(),  # (B, T)
-                "targets": self.streams[:, offset + 1 : offset + 1 + length].long(),  # (B, T)
-                "reset": torch.full((batch_size,), index == 0),  # (B,)
-                "epoch": epoch,
-                "window": index,
-            }
-            offset += length
+            end = offset + lengths[index]
+            window = {k: _window_slice(v[:, offset:end]) for k, v in self.streams.items()}  # (B, T, ...)
+            yield {**window, **self.rows, "reset": torch.full((batch_size,), index == 0),  # (B,)
+                   "epoch": epoch, "window": index}
+            offset = end
         self.epoch, self.start_window = epoch + 1, 0
 
+
+def token_streams(streams: Tensor) -> dict[str, Tensor]:
+    """(B, L) token streams -> ``inputs`` and ``targets``, each (B, L - 1): targets are the inputs one step on."""
+    return {"inputs": streams[:, :-1], "targets": streams[:, 1:]}
+
+
+def _window_slice(piece: Tensor) -> Tensor:
+    """A window's slice as its own contiguous tensor; integer ids widened to int64 (embedding indices)."""
+    if piece.dtype != torch.bool and not piece.dtype.is_floating_point:
+        return piece.long().contiguous()
+    return piece.contiguous()

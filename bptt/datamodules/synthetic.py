@@ -23,18 +23,16 @@ the DataModule's state, so a run resumes mid-epoch on the same sequences.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from bptt.datamodules.resumable import ResumableDataModule
-from bptt.datamodules.utterance_batches import BatchOrder, shard_batch
+from bptt.datamodules.resumable import BatchOrder, ResumableDataModule, SplitReader
+from bptt.datamodules.sources import SPLITS
 from bptt.errors import ConfigError
-
-SPLITS = ("train", "validation", "test")
+from bptt.sharding import shard
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default: a zero loss
 
 
@@ -62,12 +60,12 @@ class SequenceBatches(Dataset):
     def rows(self, epoch: int, index: int) -> np.ndarray:
         """The sequence indices of this rank's block of global batch ``index`` of ``epoch``."""
         if not self.training:
-            return shard_batch(np.arange(index * self.batch_size, min((index + 1) * self.batch_size, self.count)),
-                               self.rank, self.world_size)
+            return shard(np.arange(index * self.batch_size, min((index + 1) * self.batch_size, self.count)),
+                         self.rank, self.world_size)
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, np.random.default_rng([self.seed, 3, epoch]).permutation(self.count))
-        return shard_batch(self._order[1][index * self.batch_size : (index + 1) * self.batch_size],
-                           self.rank, self.world_size)
+        return shard(self._order[1][index * self.batch_size : (index + 1) * self.batch_size],
+                     self.rank, self.world_size)
 
     def __len__(self) -> int:
         return self.count // self.batch_size if self.training else math.ceil(self.count / self.batch_size)
@@ -79,17 +77,15 @@ class SequenceBatches(Dataset):
 
 
 class _SyntheticSequences(ResumableDataModule):
-    """Sizes, seeds, sharding, loaders and the resumable training order; a task supplies ``generate``."""
+    """Sizes, seeds and the batches of every split; a task supplies ``generate``."""
 
     position_key = "batch"
 
     def __init__(self, *, train_size: int, validation_size: int, test_size: int, batch_size: int,
                  eval_batch_size: int, seed: int) -> None:
         super().__init__()
-        for name, value in (("train_size", train_size), ("validation_size", validation_size), ("test_size", test_size),
-                            ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value < 1:
-                raise ConfigError(f"data.{name} must be >= 1, got {value}")
+        self.check_at_least(1, train_size=train_size, validation_size=validation_size, test_size=test_size,
+                            batch_size=batch_size, eval_batch_size=eval_batch_size)
         if seed < 0:
             raise ConfigError(f"data.seed must be >= 0 (numpy seeds the sequences and the order), got {seed}")
         if train_size < batch_size:
@@ -100,9 +96,6 @@ class _SyntheticSequences(ResumableDataModule):
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.data: dict[str, dict[str, np.ndarray]] = {}
-        self._batches: dict[str, SequenceBatches] = {}
-        self._orders: dict[str, BatchOrder] = {}
-        self._resume_at: tuple[int, int] | None = None
 
     def generate(self, rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
         """``count`` sequences: the batch entries, each (count, T, ...)."""
@@ -114,44 +107,16 @@ class _SyntheticSequences(ResumableDataModule):
             self.data = {split: self.generate(np.random.default_rng([self.seed, i]), self.sizes[split])
                          for i, split in enumerate(SPLITS)}
 
-    def prepare_data(self) -> None:
-        self.load()
-
-    def setup(self, stage: str) -> None:
-        self.load()
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        for key, value in (("batch_size", self.batch_size), ("eval_batch_size", self.eval_batch_size),
-                           ("validation_size", self.sizes["validation"]), ("test_size", self.sizes["test"])):
-            if value % world:
-                raise ConfigError(f"data.{key}={value} sequences cannot be split evenly over {world} processes; "
-                                  f"make it a multiple of {world}")
+    def readers(self, rank: int, world_size: int) -> dict[str, SplitReader]:
+        self.check_divides(world_size, "sequences", batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
+                           validation_size=self.sizes["validation"], test_size=self.sizes["test"])
+        readers = {}
         for split in SPLITS:
             training = split == "train"
-            self._batches[split] = SequenceBatches(
-                self.data[split], batch_size=self.batch_size if training else self.eval_batch_size, rank=rank,
-                world_size=world, training=training, seed=self.seed,
-            )
-            self._orders[split] = BatchOrder(len(self._batches[split]))
-        if self._resume_at is not None:
-            self._orders["train"].start_at(*self._resume_at)
-            self._resume_at = None
-
-    def _loader(self, split: str) -> DataLoader:
-        # batch_size=None: each item already is a batch; the sampler fixes the order
-        return DataLoader(self._batches[split], batch_size=None, sampler=self._orders[split],
-                          pin_memory=self._pin_memory())
-
-
-    def state_dict(self) -> dict[str, Any]:
-        """The read position (epoch, next batch) of training."""
-        return {"epoch": self._position[0], "batch": self._position[1]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._position = (int(state_dict["epoch"]), int(state_dict["batch"]))
-        if "train" in self._orders:
-            self._orders["train"].start_at(*self._position)
-        else:
-            self._resume_at = self._position
+            batches = SequenceBatches(self.data[split], batch_size=self.batch_size if training else self.eval_batch_size,
+                                      rank=rank, world_size=world_size, training=training, seed=self.seed)
+            readers[split] = SplitReader(batches, BatchOrder(len(batches)))
+        return readers
 
 
 class CopyMemoryDataModule(_SyntheticSequences):

@@ -3,7 +3,7 @@
 From corpus to batch: ``load_corpus`` gives line records per split ->
 ``Vocabulary.build`` counts the train split -> ``tokenize_split`` maps records to ids
 (cached by ``datasets``) -> ``stream_layout`` cuts each split into B_global streams ->
-``shard_streams`` keeps this rank's block -> ``StreamWindows`` yields (B_local, T)
+``bptt.sharding.shard`` keeps this rank's block -> ``StreamWindows`` yields (B_local, T)
 windows in order. See ``bptt.datamodules.streams`` for the picture.
 """
 
@@ -17,14 +17,16 @@ from typing import Any, Literal
 
 import torch
 from filelock import FileLock
-from torch.utils.data import DataLoader
 
-from bptt.datamodules.caches import check_writable, default_cache_dir, reading_cache
-from bptt.datamodules.corpora import CorpusError, corpus_identity, load_corpus
-from bptt.datamodules.resumable import ResumableDataModule
-from bptt.datamodules.streams import StreamWindows, shard_streams, stream_layout
+from bptt.datamodules.caches import check_writable, reading_cache
+from bptt.datamodules.corpora import corpus_identity, load_corpus
+from bptt.datamodules.resumable import ResumableDataModule, SplitReader
+from bptt.datamodules.sources import CorpusError, default_cache_dir
+from bptt.datamodules.streams import StreamWindows, stream_layout, token_streams
 from bptt.datamodules.vocabulary import Vocabulary, load_token_ids, tokenize_split
 from bptt.errors import ConfigError
+from bptt.private_api import dataset_fingerprint
+from bptt.sharding import shard
 
 
 class TextStreamDataModule(ResumableDataModule):
@@ -73,10 +75,7 @@ class TextStreamDataModule(ResumableDataModule):
         super().__init__()
         if level not in ("char", "word"):
             raise ConfigError(f"data.level must be char or word, got {level!r}")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("bptt", bptt),
-                            ("min_count", min_count)):
-            if value < 1:
-                raise ConfigError(f"data.{name} must be >= 1, got {value}")
+        self.check_at_least(1, batch_size=batch_size, eval_batch_size=eval_batch_size, bptt=bptt, min_count=min_count)
         fractions = tuple(split_fractions)
         if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
             raise ConfigError(f"data.split_fractions must be three non-negative numbers summing to 1 (train, "
@@ -97,11 +96,6 @@ class TextStreamDataModule(ResumableDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.vocab = Vocabulary.load(Path(vocab_file)) if vocab_file else None
         self.ids: dict[str, torch.Tensor] = {}
-        self._windows: dict[str, StreamWindows] = {}
-        self._resume_at: tuple[int, int] | None = None
-
-    def prepare_data(self) -> None:
-        self.load()
 
     def load(self) -> None:
         """Read the corpus, build the vocabulary and tokenize every split; idempotent.
@@ -145,7 +139,7 @@ class TextStreamDataModule(ResumableDataModule):
         vocab = self.vocab or Vocabulary.build(records["train"]["text"], self.level, self.min_count)
         files = {}
         for split, dataset in records.items():
-            key = hashlib.sha256(f"{dataset._fingerprint}/{vocab.fingerprint()}".encode()).hexdigest()[:20]
+            key = hashlib.sha256(f"{dataset_fingerprint(dataset)}/{vocab.fingerprint()}".encode()).hexdigest()[:20]
             cache_file = self.cache_dir / "tokenized" / f"{split}-{key}.arrow"
             with FileLock(str(cache_file) + ".lock"):  # DDP ranks on one machine tokenize once
                 self.ids[split] = torch.from_numpy(tokenize_split(dataset, vocab, cache_file))
@@ -197,38 +191,20 @@ class TextStreamDataModule(ResumableDataModule):
         self.vocab.save(path)
         return [path]
 
-    def setup(self, stage: str) -> None:
-        self.load()
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+    def readers(self, rank: int, world_size: int) -> dict[str, SplitReader]:
+        self.check_divides(world_size, "streams", batch_size=self.batch_size, eval_batch_size=self.eval_batch_size)
+        readers = {}
         for split, streams_global in self._stream_counts().items():
-            if streams_global % world:
-                raise ConfigError(
-                    f"{self._count_key(split)}={streams_global} streams cannot be split evenly over {world} "
-                    f"processes; make it a multiple of {world}"
-                )
-            streams = stream_layout(self.ids[split], streams_global)  # (B_global, L)
+            streams = shard(stream_layout(self.ids[split], streams_global), rank, world_size)  # (B_local, L)
             random = self.random_bptt and split == "train"
-            self._windows[split] = StreamWindows(
-                shard_streams(streams, rank, world), bptt=self.bptt, random_bptt=random, seed=self.seed
-            )
-        if self._resume_at is not None:
-            self._windows["train"].start_at(*self._resume_at)
-            self._resume_at = None
+            readers[split] = SplitReader(StreamWindows(token_streams(streams), bptt=self.bptt, random_bptt=random,
+                                                       seed=self.seed))
+        return readers
 
-    def _loader(self, split: str) -> DataLoader:
-        # batch_size=None: each item already is a (B, T) window; order matters, so no sampler, no workers.
-        return DataLoader(self._windows[split], batch_size=None, pin_memory=self._pin_memory())
-
-
-    def state_dict(self) -> dict[str, Any]:
-        """The vocabulary and the read position (epoch, next window) of training."""
+    def data_state(self) -> dict[str, Any]:
+        """The vocabulary; the skeleton adds the read position (epoch, next window) of training."""
         assert self.vocab is not None
-        return {"vocab": self.vocab.state_dict(), "epoch": self._position[0], "window": self._position[1]}
+        return {"vocab": self.vocab.state_dict()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.vocab = Vocabulary.from_state_dict(state_dict["vocab"])
-        self._position = (int(state_dict["epoch"]), int(state_dict["window"]))
-        if "train" in self._windows:
-            self._windows["train"].start_at(*self._position)
-        else:
-            self._resume_at = self._position
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.vocab = Vocabulary.from_state_dict(state["vocab"])

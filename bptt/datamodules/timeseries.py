@@ -4,7 +4,7 @@ From source to batch: ``load_series`` reads and checks every series (gaps as NaN
 each series is split in time into train, validation and test ranges -> per-column mean and
 std and the MASE scale are fitted on observed train values -> gaps are filled (separately
 for each split, from the data before that split's end only) and the columns normalized ->
-the streams below are cut out -> ``SeriesWindows`` yields (B, T, ...) windows in order.
+the streams below are cut out -> ``StreamWindows`` yields (B, T, ...) windows in order.
 
 Layout, for each of the S series (k = batch_size / S training streams per series)::
 
@@ -15,7 +15,7 @@ Layout, for each of the S series (k = batch_size / S training streams per series
                  |<- window 0 ->|<- window 1 ->| ...   (T = bptt steps; the last may be shorter)
 
 Training streams are cut from the train range only and dealt out in contiguous blocks to
-the ranks (``shard_streams``); row b of batch k + 1 continues row b of batch k. Validation
+the ranks (``bptt.sharding.shard``); row b of batch k + 1 continues row b of batch k. Validation
 and test have one stream per series from its first step to the end of their range, the
 same on every rank: the hidden state warms up on everything before the range, and only
 targets whose time lies inside the range count. Streams shorter than the longest are padded
@@ -33,7 +33,6 @@ mean) and no gap is ever a target.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,62 +40,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
 
-from bptt.datamodules.corpora import CorpusError
-from bptt.datamodules.resumable import ResumableDataModule
+from bptt.datamodules.resumable import ResumableDataModule, SplitReader
 from bptt.datamodules.series_sources import SeriesTable, default_season, load_series
-from bptt.datamodules.streams import shard_streams
+from bptt.datamodules.sources import CorpusError
+from bptt.datamodules.streams import StreamWindows
 from bptt.errors import ConfigError
-
-
-class SeriesWindows(IterableDataset):
-    """Yields the consecutive windows of precomputed streams, one batch per window.
-
-    Each item is ``{"inputs": (B, T, C_in), "targets": (B, T, H, C_out), "target_mask":
-    (B, T, H, C_out), "mask": (B, T), "positions": (B, T), "series": (B,), "reset": (B,),
-    "epoch": int, "window": int}``. Iterating again starts the next epoch; ``start_at``
-    resumes mid-epoch.
-
-    Args:
-        streams: ``inputs`` (B, L, C_in), ``targets`` (B, L, H, C_out), ``target_mask``
-            (B, L, H, C_out) and ``positions`` (B, L) of every stream.
-        series: (B,) the series of each stream.
-        bptt: window length T.
-    """
-
-    def __init__(self, streams: dict[str, Tensor], series: Tensor, *, bptt: int) -> None:
-        self.streams = streams
-        self.series = series
-        self.bptt = bptt
-        self.epoch = 0
-        self.start_window = 0
-
-    def start_at(self, epoch: int, window: int) -> None:
-        """Make the next iteration start at ``window`` of ``epoch`` (past its last window: the next epoch)."""
-        self.epoch, self.start_window = (epoch, window) if window < len(self) else (epoch + 1, 0)
-
-    def __len__(self) -> int:
-        # the whole epoch, also when resuming mid-epoch: Lightning counts the consumed windows itself
-        return (self.streams["positions"].shape[1] + self.bptt - 1) // self.bptt
-
-    def __iter__(self) -> Iterator[dict[str, Tensor | int]]:
-        epoch, first = self.epoch, self.start_window
-        length = self.streams["positions"].shape[1]
-        for index in range(first, len(self)):
-            if index == len(self) - 1:  # Lightning stops after len() items and never exhausts the generator
-                self.epoch, self.start_window = epoch + 1, 0
-            start, end = index * self.bptt, min((index + 1) * self.bptt, length)
-            window = {k: v[:, start:end].contiguous() for k, v in self.streams.items()}
-            yield {
-                **window,
-                "mask": window["target_mask"].flatten(2).any(dim=2),  # (B, T, H, C_out) -> (B, T)
-                "series": self.series,
-                "reset": torch.full((self.series.shape[0],), index == 0),  # (B,)
-                "epoch": epoch,
-                "window": index,
-            }
-        self.epoch, self.start_window = epoch + 1, 0
+from bptt.sharding import shard
 
 
 def fill_gaps(values: np.ndarray, times: np.ndarray, gaps: Literal["interpolate", "mask"],
@@ -172,10 +122,7 @@ class TimeSeriesDataModule(ResumableDataModule):
         data_dir: str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("horizon", horizon), ("batch_size", batch_size), ("bptt", bptt),
-                            ("season", 1 if season is None else season)):
-            if value < 1:
-                raise ConfigError(f"data.{name} must be >= 1, got {value}")
+        self.check_at_least(1, horizon=horizon, batch_size=batch_size, bptt=bptt, season=1 if season is None else season)
         fractions = tuple(split_fractions)
         if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
             raise ConfigError(f"data.split_fractions must be three positive numbers summing to 1 (train, validation, "
@@ -206,14 +153,8 @@ class TimeSeriesDataModule(ResumableDataModule):
         self.bounds: list[tuple[int, int, int]] = []  # per series: (train end, validation end, length)
         self.mean = self.std = self.scale = np.zeros(0)
         self._restored: dict[str, Any] | None = None
-        self._windows: dict[str, SeriesWindows] = {}
-        self._shard: tuple[int, int] = (0, 1)
-        self._resume_at: tuple[int, int] | None = None
 
     # ------------------------------------------------------------ reading and fitting
-
-    def prepare_data(self) -> None:
-        self.load()
 
     def load(self) -> None:
         """Read and check the source, split every series and fit the normalization; idempotent.
@@ -421,8 +362,8 @@ class TimeSeriesDataModule(ResumableDataModule):
             arrays: ``_series_arrays`` of the split.
 
         Returns:
-            ``inputs`` (B, L, C_in), ``targets`` (B, L, H, C_out), ``target_mask`` (B, L, H, C_out)
-            and ``positions`` (B, L), -1 on padding.
+            ``inputs`` (B, L, C_in), ``targets`` (B, L, H, C_out), ``target_mask`` (B, L, H, C_out),
+            ``mask`` (B, L) (any target counts) and ``positions`` (B, L), -1 on padding.
         """
         batch, horizon, c_in, c_out = len(rows), self.horizon, self.num_inputs, self.num_targets
         inputs = np.zeros((batch, length, c_in), np.float32)
@@ -439,63 +380,46 @@ class TimeSeriesDataModule(ResumableDataModule):
             targets[b, :steps] = y[ahead]  # (n, H, C_out)
             target_mask[b, :steps] = inside[:, :, None] & counted[ahead]
             positions[b, :steps] = pos
+        mask = target_mask.reshape(batch, length, -1).any(axis=2)  # (B, L, H, C_out) -> (B, L)
         return {"inputs": torch.from_numpy(inputs), "targets": torch.from_numpy(targets),
-                "target_mask": torch.from_numpy(target_mask), "positions": torch.from_numpy(positions)}
+                "target_mask": torch.from_numpy(target_mask), "positions": torch.from_numpy(positions),
+                "mask": torch.from_numpy(mask)}
 
-    def _train_windows(self, rank: int, world: int) -> SeriesWindows:
+    def _train_windows(self, rank: int, world: int) -> StreamWindows:
         per_series = self.batch_size // len(self.bounds)
         rows = []
         for s, (train_end, _, _) in enumerate(self.bounds):
             steps = train_end // per_series  # the last train_end mod k steps are only targets
             rows += [(s, j * steps, steps, 0, train_end) for j in range(per_series)]
         length = max(r[2] for r in rows)  # every rank windows the same length: the same number of batches
-        index = shard_streams(torch.arange(len(rows)), rank, world)  # (B_local,)
-        mine = [rows[i] for i in index.tolist()]
+        mine = shard(rows, rank, world)  # B_local of the B_global streams
         arrays = self._series_arrays([b[0] for b in self.bounds])
-        return SeriesWindows(self._streams(mine, length, arrays), torch.tensor([r[0] for r in mine]), bptt=self.bptt)
+        return StreamWindows(self._streams(mine, length, arrays), rows={"series": torch.tensor([r[0] for r in mine])},
+                             bptt=self.bptt)
 
-    def _eval_windows(self, split: str) -> SeriesWindows:
+    def _eval_windows(self, split: str) -> StreamWindows:
         ranges = [(b[0], b[1]) if split == "validation" else (b[1], b[2]) for b in self.bounds]
         rows = [(s, 0, hi, lo, hi) for s, (lo, hi) in enumerate(ranges)]
         arrays = self._series_arrays([hi for _, hi in ranges])
         streams = self._streams(rows, max(hi for _, hi in ranges), arrays)
-        return SeriesWindows(streams, torch.arange(len(rows)), bptt=self.bptt)
+        return StreamWindows(streams, rows={"series": torch.arange(len(rows))}, bptt=self.bptt)
 
-    def setup(self, stage: str) -> None:
-        self.load()
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        if self.batch_size % world:
-            raise ConfigError(f"data.batch_size={self.batch_size} streams cannot be split evenly over {world} "
-                              f"processes; make it a multiple of {world}")
-        self._shard = (rank, world)
-        self._build_windows()
-        if self._resume_at is not None:
-            self._windows["train"].start_at(*self._resume_at)
-            self._resume_at = None
+    def readers(self, rank: int, world_size: int) -> dict[str, SplitReader]:
+        self.check_divides(world_size, "streams", batch_size=self.batch_size)
+        return {"train": SplitReader(self._train_windows(rank, world_size)),
+                "validation": SplitReader(self._eval_windows("validation")),
+                "test": SplitReader(self._eval_windows("test"))}
 
-    def _build_windows(self) -> None:
-        self._windows = {"train": self._train_windows(*self._shard), "validation": self._eval_windows("validation"),
-                         "test": self._eval_windows("test")}
-
-    def _loader(self, split: str) -> DataLoader:
-        # batch_size=None: each item already is a (B, T, ...) window; order matters, so no sampler, no workers.
-        return DataLoader(self._windows[split], batch_size=None, pin_memory=self._pin_memory())
-
-
-    def state_dict(self) -> dict[str, Any]:
-        """The normalization, the MASE scale and the read position (epoch, next window) of training."""
+    def data_state(self) -> dict[str, Any]:
+        """The normalization and the MASE scale; the skeleton adds the read position (epoch, next window)."""
         self.load()
         assert self.table is not None
         return {"columns": list(self.table.columns), "mean": self.mean.tolist(), "std": self.std.tolist(),
-                "mase_scale": self.scale.tolist(), "epoch": self._position[0], "window": self._position[1]}
+                "mase_scale": self.scale.tolist()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = {k: state_dict[k] for k in ("columns", "mean", "std", "mase_scale")}
-        self._position = (int(state_dict["epoch"]), int(state_dict["window"]))
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self._restored = {k: state[k] for k in ("columns", "mean", "std", "mase_scale")}
         if self.table is not None:
             self._apply_restored()
-        if "train" in self._windows:
-            self._build_windows()  # normalized with the checkpoint's statistics
-            self._windows["train"].start_at(*self._position)
-        else:
-            self._resume_at = self._position
+        if self._readers:
+            self._build_readers()  # normalized with the checkpoint's statistics

@@ -11,23 +11,23 @@ Every rank sees the same number of batches; row blocks of one batch have similar
 Validation/test: utterances sorted by frames, cut into ``eval_batch_size`` batches (the last
 may be smaller); rank r reads batches r, r + W, r + 2W, ... (nothing dropped).
 
-``BatchOrder`` (a sampler, run in the main process) yields ``(epoch, batch)`` keys and remembers
-where to start, so a run resumes mid-epoch; ``SpeechBatches`` (map-style, safe with workers)
+``bptt.datamodules.resumable.BatchOrder`` (a sampler, run in the main process) yields ``(epoch,
+batch)`` keys and remembers where to start, so a run resumes mid-epoch; ``SpeechBatches`` (map-style, safe with workers)
 turns a key into a collated batch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import datasets
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from bptt.datamodules.audio import spec_augment
+from bptt.sharding import shard
 
 
 def training_batches(
@@ -65,12 +65,6 @@ def evaluation_batches(num_frames: np.ndarray, *, batch_size: int, world_size: i
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def shard_batch(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """The contiguous block of rows of a (B_global,) batch that ``rank`` reads: (B_global / world_size,)."""
-    per_rank = len(batch) // world_size
-    return batch[rank * per_rank : (rank + 1) * per_rank]
-
-
 def collate(features: list[np.ndarray], labels: list[np.ndarray], mean: Tensor, std: Tensor) -> dict[str, Tensor]:
     """Normalize and zero-pad utterances into one batch.
 
@@ -91,33 +85,6 @@ def collate(features: list[np.ndarray], labels: list[np.ndarray], mean: Tensor, 
         inputs[row, : len(feats)] = (torch.tensor(feats, dtype=torch.float32) - mean) / std
         targets[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
     return {"inputs": inputs, "input_lengths": input_lengths, "targets": targets, "target_lengths": target_lengths}
-
-
-class BatchOrder(Sampler):
-    """Yields ``(epoch, batch)`` keys of one epoch per iteration; ``start_at`` resumes mid-epoch.
-
-    Args:
-        num_batches: batches per epoch on this rank.
-    """
-
-    def __init__(self, num_batches: int) -> None:
-        self.num_batches = num_batches
-        self.epoch = 0
-        self.start_batch = 0
-
-    def start_at(self, epoch: int, batch: int) -> None:
-        """Make the next iteration start at ``batch`` of ``epoch``."""
-        self.epoch, self.start_batch = epoch, batch
-
-    def __len__(self) -> int:
-        # the whole epoch, also when resuming mid-epoch: Lightning counts the consumed batches itself
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, first = self.epoch, self.start_batch
-        self.epoch, self.start_batch = epoch + 1, 0  # also when the loop stops early
-        for batch in range(first, self.num_batches):
-            yield epoch, batch
 
 
 class SpeechBatches(Dataset):
@@ -158,7 +125,7 @@ class SpeechBatches(Dataset):
             if self.training:
                 batches = training_batches(self.num_frames, batch_size=self.batch_size,
                                            batches_per_bucket=self.batches_per_bucket, seed=self.seed, epoch=epoch)
-                mine = [shard_batch(b, self.rank, self.world_size) for b in batches]
+                mine = [shard(b, self.rank, self.world_size) for b in batches]
             else:
                 mine = evaluation_batches(self.num_frames, batch_size=self.batch_size,
                                           world_size=self.world_size)[self.rank :: self.world_size]

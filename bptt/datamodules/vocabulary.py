@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from bptt.datamodules.caches import reading_cache
-from bptt.datamodules.corpora import CorpusError
+from bptt.datamodules.sources import CorpusError
 
 UNK, EOS = "<unk>", "<eos>"
 

@@ -3,6 +3,7 @@
 from bptt.lightning_modules.forecaster import ForecastTask
 from bptt.lightning_modules.language_model import LanguageModelTask
 from bptt.lightning_modules.speech_recognizer import CTCSpeechTask
-from bptt.lightning_modules.tbptt import NonFiniteLossError, TBPTTModule
+from bptt.lightning_modules.tbptt import NonFiniteLossError, SequenceLossModule, StepLossModule, TBPTTModule
 
-__all__ = ["CTCSpeechTask", "ForecastTask", "LanguageModelTask", "NonFiniteLossError", "TBPTTModule"]
+__all__ = ["CTCSpeechTask", "ForecastTask", "LanguageModelTask", "NonFiniteLossError", "SequenceLossModule",
+           "StepLossModule", "TBPTTModule"]

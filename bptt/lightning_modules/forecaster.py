@@ -16,10 +16,11 @@ from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError
 
 from bptt.errors import ConfigError
-from bptt.lightning_modules.tbptt import State, TBPTTModule
+from bptt.lightning_modules.tbptt import State, StepLossModule
+from bptt.metric_names import metric
 
 
-class ForecastTask(TBPTTModule):
+class ForecastTask(StepLossModule):
     """Squared error on normalized values; MAE, RMSE and MASE on denormalized forecasts.
 
     Batches (``bptt.datamodules.TimeSeriesDataModule``) hold ``inputs`` (B, T, C_in),
@@ -38,7 +39,7 @@ class ForecastTask(TBPTTModule):
             series then leaves the range seen in training without the model having to extrapolate.
         test_after_fit: ``bptt fit`` ends with the test split on the best checkpoint, logging
             ``test/*`` and ``forecast_test.png`` (forecast against actual) to MLflow.
-        **engine: the ``TBPTTModule`` arguments (optimizer, scheduler, k1/k2, clipping, ...).
+        **engine: the ``StepLossModule`` arguments (optimizer, scheduler, k1/k2, clipping, ...).
     """
 
     time_keys = ("inputs", "targets", "target_mask", "mask", "positions")
@@ -138,9 +139,9 @@ class ForecastTask(TBPTTModule):
                                      actual[0, first, 0, 0].cpu()))
 
     def _log_metrics(self, split: str) -> None:
-        for name, metric in self.metrics[split].items():
-            self.log(f"{split}/{name}", metric.compute())
-            metric.reset()
+        for name, quantity in self.metrics[split].items():
+            self.log(metric(split, name), quantity.compute())
+            quantity.reset()
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()

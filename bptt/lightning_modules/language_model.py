@@ -10,17 +10,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bptt.errors import ConfigError
-from bptt.lightning_modules.tbptt import State, TBPTTModule
+from bptt.lightning_modules.tbptt import State, StepLossModule
+from bptt.metric_names import BPC, PPL, metric
 
 
-class LanguageModelTask(TBPTTModule):
+class LanguageModelTask(StepLossModule):
     """Cross-entropy next-token loss; reports perplexity (words) or bits per character.
 
     Args:
         model: the network, ``(tokens (B, T), state) -> (logits (B, T, V), state)``,
             e.g. ``bptt.models.RNNLanguageModel``.
         report: ``ppl`` logs ``{split}/ppl`` = exp(loss); ``bpc`` logs ``{split}/bpc`` = loss / ln 2.
-        **engine: the ``TBPTTModule`` arguments (optimizer, scheduler, k1/k2, clipping, ...).
+        **engine: the ``StepLossModule`` arguments (optimizer, scheduler, k1/k2, clipping, ...).
     """
 
     def __init__(self, *, model: nn.Module, report: str = "ppl", **engine: Any) -> None:
@@ -40,8 +41,8 @@ class LanguageModelTask(TBPTTModule):
 
     def derived_metrics(self, split: str, loss: Tensor) -> dict[str, Tensor]:
         if self.report == "bpc":
-            return {f"{split}/bpc": loss / math.log(2)}
-        return {f"{split}/ppl": torch.exp(loss)}
+            return {metric(split, BPC): loss / math.log(2)}
+        return {metric(split, PPL): torch.exp(loss)}
 
     def serving_model(self) -> tuple[nn.Module, Tensor]:
         """The network as ``mlflow.pytorch.log_model`` stores it: tokens (B, T) -> logits (B, T, V)

@@ -1,8 +1,8 @@
 """``CTCSpeechTask``: speech recognition with a CTC loss over whole utterances, trained window by window.
 
 CTC sums over every alignment of the whole utterance, so the engine runs it as a
-sequence-level loss (``TBPTTModule`` with ``loss_per = "sequence"``): windows of
-``k1`` frames, ``backprop: truncated`` or ``exact``.
+sequence-level loss (``SequenceLossModule``): windows of ``k1`` frames, ``backprop:
+truncated`` or ``exact``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
 from bptt.errors import ConfigError
-from bptt.lightning_modules.checkpointed_ctc import checkpointed_ctc_loss
-from bptt.lightning_modules.tbptt import State, TBPTTModule
+from bptt.lightning_modules.tbptt import SequenceLossModule, State
+from bptt.losses.checkpointed_ctc import checkpointed_ctc_loss
+from bptt.metric_names import TRAIN, metric
 
 BLANK = 0  # the CTC blank's token id
 
@@ -55,7 +56,7 @@ def greedy_decode(log_probs: Tensor, lengths: Tensor) -> list[list[int]]:
     return decoded
 
 
-class CTCSpeechTask(TBPTTModule):
+class CTCSpeechTask(SequenceLossModule):
     """CTC loss in nats per label; token (digit or character) and word error rates with greedy decoding.
 
     Batches hold ``inputs`` (B, T, F), ``input_lengths`` (B,), ``targets`` (B, S) and
@@ -71,12 +72,11 @@ class CTCSpeechTask(TBPTTModule):
             up to this size come from ``torch.nn.functional.ctc_loss``; larger ones (long
             utterances: they grow with T' squared) from ``checkpointed_ctc_loss``, whose memory
             grows with sqrt(T'); null: always torch's.
-        **engine: the ``TBPTTModule`` arguments; ``k1`` is the window in input frames,
+        **engine: the ``SequenceLossModule`` arguments; ``k1`` is the window in input frames,
             ``backprop`` ``truncated`` or ``exact``.
     """
 
     time_keys = ("inputs",)
-    loss_per = "sequence"
 
     def __init__(
         self, *, model: nn.Module, num_decodings: int = 10, ctc_lattice_limit_mb: float | None = 64.0, **engine: Any
@@ -127,7 +127,7 @@ class CTCSpeechTask(TBPTTModule):
         return torch.where(feasible, losses, zero), torch.where(feasible, target_lengths, 0)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.log("train/skipped_utterances", float(self.skipped), on_step=True, on_epoch=False)
+        self.log(metric(TRAIN, "skipped_utterances"), float(self.skipped), on_step=True, on_epoch=False)
 
     # ---- evaluation: loss from the engine, then greedy decoding -------------------------------
     def _decode_batch(self, outputs: Tensor, batch: dict[str, Any], ter: CharErrorRate, wer: WordErrorRate) -> None:
@@ -147,10 +147,10 @@ class CTCSpeechTask(TBPTTModule):
         self._decode_batch(self.evaluate_batch(batch, self.test_loss), batch, self.test_ter, self.test_wer)
 
     def _log_error_rates(self, split: str, ter: CharErrorRate, wer: WordErrorRate) -> None:
-        self.log(f"{split}/ter", ter.compute(), prog_bar=True)
+        self.log(metric(split, "ter"), ter.compute(), prog_bar=True)
         ter.reset()
         if " " in self.trainer.datamodule.tokens:
-            self.log(f"{split}/wer", wer.compute())
+            self.log(metric(split, "wer"), wer.compute())
         wer.reset()
 
     def on_validation_epoch_start(self) -> None:

@@ -1,7 +1,9 @@
-"""Recurrent cores: plain ``nn.Module``s that the LightningModules in ``bptt.lightning_modules`` wrap."""
+"""The networks the LightningModules in ``bptt.lightning_modules`` wrap, and the recurrent cores inside them."""
 
+from bptt.models.cores import CoreFactory, RecurrentCore, State, TorchRNNCore
 from bptt.models.rnn_acoustic_model import RNNAcousticModel
 from bptt.models.rnn_forecaster import RNNForecaster
 from bptt.models.rnn_language_model import RNNLanguageModel
 
-__all__ = ["RNNAcousticModel", "RNNForecaster", "RNNLanguageModel"]
+__all__ = ["CoreFactory", "RNNAcousticModel", "RNNForecaster", "RNNLanguageModel", "RecurrentCore", "State",
+           "TorchRNNCore"]

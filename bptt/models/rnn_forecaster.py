@@ -1,7 +1,7 @@
 """RNN forecaster: values of a (multivariate) series in, the next H values of the target columns out.
 
 Shape legend: B batch (streams), T time steps, C_in input columns, C_out target columns,
-H horizon (steps ahead), L layers, Hd hidden size.
+H horizon (steps ahead), L layers, Hd hidden size (the core's output width).
 """
 
 from __future__ import annotations
@@ -10,26 +10,24 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from bptt.models.arguments import check_core_arguments
-
-# A recurrent state is a tuple of batch-first tensors (B, L, Hd): (h,) for GRU, (h, c) for LSTM.
-State = tuple[Tensor, ...]
-
-_RNN_CLASSES = {"LSTM": nn.LSTM, "GRU": nn.GRU}
+from bptt.models.arguments import check_dropout, check_sizes
+from bptt.models.cores import CoreFactory, State, build_core
 
 
 class RNNForecaster(nn.Module):
-    """``num_layers`` RNN layers over the input columns -> a linear head with H x C_out outputs
-    per step: the direct multi-step forecast (H = 1: the next value).
+    """Recurrent core over the input columns -> a linear head with H x C_out outputs per step: the
+    direct multi-step forecast (H = 1: the next value).
 
     Args:
-        num_inputs: C_in, columns per step; must match the DataModule's.
+        num_inputs: C_in, columns per step (the core's input size); must match the DataModule's.
         num_targets: C_out, columns forecast; must match the DataModule's.
         horizon: H, steps ahead forecast at every step; must match the DataModule's.
-        rnn_type: LSTM or GRU.
-        hidden_size: Hd.
-        num_layers: L.
-        dropout: dropout between layers and before the head; in [0, 1).
+        core: the recurrent core (``class_path`` + ``init_args``, less ``input_size``); None: a
+            ``TorchRNNCore`` from the shorthand below.
+        rnn_type: shorthand: LSTM (default) or GRU.
+        hidden_size: shorthand: Hd (default 64).
+        num_layers: shorthand: L (default 2).
+        dropout: dropout before the head (and, in the shorthand's core, between layers); in [0, 1).
     """
 
     def __init__(
@@ -38,21 +36,21 @@ class RNNForecaster(nn.Module):
         num_inputs: int = 1,
         num_targets: int = 1,
         horizon: int = 1,
-        rnn_type: Literal["LSTM", "GRU"] = "LSTM",
-        hidden_size: int = 64,
-        num_layers: int = 2,
+        rnn_type: Literal["LSTM", "GRU"] | None = None,
+        hidden_size: int | None = None,
+        num_layers: int | None = None,
         dropout: float = 0.0,
+        core: CoreFactory | None = None,
     ) -> None:
         super().__init__()
-        check_core_arguments(rnn_type=rnn_type, rnn_types=_RNN_CLASSES, dropout=dropout, num_inputs=num_inputs,
-                             num_targets=num_targets, horizon=horizon, hidden_size=hidden_size, num_layers=num_layers)
-        self.rnn_type = rnn_type
+        check_dropout(dropout)
+        check_sizes(num_inputs=num_inputs, num_targets=num_targets, horizon=horizon)
         self.num_inputs, self.num_targets, self.horizon = num_inputs, num_targets, horizon
-        self.rnn = _RNN_CLASSES[rnn_type](
-            num_inputs, hidden_size, num_layers=num_layers, dropout=dropout if num_layers > 1 else 0.0, batch_first=True
-        )
+        self.rnn = build_core(core, input_size=num_inputs, rnn_type=rnn_type, hidden_size=hidden_size,
+                              num_layers=num_layers, dropout=dropout, rnn_types=("LSTM", "GRU"), default_hidden_size=64,
+                              default_num_layers=2)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden_size, horizon * num_targets)
+        self.head = nn.Linear(self.rnn.hidden_size, horizon * num_targets)
 
     def forward(self, inputs: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """Run the model over one window.
@@ -64,12 +62,7 @@ class RNNForecaster(nn.Module):
         Returns:
             forecasts (B, T, H, C_out) (normalized) and the state after the last step.
         """
-        hx = None
-        if state is not None:
-            hx = tuple(s.transpose(0, 1).contiguous() for s in state)  # each (L, B, Hd)
-            hx = hx if self.rnn_type == "LSTM" else hx[0]
-        out, new = self.rnn(inputs, hx)  # out (B, T, Hd)
-        new = new if isinstance(new, tuple) else (new,)
+        out, state = self.rnn(inputs, state)  # out (B, T, Hd)
         flat = self.head(self.dropout(out))  # (B, T, H * C_out)
         forecasts = flat.view(*flat.shape[:2], self.horizon, self.num_targets)  # (B, T, H, C_out)
-        return forecasts, tuple(s.transpose(0, 1) for s in new)  # each (B, L, Hd)
+        return forecasts, state

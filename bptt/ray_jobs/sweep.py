@@ -6,8 +6,10 @@
 Order of work: the sweep file and every trial's config are checked (no Ray yet); the MLflow
 store is checked and, when it is a local file, served by ``mlflow server`` on 127.0.0.1 for
 the sweep's duration; Ray starts (or joins ``--address``) and the trial resources are checked
-against its nodes; then the parent MLflow run opens and Tune runs the trials. At the end the
-parent run gets the leaderboard and the best trial's config, and the leaderboard is printed.
+against its nodes; then the parent MLflow run opens (``sweep_tracking.py`` owns every run of a
+sweep) and Tune runs the trials, at most ``max_concurrent_trials`` at once. At the end the parent
+run gets the leaderboard and the best trial's config, the best trial's run a logged model (when
+it has none of its own), and the leaderboard is printed.
 The served store and a local Ray instance end with the driver, even when it is killed
 (``fate_sharing.py``); ``--resume`` continues from the experiment directory's ``bptt-sweep.json``.
 """
@@ -24,10 +26,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-from ray.tune import Callback
 
-from bptt.errors import ConfigError
+from bptt.errors import BpttError, ConfigError
 from bptt.ray_jobs.fate_sharing import FateSharing
 from bptt.ray_jobs.sweep_config import (
     SweepSpec,
@@ -37,24 +37,18 @@ from bptt.ray_jobs.sweep_config import (
     search_algorithm,
     tune_space,
 )
-from bptt.ray_jobs.trial import (
-    SWEEP_TAG,
+from bptt.ray_jobs.sweep_tracking import (
+    SERVED_URI_ENV,
     TRIAL_TAG,
-    SweepContext,
-    run_trial,
-    trial_runs,
-)
-from bptt.tracking import (
-    EXPERIMENT_KIND,
-    MlflowTracking,
+    ChildRunStatus,
     ServedStore,
-    flatten,
+    SweepRuns,
     is_local_store,
 )
+from bptt.ray_jobs.trial import CHECKPOINT_FILE, SweepContext, run_trial
+from bptt.tracking import MlflowTracking
 
 STATE_FILE = "bptt-sweep.json"  # in the experiment directory: what --resume needs
-SERVED_URI_ENV = "BPTT_SWEEP_TRACKING_URI"
-HEAD_NODE = "node:__internal_head__"  # a resource only the head node has
 
 
 def sweep(config: str | None = None, *, resume: str | None = None, address: str | None = None,
@@ -227,37 +221,32 @@ def _concurrency(spec: SweepSpec) -> int:
 def _tune(spec: SweepSpec, base: str, state: SweepState, name: str, storage: str, directory: Path,
           tracking: MlflowTracking, served_uri: str, resuming: bool) -> list[dict]:
     import ray.tune
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(served_uri)
-    experiment_id = _experiment(client, tracking)
+    from bptt.private_api import head_node_resource
+
+    runs = SweepRuns.open(served_uri, tracking, name, state.parent_run_id, spec=spec, base=base,
+                          sweep_yaml=state.sweep_yaml)
     if state.parent_run_id is None:
-        parent = client.create_run(experiment_id, run_name=name, tags={SWEEP_TAG: name, "bptt.kind": "sweep"})
-        state.parent_run_id = parent.info.run_id
-        _log_sweep_params(client, state.parent_run_id, spec, base)
+        state.parent_run_id = runs.parent_run_id
         state.save(directory)
-        client.log_text(state.parent_run_id, state.sweep_yaml, "sweep.yaml")
-        client.log_text(state.parent_run_id, yaml.safe_dump(spec.space, sort_keys=False), "search_space.yaml")
-    else:
-        client.update_run(state.parent_run_id, status="RUNNING")
-    context = SweepContext(sweep=name, base_yaml=Path(base).read_text(), spec=spec, tracking_uri=served_uri,
-                           experiment_name=tracking.experiment_name, parent_run_id=state.parent_run_id,
-                           storage_path=storage, cwd=state.cwd)
-    driver = {"CPU": spec.resources.driver_cpus} if spec.resources.driver_cpus > 0 else {HEAD_NODE: 0.001}
+    context = SweepContext(base_yaml=Path(base).read_text(), spec=spec, runs=runs, storage_path=storage, cwd=state.cwd)
+    driver = {"CPU": spec.resources.driver_cpus} if spec.resources.driver_cpus > 0 else head_node_resource()
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), driver)
-    os.environ[SERVED_URI_ENV] = served_uri  # where _ChildRunStatus, restored from an older run, writes
-    status = _ChildRunStatus(experiment_id, state.parent_run_id)
+    os.environ[SERVED_URI_ENV] = served_uri  # where ChildRunStatus, restored from an older start, writes
+    status = ChildRunStatus(runs.experiment_id, runs.parent_run_id)
+    concurrency = spec.max_concurrent_trials or _concurrency(spec)
     print(f"bptt sweep: experiment {directory}  (continue after a crash: bptt sweep --resume {directory})", flush=True)
     if resuming:
         tuner = ray.tune.Tuner.restore(str(directory), trainable, resume_unfinished=True, resume_errored=True)
     else:
+        search = search_algorithm(spec, max_concurrent=concurrency)
         tuner = ray.tune.Tuner(
             trainable,
             param_space=tune_space(spec.space),
             tune_config=ray.tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples, scheduler=scheduler(spec),
-                search_alg=search_algorithm(spec),
-                max_concurrent_trials=spec.max_concurrent_trials or _concurrency(spec),
+                search_alg=search,  # Tune's own sampler limits itself; a Searcher is limited by max_concurrent_trials
+                max_concurrent_trials=None if spec.search is None else concurrency,
             ),
             run_config=ray.tune.RunConfig(
                 name=name, storage_path=storage, stop=spec.stop or None, callbacks=[status],
@@ -267,66 +256,31 @@ def _tune(spec: SweepSpec, base: str, state: SweepState, name: str, storage: str
             ),
         )
     results = tuner.fit()
-    board = leaderboard(results, spec, client, experiment_id, state.parent_run_id)
+    board = leaderboard(results, spec, runs)
     table = _format(board)
-    _finish_parent(client, state.parent_run_id, spec, base, board, table)
+    best = next((row for row in board if row[f"best {spec.metric}"] is not None), None)
+    best_config = resolved_config(base, spec, {k: best["config"][k] for k in spec.space}) if best else None
+    runs.finish(metric=spec.metric, board=board, csv_text=_csv(board), table=table, best_config=best_config)
+    if best is not None and best["mlflow_run"] is not None:
+        _log_best_model(results, spec, runs, best)
     print(table)
     print(f"\nMLflow: {_ui_command(tracking)}  (experiment {tracking.experiment_name!r}, parent run {name})")
     return board
 
 
-def _experiment(client: Any, tracking: MlflowTracking) -> str:
-    experiment = client.get_experiment_by_name(tracking.experiment_name)
-    if experiment is None:
-        return client.create_experiment(tracking.experiment_name, artifact_location=tracking.artifact_location(),
-                                        tags=dict([EXPERIMENT_KIND]))
-    return experiment.experiment_id
-
-
-def _log_sweep_params(client: Any, run_id: str, spec: SweepSpec, base: str) -> None:
-    from mlflow.entities import Param
-
-    params = flatten({"sweep": {k: v for k, v in asdict(spec).items() if k != "space"}, "space": spec.space})
-    params["base"] = base
-    items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
-    for start in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[start : start + 100])
-
-
-class _ChildRunStatus(Callback):
-    """Closes each trial's MLflow run when Tune is done with the trial (the trial's processes are
-    ended by Tune, e.g. an ASHA stop, and cannot close it themselves)."""
-
-    def __init__(self, experiment_id: str, parent_run_id: str) -> None:
-        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
-
-    def _close(self, trial: Any, status: str) -> None:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(os.environ[SERVED_URI_ENV])
-        for run in trial_runs(client, self.experiment_id, self.parent_run_id, trial.trial_id):
-            client.set_terminated(run.info.run_id, status)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "FINISHED")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "FAILED")
-
-
-def leaderboard(results: Any, spec: SweepSpec, client: Any, experiment_id: str, parent_run_id: str) -> list[dict]:
+def leaderboard(results: Any, spec: SweepSpec, runs: SweepRuns) -> list[dict]:
     """One row per trial, best first: its best ``metric``, its values of the space (PBT: the latest
     perturbed ones), reports, status and MLflow run."""
     from ray.tune import ExperimentAnalysis
 
-    runs = {r.data.tags.get(TRIAL_TAG): r for r in trial_runs(client, experiment_id, parent_run_id)}
+    trial_runs = {r.data.tags.get(TRIAL_TAG): r for r in runs.trial_runs()}
     analysis = ExperimentAnalysis(results.experiment_path)
     rows = []
     for trial in analysis.trials:
         history = analysis.trial_dataframes.get(trial.trial_id)
         values = history[spec.metric].dropna() if history is not None and spec.metric in history else None
         best = None if values is None or values.empty else float(values.min() if spec.mode == "min" else values.max())
-        run = runs.get(trial.trial_id)
+        run = trial_runs.get(trial.trial_id)
         rows.append({
             "trial": trial.trial_id, "status": trial.status,
             f"best {spec.metric}": best, "reports": int(len(values)) if values is not None else 0,
@@ -358,22 +312,26 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _finish_parent(client: Any, run_id: str, spec: SweepSpec, base: str, board: list[dict], table: str) -> None:
+def _csv(board: list[dict]) -> str:
     out = io.StringIO()
     header = _columns(board)
     writer = csv.writer(out)
     writer.writerow(header)
     writer.writerows([[row[k] for k in header] for row in board])
-    client.log_text(run_id, out.getvalue(), "leaderboard.csv")
-    client.log_text(run_id, table, "leaderboard.txt")
-    best = next((row for row in board if row[f"best {spec.metric}"] is not None), None)
-    if best is not None:
-        client.log_metric(run_id, f"best/{spec.metric}", best[f"best {spec.metric}"])
-        client.set_tag(run_id, "bptt.best_trial", best["trial"])
-        sampled = {k: best["config"][k] for k in spec.space}
-        client.log_text(run_id, resolved_config(base, spec, sampled), "best_config.yaml")
-    failed = any(row["status"] == "ERROR" for row in board)
-    client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+    return out.getvalue()
+
+
+def _log_best_model(results: Any, spec: SweepSpec, runs: SweepRuns, best: dict) -> None:
+    """The best trial's run gets a logged model (from its best checkpoint) unless it logged one itself."""
+    result = next((r for r in results if (r.metrics or {}).get("trial_id") == best["trial"]), None)
+    checkpoint = None if result is None else result.get_best_checkpoint(spec.metric, spec.mode) or result.checkpoint
+    if checkpoint is None:
+        return
+    try:
+        with checkpoint.as_directory() as directory:
+            runs.log_best_model(best["mlflow_run"], Path(directory) / CHECKPOINT_FILE, trusted=spec.trusted)
+    except BpttError as err:  # the sweep's results stand; say why the model is missing
+        print(f"bptt sweep: the best trial's model was not logged: {err}", flush=True)
 
 
 def _ui_command(tracking: MlflowTracking) -> str:

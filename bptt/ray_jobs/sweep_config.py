@@ -36,6 +36,7 @@ from typing import Any, Literal
 import yaml
 
 from bptt.errors import ConfigError
+from bptt.metric_names import VAL_LOSS
 from bptt.trust import check_config
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -101,7 +102,7 @@ class SweepSpec:
     base: str
     space: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
-    metric: str = "val/loss"
+    metric: str = VAL_LOSS
     mode: Literal["min", "max"] = "min"
     scheduler: Scheduler = field(default_factory=Scheduler)
     search: Search | None = None
@@ -342,13 +343,18 @@ def scheduler(spec: SweepSpec) -> Any:
     return FIFOScheduler()
 
 
-def search_algorithm(spec: SweepSpec) -> Any:
-    """Optuna or HyperOpt over the space, else Tune's own random/grid sampling, seeded by ``seed``."""
+def search_algorithm(spec: SweepSpec, max_concurrent: int = 0) -> Any:
+    """Optuna or HyperOpt over the space, else Tune's own random/grid sampling, seeded by ``seed``.
+
+    ``max_concurrent`` (0: no limit) goes to Tune's own sampler here: Tune applies
+    ``TuneConfig.max_concurrent_trials`` only to a ``Searcher`` (Optuna, HyperOpt), and ignores it,
+    with a warning, for a ``BasicVariantGenerator``. Every started trial is RUNNING to Tune, also
+    while its Train workers wait for resources, so without the limit all trials start at once."""
     seed = spec.search.seed if spec.search is not None and spec.search.seed is not None else spec.seed
     if spec.search is None:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=seed)
+        return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
     if spec.search.type == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 

@@ -3,22 +3,22 @@ Lightning training as ``bptt fit`` on N data-parallel workers (their side: ``wor
 
 Three processes take part, and checkpoints flow through all three::
 
-    Train worker (rank r)          Train controller              Tune trial (``run_trial``)
-    ---------------------          ----------------              ---------------------------
-    Lightning fit, streams of      gathers reports; restarts     reports to Tune; restarts
-    rank r; at each validation     dead workers from the last    from Tune's checkpoint (PBT
-    ray.train.report(metrics,  ->  checkpoint (worker_retries) -> exploit, trial_retries)
-    checkpoint = the full .ckpt)   ``_ForwardToTune``
+    Train worker (``run_worker``)   Train controller              Tune trial (``run_trial``)
+    -----------------------------   ----------------              --------------------------
+    Lightning fit, streams of       gathers reports; restarts     reports to Tune; restarts
+    rank r; at each validation      dead workers from the last    from Tune's checkpoint (PBT
+    ray.train.report(metrics,   ->  checkpoint (worker_retries) -> exploit, trial_retries)
+    checkpoint = the full .ckpt)    ``forward_train_reports``
 
-The checkpoint is a ``bptt fit`` checkpoint (model, optimizer, carried hidden states, data
-position, RNG), so both kinds of restart continue exactly, in the trial's own MLflow run.
-
-This module stays free of torch and Lightning: the trial and the controller processes import it
-and only watch; the workers import ``worker.py``.
+What one process hands the next is a dataclass: the driver gives every trial a ``SweepContext``,
+a trial gives each of its workers a ``WorkerJob``. The checkpoint is a ``bptt fit`` checkpoint
+(model, optimizer, carried hidden states, data position, RNG), so both kinds of restart continue
+exactly, in the trial's own MLflow run (``SweepRuns.child_run``).
 """
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import uuid
@@ -26,44 +26,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray.train.v2.api.callback import UserCallback
+from bptt.ray_jobs.sweep_config import SweepSpec, trial_args
+from bptt.ray_jobs.sweep_tracking import SweepRuns
 
-TRIAL_TAG, SWEEP_TAG, PARENT_TAG = "bptt.trial_id", "bptt.sweep", "mlflow.parentRunId"
+CHECKPOINT_FILE = "checkpoint.ckpt"  # in every reported checkpoint's directory
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepContext:
-    """What every trial of one sweep shares (pickled into each trial)."""
+    """What every trial of one sweep shares: the driver's hand-off to ``run_trial`` (pickled into each trial)."""
 
-    sweep: str  # the experiment directory's name
     base_yaml: str  # the base config's text: trials may run where its file is not
-    spec: Any  # SweepSpec
-    tracking_uri: str  # what trials log to (the served store while a sweep runs)
-    experiment_name: str
-    parent_run_id: str
+    spec: SweepSpec  # carries ``trusted`` (--trust-config) to every trial
+    runs: SweepRuns  # the served store, the experiment and the parent run
     storage_path: str
+    cwd: str  # trials run where the sweep started: relative paths in configs mean what they mean there
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """A trial's hand-off to each of its Ray Train workers (``worker.run_worker``)."""
+
+    args: list[str]  # the ``bptt fit`` arguments of the trial
+    run_id: str  # the trial's MLflow run
+    start: Any  # ray.train.Checkpoint from Tune (PBT exploit, trial retry), or None: a fresh start
     cwd: str
-
-    def child_run(self, trial_id: str, trial_name: str) -> str:
-        """The trial's MLflow run under the sweep's parent: found again on a restart, else created."""
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(self.tracking_uri)
-        experiment = client.get_experiment_by_name(self.experiment_name)
-        found = trial_runs(client, experiment.experiment_id, self.parent_run_id, trial_id)
-        if found:
-            return found[0].info.run_id
-        run = client.create_run(experiment.experiment_id, run_name=trial_name,
-                                tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep})
-        return run.info.run_id
-
-
-def trial_runs(client: Any, experiment_id: str, parent_run_id: str, trial_id: str | None = None) -> list:
-    """The MLflow runs of a sweep's trials (of one trial, given ``trial_id``)."""
-    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
-    if trial_id is not None:
-        query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
-    return client.search_runs([experiment_id], filter_string=query)
+    use_gpu: bool
+    trusted: bool  # the driver checked ``args`` against the allow-list, or was told to trust them
 
 
 def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
@@ -73,44 +62,46 @@ def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    from bptt.ray_jobs.sweep_config import trial_args
+    from bptt.private_api import forward_train_reports
+    from bptt.ray_jobs.worker import run_worker
 
-    trial = ray.tune.get_context()
-    trial_id = trial.get_trial_id()
-    run_id = context.child_run(trial_id, trial.get_trial_name())
-    args = [*trial_args(context.base_yaml, context.spec, sampled),
-            "--tracking.tracking_uri", context.tracking_uri, "--tracking.experiment_name", context.experiment_name,
-            "--tracking.parent_run_id", context.parent_run_id, "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false"]
-    resources = context.spec.resources
+    spec, runs = context.spec, context.runs
+    trial_id = ray.tune.get_context().get_trial_id()
+    job = WorkerJob(
+        args=[*trial_args(context.base_yaml, spec, sampled),
+              "--tracking.tracking_uri", runs.tracking_uri, "--tracking.experiment_name", runs.experiment_name,
+              "--tracking.parent_run_id", runs.parent_run_id,
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.enable_checkpointing", "false"],
+        run_id=runs.child_run(trial_id, sampled), start=ray.tune.get_checkpoint(), cwd=context.cwd,
+        use_gpu=spec.resources.gpus_per_worker > 0, trusted=spec.trusted,
+    )
+    resources = spec.resources
     reports: Queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"args": args, "run_id": run_id, "start": ray.tune.get_checkpoint(),
-                           "cwd": context.cwd, "use_gpu": resources.gpus_per_worker > 0,
-                           "trusted": context.spec.trusted},
+        functools.partial(run_worker, job),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=resources.num_workers, use_gpu=resources.gpus_per_worker > 0,
+            num_workers=resources.num_workers, use_gpu=job.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             # a fresh Train run per start: restarts resume from Tune's checkpoint, which holds every report
-            name=f"{context.sweep}-{trial_id}-{uuid.uuid4().hex[:6]}",
-            storage_path=str(Path(context.storage_path) / context.sweep / "train"),
-            failure_config=ray.train.FailureConfig(max_failures=context.spec.failure.worker_retries),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=context.spec.train_checkpoints_to_keep()),
-            callbacks=[_ForwardToTune(reports)],
+            name=f"{runs.sweep}-{trial_id}-{uuid.uuid4().hex[:6]}",
+            storage_path=str(Path(context.storage_path) / runs.sweep / "train"),
+            failure_config=ray.train.FailureConfig(max_failures=spec.failure.worker_retries),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train_checkpoints_to_keep()),
+            callbacks=[forward_train_reports(reports)],  # one-slot queue: the controller waits for Tune
         ),
     )
-    outcome: dict[str, BaseException] = {}
+    failure: list[BaseException] = []
 
-    def fit() -> None:
+    def fit_workers() -> None:
         try:
             trainer.fit()
         except BaseException as err:  # re-raised in the trial's thread, where Tune sees it
-            outcome["error"] = err
+            failure.append(err)
 
-    thread = threading.Thread(target=fit, name="train-driver", daemon=True)
+    thread = threading.Thread(target=fit_workers, name="fit-workers", daemon=True)
     thread.start()
     while thread.is_alive() or not reports.empty():
         try:
@@ -118,23 +109,5 @@ def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
         except queue.Empty:
             continue
         ray.tune.report(metrics, checkpoint=checkpoint)
-    if "error" in outcome:
-        raise outcome["error"]
-
-
-def _train_worker(loop: dict[str, Any]) -> None:
-    """Imports the worker side (torch, Lightning) only in the worker processes."""
-    from bptt.ray_jobs.worker import train_worker
-
-    train_worker(loop)
-
-
-class _ForwardToTune(UserCallback):
-    """Runs in the Train controller: hands each report and its persisted checkpoint to the Tune trial
-    (a one-slot queue, so the controller waits until Tune has taken the previous one)."""
-
-    def __init__(self, reports: Any) -> None:
-        self.reports = reports
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self.reports.put((metrics[0], checkpoint))
+    if failure:
+        raise failure[0]

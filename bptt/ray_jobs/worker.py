@@ -9,18 +9,17 @@ import shutil
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 
-from bptt.checkpointing import load_checkpoint
-from bptt.config import parse_config
-from bptt.training import train
+from bptt.ray_jobs.trial import CHECKPOINT_FILE
 
-CHECKPOINT_FILE = "checkpoint.ckpt"
+if TYPE_CHECKING:
+    from bptt.ray_jobs.trial import WorkerJob
 
 
-def train_worker(loop: dict[str, Any]) -> None:
+def run_worker(job: WorkerJob) -> None:
     """One Ray Train worker: ``bptt fit`` of the trial's config on this rank's streams, resumed from
     Train's latest checkpoint after a worker failure, else from Tune's (PBT exploit, trial retry)."""
     import ray.train
@@ -30,23 +29,27 @@ def train_worker(loop: dict[str, Any]) -> None:
         prepare_trainer,
     )
 
-    if Path(loop["cwd"]).is_dir():  # relative paths in configs mean what they mean to `bptt fit` there
-        os.chdir(loop["cwd"])
+    from bptt.checkpointing import load_checkpoint
+    from bptt.config import parse_config
+    from bptt.training import train
+
+    if Path(job.cwd).is_dir():  # relative paths in configs mean what they mean to `bptt fit` there
+        os.chdir(job.cwd)
     context = ray.train.get_context()
     root = Path(tempfile.gettempdir()) / "bptt-trials" / context.get_experiment_name() / f"rank{context.get_world_rank()}"
     # the sweep driver checked these arguments against the allow-list, or was told to trust them
-    cfg = parse_config([*loop["args"], "--trainer.default_root_dir", str(root)], trusted=loop["trusted"])
+    cfg = parse_config([*job.args, "--trainer.default_root_dir", str(root)], trusted=job.trusted)
     placement = {"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()], "devices": "auto",
-                 "accelerator": "gpu" if loop["use_gpu"] else "cpu", "num_nodes": 1}
-    start = ray.train.get_checkpoint() or loop["start"]
+                 "accelerator": "gpu" if job.use_gpu else "cpu", "num_nodes": 1}
+    start = ray.train.get_checkpoint() or job.start
     try:
         with start.as_directory() if start is not None else nullcontext(None) as directory:
             checkpoint = None
             if directory is not None:
                 path = Path(directory) / CHECKPOINT_FILE
                 checkpoint = (path, load_checkpoint(path))
-            train(cfg, callbacks=[ReportToRay()], checkpoint=checkpoint, run_id=loop["run_id"], placement=placement,
-                  prepare=prepare_trainer)
+            train(cfg, callbacks=[ReportToRay()], checkpoint=checkpoint, run_id=job.run_id, placement=placement,
+                  prepare=prepare_trainer, trusted=job.trusted)  # the checkpoint's config is the trial's own
     finally:  # config, vocabulary, curves and CSV logs: all of it is in MLflow by now
         shutil.rmtree(root, ignore_errors=True)
 

@@ -16,7 +16,7 @@ import torch
 
 from bptt.cli import main
 from bptt.datamodules import SpeechDataModule, TextStreamDataModule
-from bptt.datamodules.corpora import CorpusError
+from bptt.datamodules.sources import CorpusError
 from bptt.errors import ConfigError
 from tests.bptt_command import SMALL
 from tests.conftest import PROJECT

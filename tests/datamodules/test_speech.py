@@ -17,7 +17,7 @@ import torch
 from bptt.cli import main
 from bptt.datamodules import SpeechDataModule
 from bptt.datamodules.audio import LogMel, mel_centres, num_frames
-from bptt.datamodules.corpora import CorpusError
+from bptt.datamodules.sources import CorpusError
 from bptt.datamodules.speech_corpora import compose_fsdd, fsdd_recordings, fsdd_split
 from bptt.datamodules.utterance_batches import evaluation_batches, training_batches
 from bptt.errors import ConfigError

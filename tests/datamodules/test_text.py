@@ -12,7 +12,8 @@ import torch
 
 from bptt.cli import main
 from bptt.datamodules import TextStreamDataModule
-from bptt.datamodules.corpora import CorpusError, load_corpus
+from bptt.datamodules.corpora import load_corpus
+from bptt.datamodules.sources import CorpusError
 from bptt.datamodules.streams import stream_layout
 from bptt.datamodules.vocabulary import EOS, UNK
 from bptt.errors import ConfigError

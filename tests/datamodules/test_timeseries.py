@@ -16,7 +16,7 @@ import torch
 
 from bptt.cli import main
 from bptt.datamodules import TimeSeriesDataModule
-from bptt.datamodules.corpora import CorpusError
+from bptt.datamodules.sources import CorpusError
 from bptt.errors import BpttError, ConfigError
 
 CO2_TRAIN_END, CO2_VAL_END, CO2_LENGTH = 1598, 1941, 2284  # floor(2284 * 0.7), floor(2284 * 0.85)
@@ -232,7 +232,7 @@ def test_resume_from_the_saved_position_gives_the_remaining_batches():
     resumed.load_state_dict(state)
     resumed.setup("fit")
     rest = _windows(resumed, "train")
-    assert len(resumed._windows["train"]) == len(full) and len(rest) == len(full) - 5
+    assert len(resumed._readers["train"].batches) == len(full) and len(rest) == len(full) - 5
     assert all(torch.equal(a["inputs"], b["inputs"]) and torch.equal(a["targets"], b["targets"])
                for a, b in zip(rest, full[5:]))
     assert [w["window"] for w in _windows(resumed, "train")] == list(range(len(full)))  # then a whole epoch
@@ -241,7 +241,7 @@ def test_resume_from_the_saved_position_gives_the_remaining_batches():
 def test_the_epoch_advances_when_lightning_stops_after_len_windows():
     dm = TimeSeriesDataModule(source="statsmodels:co2", batch_size=4, bptt=100)
     dm.setup("fit")
-    windows = dm._windows["train"]
+    windows = dm._readers["train"].batches
     for epoch in range(3):  # Lightning takes len() items and drops the generator unexhausted
         taken = list(itertools.islice(iter(windows), len(windows)))
         assert [(w["epoch"], w["window"]) for w in taken] == [(epoch, i) for i in range(len(windows))]

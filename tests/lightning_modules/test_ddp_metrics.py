@@ -14,8 +14,9 @@ import pytest
 import torch
 from pytorch_lightning.loggers import Logger
 
-from bptt.lightning_modules import CTCSpeechTask, LanguageModelTask, tbptt
-from bptt.lightning_modules.tbptt import TRAIN_LOSS
+from bptt.lightning_modules import CTCSpeechTask, LanguageModelTask
+from bptt.lightning_modules.tbptt import engine
+from bptt.metric_names import TRAIN_LOSS
 from bptt.models import RNNAcousticModel
 from tests.engine_harness import run, sgd, stream_batches, tiny_model
 
@@ -52,7 +53,7 @@ class LocalLoss:
     targets per logged step."""
 
     def on_train_start(self) -> None:
-        tbptt.time = SimpleNamespace(perf_counter=itertools.count(0.0).__next__)  # type: ignore[assignment]
+        engine.time = SimpleNamespace(perf_counter=itertools.count(0.0).__next__)  # type: ignore[assignment]
         self.local = [0.0, 0.0]
         super().on_train_start()
 
@@ -116,7 +117,7 @@ def _logged(directory: Path, rank: int) -> dict[int, dict[str, float]]:
 
 @pytest.mark.parametrize("case", [_lm_case, _ctc_case], ids=["per-step", "per-sequence"])
 def test_two_ddp_processes_log_the_global_training_metrics(case, tmp_path, monkeypatch):
-    monkeypatch.setattr(tbptt, "time", time)  # the parent's run swaps in a fake clock: put it back
+    monkeypatch.setattr(engine, "time", time)  # the parent's run swaps in a fake clock: put it back
     logged = {}
     for devices in (1, 2):
         task, batches, counts = case()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bptt.lightning_modules import LanguageModelTask, NonFiniteLossError
-from bptt.lightning_modules.tbptt import VAL_LOSS
+from bptt.metric_names import VAL_LOSS
 from tests.engine_harness import run, sgd, stream_batches, tiny_model
 
 LR = 0.5
@@ -100,7 +100,7 @@ def test_stream_mode_resets_exactly_the_marked_streams():
     task = LanguageModelTask(model=model, optimizer=sgd(LR))
     run(task, batches)
     _assert_same_parameters(task.model, _window_loop(reference, tokens, 4, resets={2: torch.tensor([False, True, False])}))
-    assert torch.all(task.train_state[0][1] != 0)  # the reset row ran on afterwards
+    assert torch.all(task.carried.start[0][1] != 0)  # the reset row ran on afterwards
 
 
 def _williams_peng(model, tokens, k1, k2, batch_window):
@@ -347,3 +347,25 @@ def test_a_training_step_waits_for_the_gpu_once(precision, waits):
                   accelerator="gpu", plugins=plugins, log_every_n_steps=100)
     assert trainer.global_step == 3 and task.steps_clipped == 3
     assert [len(w) for w in task.waits] == [waits] * 3, task.waits
+
+
+def test_carried_state_checkpoint_gives_each_rank_its_streams():
+    from bptt.lightning_modules.tbptt import CarriedState
+
+    rows = torch.arange(8.0).view(4, 1, 2)  # (B_global, L, H): streams 0-3
+    carried = CarriedState(start=(rows,), history={"inputs": torch.arange(4).view(4, 1)}, end=(rows + 100,))
+    saved = carried.to_checkpoint(lambda t: t.detach().cpu())
+    assert set(saved) == {"train_state", "end_state", "history"}  # the keys checkpoints have always had
+    second = CarriedState.from_checkpoint(saved, rank=1, world_size=2, device=torch.device("cpu"))
+    torch.testing.assert_close(second.start[0], rows[2:])
+    torch.testing.assert_close(second.end[0], rows[2:] + 100)
+    assert second.history["inputs"].flatten().tolist() == [2, 3]
+    empty = CarriedState().to_checkpoint(lambda t: t)
+    assert CarriedState.from_checkpoint(empty, rank=0, world_size=1, device=torch.device("cpu")) == CarriedState()
+
+
+def test_fit_with_a_datamodule_prints_no_warning_about_overridden_hooks():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(LanguageModelTask(model=tiny_model(), optimizer=sgd(LR)), stream_batches(_tokens(length=9), 4))
+    assert not [str(w.message) for w in caught if "overridden" in str(w.message)]

@@ -170,3 +170,20 @@ def test_random_search_is_seeded(tmp_path):
 
     assert draws() == draws()
     assert len({d["task.optimizer.init_args.lr"] for d in draws()}) == 5
+
+
+def test_tunes_own_sampler_starts_no_more_trials_than_may_run_at_once(tmp_path):
+    """Tune applies max_concurrent_trials only to a Searcher; Tune's own sampler gets the limit itself,
+    else every trial starts (RUNNING, its workers waiting for resources) at once."""
+    from ray.tune import register_trainable
+
+    from bptt.ray_jobs.sweep_config import search_algorithm
+
+    spec, _ = load_sweep(_sweep_file(tmp_path, num_samples=4))
+    register_trainable("noop", lambda config: None)
+    generator = search_algorithm(spec, max_concurrent=2)
+    generator.add_configurations({"trial": {"run": "noop", "config": tune_space(spec.space), "num_samples": 4}})
+    started = [generator.next_trial() for _ in range(4)]
+    assert [t is not None for t in started] == [True, True, False, False]
+    generator.on_trial_complete(started[0].trial_id)
+    assert generator.next_trial() is not None  # a finished trial frees its place

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bptt.lightning_modules.checkpointed_ctc import checkpointed_ctc_loss
+from bptt.losses.checkpointed_ctc import checkpointed_ctc_loss
 
 
 def _case(frames: int, seed: int):

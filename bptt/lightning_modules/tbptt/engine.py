@@ -1,0 +1,428 @@
+"""``TBPTTModule``: what every task shares, whatever its loss: the optimizer step with its one
+all-reduce and its one host wait, the non-finite guard, clipping, schedulers, the logged
+metrics, and the carried state with its checkpoint format.
+
+One optimizer step, as ``StepLossModule`` and ``SequenceLossModule`` run it::
+
+    forward (the subclass)  ->  totals = _sum_over_ranks(...)        one all-reduce, on the device
+                            ->  backward of loss * totals.loss_factor  (the subclass)
+                            ->  _optimizer_step(totals, ...)          one host read: skip, clip, step
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torchmetrics import MeanMetric
+
+from bptt import private_api
+from bptt.errors import BpttError, ConfigError
+from bptt.metric_names import (CLIP_FRACTION, GRAD_NORM, SKIPPED_STEPS, TEST, TOKENS_PER_SEC, TRAIN, TRAIN_LOSS, VAL,
+                               metric)
+from bptt.models.cores import State
+from bptt.sharding import shard
+
+
+class NonFiniteLossError(BpttError, RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+def detach(state: State | None) -> State | None:
+    return None if state is None else tuple(s.detach() for s in state)
+
+
+def zero_rows(state: State | None, rows: Tensor) -> State | None:
+    """``state`` with the rows where ``rows`` (B,) is true set to zeros, on the device: no host wait."""
+    if state is None:
+        return None
+    return tuple(torch.where(rows.to(s.device).view(-1, *([1] * (s.dim() - 1))), torch.zeros_like(s), s) for s in state)
+
+
+@dataclass
+class CarriedState:
+    """What stream mode carries from one batch to the next; every tensor is (B, ...), detached.
+
+    Attributes:
+        start: the state where ``history`` starts (where the next new steps start when there is
+            no history); None: zeros.
+        history: the last k2 - k1 steps of input ({time key: (B, k2 - k1, ...)}), replayed without
+            loss in front of the next new steps; None when k1 = k2.
+        end: the state after the last step (where evaluation or the next stream window goes on).
+    """
+
+    start: State | None = None
+    history: dict[str, Tensor] | None = None
+    end: State | None = None
+
+    def to_checkpoint(self, gather_rows: Callable[[Tensor], Tensor]) -> dict[str, Any]:
+        """The checkpoint's form, every rank's rows in global stream order on the CPU
+        (``gather_rows``: (B_local, ...) -> (B_global, ...)), under the keys checkpoints have always used."""
+        def gather(state: State | None) -> list[Tensor] | None:
+            return None if state is None else [gather_rows(s) for s in state]
+
+        history = None if self.history is None else {k: gather_rows(v) for k, v in self.history.items()}
+        return {"train_state": gather(self.start), "end_state": gather(self.end), "history": history}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any], rank: int, world_size: int, device: torch.device) -> CarriedState:
+        """This rank's rows (``bptt.sharding.shard``) of a checkpoint's carried state; the world
+        size may differ from the one that saved it."""
+        def mine(rows: Tensor) -> Tensor:
+            return shard(rows, rank, world_size).to(device)
+
+        def state(saved_state: list[Tensor] | None) -> State | None:
+            return None if saved_state is None else tuple(mine(s) for s in saved_state)
+
+        history = saved["history"]
+        return cls(start=state(saved["train_state"]), end=state(saved["end_state"]),
+                   history=None if history is None else {k: mine(v) for k, v in history.items()})
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """A step's sums over all ranks, device scalars from one all-reduce before the backward pass.
+
+    Attributes:
+        loss_sum: the loss summed over every target of every rank.
+        count: the number of those targets.
+        nonfinite: > 0 when some rank's loss (or carried state) was not finite.
+        loss_factor: what the backward pass multiplies this rank's loss sum by: DDP averages
+            gradients over ranks, so world / count makes that the mean over all targets.
+    """
+
+    loss_sum: Tensor
+    count: Tensor
+    nonfinite: Tensor
+    loss_factor: Tensor
+
+
+@dataclass(frozen=True)
+class GradientSize:
+    """The gradients after the backward pass, read by the host once; it decides skip and clip.
+
+    Attributes:
+        norm: global 2-norm of the unscaled gradients (NaN or Inf when any gradient is).
+        largest: largest absolute unscaled gradient (only computed for value clipping, else 0).
+        nonfinite_loss: some rank's loss was not finite.
+        scale: the mixed-precision loss scale the gradients still carry (1 without a scaler).
+        norm_on_device: ``norm`` as a device scalar, to clip without a host-to-device copy.
+    """
+
+    norm: float
+    largest: float
+    nonfinite_loss: bool
+    scale: float
+    norm_on_device: Tensor
+
+
+class TBPTTModule(pl.LightningModule):
+    """Base class of every task: manual optimization, one optimizer step per window.
+
+    Subclass ``StepLossModule`` or ``SequenceLossModule``, not this.
+
+    Args:
+        optimizer: builds the optimizer from the parameters (``class_path`` + ``init_args``
+            of a ``torch.optim.Optimizer``).
+        lr_scheduler: optional; builds an LR scheduler from the optimizer.
+            ``ReduceLROnPlateau`` steps on ``val/loss`` after every validation.
+        lr_scheduler_interval: step other schedulers every optimizer ``step`` or every ``epoch``.
+        k1: new time steps per optimizer step; None: one step per batch (stream mode)
+            or per whole sequence (split mode).
+        k2: time steps the gradient flows back, k2 >= k1; None: k2 = k1.
+        grad_clip: clip gradients at this norm or value; None: no clipping.
+        grad_clip_algorithm: ``norm`` (global 2-norm) or ``value``.
+        max_consecutive_nonfinite: stop training with an error after this many
+            consecutive steps skipped for a NaN/Inf loss or gradient.
+    """
+
+    time_keys: tuple[str, ...] = ("inputs", "targets", "mask")
+
+    def __init__(
+        self,
+        *,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["step", "epoch"] = "step",
+        k1: int | None = None,
+        k2: int | None = None,
+        grad_clip: float | None = None,
+        grad_clip_algorithm: Literal["norm", "value"] = "norm",
+        max_consecutive_nonfinite: int = 10,
+    ) -> None:
+        super().__init__()
+        if k2 is not None and k1 is None:
+            raise ConfigError(f"task.k2={k2} needs task.k1 (the steps between optimizer steps); set task.k1 <= {k2}")
+        if k1 is not None and k1 < 1:
+            raise ConfigError(f"task.k1 must be >= 1, got {k1}")
+        if k1 is not None and k2 is not None and k1 > k2:
+            raise ConfigError(
+                f"task.k1={k1} > task.k2={k2}: the gradient must flow back at least as many steps as each "
+                "optimizer step adds (TBPTT(k1, k2) needs k1 <= k2); lower k1 or raise k2"
+            )
+        if grad_clip is not None and grad_clip <= 0:
+            raise ConfigError(f"task.grad_clip must be > 0 or null, got {grad_clip}")
+        self.automatic_optimization = False
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.k1 = k1
+        self.k2 = k2 if k2 is not None else k1
+        self.grad_clip = grad_clip
+        self.grad_clip_algorithm = grad_clip_algorithm
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.carried = CarriedState()  # training streams, across batches (stream mode)
+        self.eval_state: State | None = None  # evaluation streams, across batches (stream mode)
+        self._restored: dict[str, Any] | None = None  # a checkpoint's carried state, until on_train_start
+        # counters behind the logged fractions
+        self.steps_taken = 0
+        self.steps_clipped = 0
+        self.steps_skipped = 0
+        self.consecutive_skipped = 0
+        self.last_grad_norm = 0.0  # of the latest step taken (unscaled)
+        self._last_log_time: float | None = None
+        self._tokens_since_log = 0.0
+
+    # ---- what a loss kind supplies ----------------------------------------------------------
+    def evaluate_batch(self, batch: dict[str, Any], metric: MeanMetric) -> Tensor | None:
+        """Add a batch's loss to ``metric``, weighted by its target count."""
+        raise NotImplementedError
+
+    def derived_metrics(self, split: str, loss: Tensor) -> dict[str, Tensor]:
+        """Metrics computed from a split's mean loss (e.g. perplexity); logged beside ``{split}/loss``."""
+        return {}
+
+    # ---- windows ------------------------------------------------------------------------------
+    def _slice(self, batch: dict[str, Any], start: int, end: int) -> dict[str, Tensor]:
+        """The batch's time-indexed entries from step ``start`` to ``end``, each (B, end - start, ...)."""
+        return {k: batch[k][:, start:end] for k in self.time_keys if k in batch}
+
+    def _windows(self, batch: dict[str, Any], size: int | None) -> list[dict[str, Tensor]]:
+        """The batch cut into consecutive windows of ``size`` steps (the last may be shorter); None: one."""
+        length = batch[self.time_keys[0]].shape[1]
+        size = size or length
+        return [self._slice(batch, start, min(start + size, length)) for start in range(0, length, size)]
+
+    # ---- optimizers -------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+
+    def _scheduler(self) -> Any:
+        schedulers = self.lr_schedulers()
+        return schedulers[0] if isinstance(schedulers, list) else schedulers
+
+    def _scaler(self) -> torch.amp.GradScaler | None:
+        """The fp16 loss scaler of Lightning's mixed-precision plugin, if enabled."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def _loss_scale(self, device: torch.device) -> Tensor:
+        """The fp16 loss scale as a device scalar (1 without a scaler), read without waiting for the device."""
+        one = torch.ones((), device=device)
+        scaler = self._scaler()
+        return one if scaler is None else scaler.scale(one)  # scale() multiplies on the device; get_scale() would wait
+
+    # ---- one optimizer step -------------------------------------------------------------------
+    def _sum_over_ranks(self, loss_sum: Tensor, count: Tensor, row_bad: Tensor) -> StepTotals:
+        """Sum (loss sum, target count, non-finite flag) over the ranks in one all-reduce, enqueued on the
+        device like any kernel (``strategy.reduce`` would add a barrier: a host wait under NCCL).
+
+        Args:
+            loss_sum: this rank's loss sum (device scalar).
+            count: this rank's number of targets in the loss (device scalar, float).
+            row_bad: (B,) this rank's rows whose loss (or state) is not finite.
+        """
+        world = self.trainer.world_size
+        totals = torch.stack([loss_sum.detach().to(count.dtype), count, row_bad.any().to(count.dtype)])  # (3,)
+        if world > 1:
+            torch.distributed.all_reduce(totals)
+        global_loss, global_count, nonfinite = totals.unbind()
+        return StepTotals(global_loss, global_count, nonfinite, world / global_count.clamp(min=1.0))
+
+    def _optimizer_step(self, totals: StepTotals, row_bad: Tensor, loss_sum: Tensor) -> bool:
+        """After the backward pass: one optimizer step, unless some rank saw a non-finite value.
+
+        The host waits for the device once per step, here (``_gradient_size``), for the gradient
+        norm and whether any rank's loss was non-finite; the backward pass ran either way (a
+        skipped step discards its gradients), so a GPU is never idle while Python decides.
+
+        Args:
+            totals: the step's sums over all ranks.
+            row_bad: (B,) this rank's rows whose loss (or state) is not finite, for the error message.
+            loss_sum: this rank's loss sum, for the error message.
+
+        Returns:
+            whether the step was taken: False when skipped for a non-finite loss on some rank.
+        """
+        opt = self.optimizers()
+        size = self._gradient_size(totals.nonfinite)
+        if size.nonfinite_loss:
+            here = bool(row_bad.any())
+            self._skip_step(opt, f"loss is {loss_sum.item()}" if here else "a non-finite loss on another rank")
+            return False
+        if not (math.isfinite(size.norm) and math.isfinite(size.largest)):
+            if self._scaler() is not None:  # fp16 overflow: the scaler skips the step and lowers its scale
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                self.steps_skipped += 1
+            else:
+                self._skip_step(opt, f"gradient norm is {size.norm}")
+            return True
+        self.consecutive_skipped = 0
+        self.last_grad_norm = size.norm
+        self.steps_clipped += int(self._clip(size))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.steps_taken += 1
+        if self.lr_scheduler_factory is not None and self.lr_scheduler_interval == "step":
+            scheduler = self._scheduler()
+            if not isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step()
+        return True
+
+    def _gradient_size(self, nonfinite: Tensor) -> GradientSize:
+        """The gradients' size and the non-finite flag, read from the device at once: the step's one host wait."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        device = nonfinite.device
+        zero = torch.zeros((), device=device)
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0).to(device) if grads else zero
+        largest = zero
+        if grads and self.grad_clip is not None and self.grad_clip_algorithm == "value":
+            largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf).to(device)
+        dtype = torch.promote_types(norm.dtype, torch.float32)  # float64 runs clip in float64
+        values = torch.stack([v.to(device, dtype) for v in (norm, largest, nonfinite, self._loss_scale(device))])
+        norm_on_device = values[0] / values[3]
+        norm_, largest_, nonfinite_, scale = values.tolist()
+        return GradientSize(norm_ / scale, largest_ / scale, nonfinite_ > 0, scale, norm_on_device)
+
+    def _clip(self, size: GradientSize) -> bool:
+        """Clip the gradients if they exceed ``grad_clip``, before the optimizer step; returns whether it did.
+
+        The gradients may still carry the fp16 loss scale (Lightning unscales them inside the
+        optimizer step): clipping scaled gradients to ``grad_clip`` times the scale, a power of
+        two, is clipping the unscaled ones to ``grad_clip``.
+        """
+        if self.grad_clip is None:
+            return False
+        params = [p for p in self.parameters() if p.grad is not None]
+        if self.grad_clip_algorithm == "value":
+            if size.largest <= self.grad_clip:
+                return False
+            torch.nn.utils.clip_grad_value_(params, self.grad_clip * size.scale)
+            return True
+        if size.norm <= self.grad_clip:  # only steps over the limit: clipping the others would multiply by 1
+            return False
+        # multiplies by grad_clip / (unscaled norm): the norm is not computed a second time (2% of a word-LM step)
+        torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, size.norm_on_device)
+        return True
+
+    def _skip_step(self, opt: Any, reason: str) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.steps_skipped += 1
+        self.consecutive_skipped += 1
+        if self.consecutive_skipped >= self.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.consecutive_skipped} consecutive steps skipped for non-finite values (last: {reason}); "
+                "lower the learning rate, set task.grad_clip, or use precision 32"
+            )
+
+    def on_train_epoch_end(self) -> None:
+        if self.lr_scheduler_factory is not None and self.lr_scheduler_interval == "epoch":
+            scheduler = self._scheduler()
+            if not isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step()
+
+    # ---- training metrics -------------------------------------------------------------------
+    def _log_train(self, loss_sum: Tensor, count: Tensor) -> None:
+        """Log a batch's training metrics from its loss sum and target count over all ranks (device
+        scalars): every rank logs the same, global values. The gradient norm and the clip and skip
+        counters are global already: DDP averaged the gradients before the engine read their norm."""
+        loss = loss_sum / count.clamp(min=1.0)
+        self.log(TRAIN_LOSS, loss, on_step=True, on_epoch=False, prog_bar=True)  # the progress bar shows it
+        self._tokens_since_log += count
+        # Lightning keeps step values only every trainer.log_every_n_steps; a self.log costs ~1 ms
+        if not private_api.logs_this_step(self.trainer):
+            return
+        now = time.perf_counter()
+        if self._last_log_time is not None:
+            self.log(TOKENS_PER_SEC, self._tokens_since_log / max(now - self._last_log_time, 1e-9),
+                     on_step=True, on_epoch=False)
+        self._last_log_time, self._tokens_since_log = now, 0.0
+        for name, value in self.derived_metrics(TRAIN, loss).items():
+            self.log(name, value, on_step=True, on_epoch=False)
+        attempted = max(self.steps_taken + self.steps_skipped, 1)
+        self.log(GRAD_NORM, self.last_grad_norm, on_step=True, on_epoch=False)
+        self.log(CLIP_FRACTION, self.steps_clipped / attempted, on_step=True, on_epoch=False)
+        self.log(SKIPPED_STEPS, float(self.steps_skipped), on_step=True, on_epoch=False)
+
+    # ---- checkpoints: the carried state keyed by global stream index -----------------------
+    def _gather_rows(self, tensor: Tensor) -> Tensor:
+        """(B_local, ...) on every rank -> (B_global, ...) in global stream order, on the CPU."""
+        if self.trainer.world_size == 1:
+            return tensor.detach().cpu()
+        return self.all_gather(tensor.detach()).flatten(0, 1).cpu()  # (W, B_local, ...) -> (B_global, ...)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tbptt"] = {
+            **self.carried.to_checkpoint(self._gather_rows),
+            "counters": [self.steps_taken, self.steps_clipped, self.steps_skipped, self.consecutive_skipped],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored = checkpoint.get("tbptt")
+        if self._restored is not None:
+            counters = self._restored["counters"]
+            self.steps_taken, self.steps_clipped, self.steps_skipped, self.consecutive_skipped = counters
+
+    def on_train_start(self) -> None:
+        """Start the throughput clock; after a resume, take this rank's rows of the saved streams."""
+        self._last_log_time, self._tokens_since_log = time.perf_counter(), 0.0
+        saved, self._restored = self._restored, None
+        if saved is not None:
+            self.carried = CarriedState.from_checkpoint(saved, self.trainer.global_rank, self.trainer.world_size,
+                                                        self.device)
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.eval_state = None
+
+    def on_test_epoch_start(self) -> None:
+        self.eval_state = None
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluate_batch(batch, self.val_loss)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluate_batch(batch, self.test_loss)
+
+    def _log_eval(self, split: str, loss_metric: MeanMetric) -> Tensor:
+        loss = loss_metric.compute()  # weighted by target counts, reduced over ranks
+        loss_metric.reset()
+        self.log(metric(split, "loss"), loss, prog_bar=True)
+        for name, value in self.derived_metrics(split, loss).items():
+            self.log(name, value)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self._log_eval(VAL, self.val_loss)
+        if self.lr_scheduler_factory is not None and not self.trainer.sanity_checking:
+            scheduler = self._scheduler()
+            if isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step(loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval(TEST, self.test_loss)
