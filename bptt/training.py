@@ -468,7 +468,7 @@ def diagnose(target: str, overrides: list[str], *, probe_steps: int, warmup_step
     init.data.prepare_data()
     init.data.setup("fit")
     if hasattr(init.task, "use_data"):
-        init.task.use_data(init.data)
+        init.task.use_data(init.data.forecast_data())
     curve = measure(init.task, iter(init.data.train_dataloader()), probe_steps=probe_steps,
                     warmup_steps=warmup_steps, probes=probes)
     if out is not None:

@@ -20,6 +20,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +50,23 @@ SKIP_REASONS = ("unreadable audio", "empty transcript", "characters outside the 
 FEATURE_VERSION = 1  # bump when the features of the same audio and settings change
 STD_FLOOR = 1e-2  # a bin that never varies in train must not blow up later inputs
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeechData:
+    """What a speech task needs from its data, handed over once (``CTCSpeechTask.use_data``).
+
+    Args:
+        tokens: the token string; token i has id i + 1 (0 is the CTC blank).
+        num_features: F, features per frame.
+    """
+
+    tokens: str
+    num_features: int
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids; blanks (0) and ids out of range are dropped, repeats are kept."""
+        return "".join(self.tokens[i - 1] for i in ids if 1 <= i <= len(self.tokens))
 
 
 def normalize_transcript(text: str, tokens: Literal["digits", "chars"]) -> str:
@@ -203,7 +221,11 @@ class SpeechDataModule(ResumableDataModule):
 
     def decode(self, ids: list[int]) -> str:
         """The text of token ids; blanks (0) and ids out of range are dropped, repeats are kept."""
-        return "".join(self.tokens[i - 1] for i in ids if 1 <= i <= len(self.tokens))
+        return self.speech_data().decode(ids)
+
+    def speech_data(self) -> SpeechData:
+        """What ``CTCSpeechTask`` needs: tokens and features per frame (both set by the config; nothing is read)."""
+        return SpeechData(tokens=self.tokens, num_features=self.num_features)
 
     # ------------------------------------------------------------ features and cache
 

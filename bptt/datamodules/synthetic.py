@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from bptt.datamodules.resumable import BatchOrder, ResumableDataModule, SplitReader
 from bptt.datamodules.sources import SPLITS
+from bptt.datamodules.timeseries import ForecastData
 from bptt.errors import ConfigError
 from bptt.sharding import shard
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default: a zero loss
@@ -209,12 +210,12 @@ class AddingProblemDataModule(_SyntheticSequences):
         marker   0 ...... 1  ...........................   1  ......... 0 or 1 (p2 may be the last)
         target                                                          v[p1] + v[p2]  (counted only here)
 
-    Batches (the ``TimeSeriesDataModule`` contract, one series per sequence): ``inputs``
-    (B, T, 2) float32 (value, marker), ``targets`` (B, T, 1, 1) float32 (the sum at the last
-    step, 0 elsewhere), ``target_mask`` (B, T, 1, 1) and ``mask`` (B, T) bool (true only at
-    the last step), ``positions`` (B, T) int64 (0..T-1). The sum is not an input column, so
-    ``task.residual`` must be false; values are not normalized (mean 0, std 1) and the MASE
-    scale is 1, so ``MASE`` = ``MAE``.
+    Batches (as ``TimeSeriesDataModule``'s, one series per sequence): ``inputs`` (B, T, 2)
+    float32 (value, marker), ``targets`` (B, T, 1, 1) float32 (the sum at the last step, 0
+    elsewhere), ``target_mask`` (B, T, 1, 1) and ``mask`` (B, T) bool (true only at the last
+    step), ``positions`` (B, T) int64 (0..T-1). ``forecast_data`` describes them to the task.
+    The sum is not an input column, so ``task.residual`` must be false; values are not
+    normalized (mean 0, std 1) and the MASE scale is 1, so ``MASE`` = ``MAE``.
 
     Args:
         length: T, steps per sequence.
@@ -225,9 +226,6 @@ class AddingProblemDataModule(_SyntheticSequences):
         seed: of the sequences (each split its own stream) and the training order.
     """
 
-    num_inputs, num_targets, horizon = 2, 1, 1
-    input_names, target_names = ["value", "marker"], ["sum"]
-
     def __init__(self, *, length: int = 50, lag: int = 40, train_size: int = 20000, validation_size: int = 1000,
                  test_size: int = 1000, batch_size: int = 64, eval_batch_size: int = 500, seed: int = 0) -> None:
         super().__init__(train_size=train_size, validation_size=validation_size, test_size=test_size,
@@ -237,29 +235,17 @@ class AddingProblemDataModule(_SyntheticSequences):
         self.length = length
         self.lag = lag
 
-    @property
-    def target_mean(self) -> Tensor:
-        """(1,) zero: targets are not normalized."""
-        return torch.zeros(1)
-
-    @property
-    def target_std(self) -> Tensor:
-        """(1,) one: targets are not normalized."""
-        return torch.ones(1)
-
-    @property
-    def mase_scale(self) -> Tensor:
-        """(1,) one, so that MASE is the MAE."""
-        return torch.ones(1)
+    def forecast_data(self) -> ForecastData:
+        """Inputs value and marker, target the sum, one step ahead; not normalized (mean 0, std 1),
+        MASE scale 1; timestamps 0..T (the forecast plot reads position + 1)."""
+        return ForecastData(input_names=("value", "marker"), target_names=("sum",), horizon=1,
+                            target_mean=torch.zeros(1), target_std=torch.ones(1), mase_scale=torch.ones(1),
+                            timestamps=np.arange(self.length + 1))
 
     @property
     def baseline_loss(self) -> float:
         """1/6: the squared error of always answering 1.0, the variance of a sum of two U(0, 1)."""
         return 1 / 6
-
-    def timestamps(self, series: int) -> np.ndarray:
-        """(T + 1,) 0..T: ``positions`` index into them (the forecast plot reads position + 1)."""
-        return np.arange(self.length + 1)
 
     def generate(self, rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
         length, rows = self.length, np.arange(count)

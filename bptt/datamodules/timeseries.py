@@ -33,6 +33,7 @@ mean) and no gap is ever a target.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +48,40 @@ from bptt.datamodules.sources import CorpusError
 from bptt.datamodules.streams import StreamWindows
 from bptt.errors import ConfigError
 from bptt.sharding import shard
+
+
+@dataclass(frozen=True, eq=False)
+class ForecastData:
+    """What a forecasting task needs from its data, handed over once (``ForecastTask.use_data``).
+
+    Args:
+        input_names: the input columns, C_in, in the order of the inputs' last dim.
+        target_names: the target columns, C_out, in the order of the targets' last dim.
+        horizon: H, the steps ahead each step forecasts.
+        target_mean: (C_out,) the train mean of each target column; original = normalized * std + mean.
+        target_std: (C_out,) the train std of each target column.
+        mase_scale: (C_out,) the mean |y_t - y_(t - season)| over observed train pairs, in original units.
+        timestamps: (N_0,) the timestamps of series 0 (row 0 of the evaluation streams), which its
+            ``positions`` index.
+    """
+
+    input_names: tuple[str, ...]
+    target_names: tuple[str, ...]
+    horizon: int
+    target_mean: Tensor
+    target_std: Tensor
+    mase_scale: Tensor
+    timestamps: np.ndarray
+
+    @property
+    def num_inputs(self) -> int:
+        """C_in."""
+        return len(self.input_names)
+
+    @property
+    def num_targets(self) -> int:
+        """C_out."""
+        return len(self.target_names)
 
 
 def fill_gaps(values: np.ndarray, times: np.ndarray, gaps: Literal["interpolate", "mask"],
@@ -222,7 +257,7 @@ class TimeSeriesDataModule(ResumableDataModule):
                  for v, (end, _, _) in zip(self.table.values, self.bounds)]
         pairs = np.concatenate(diffs)
         counts = (~np.isnan(pairs)).sum(axis=0)
-        for name, count in zip(self.target_names, counts):
+        for name, count in zip(self._target_names(), counts):
             if count == 0:
                 raise CorpusError(f"target column {name!r} has no two observed train values data.season="
                                   f"{self.season} steps apart, so the MASE scale is undefined; lower data.season")
@@ -240,30 +275,15 @@ class TimeSeriesDataModule(ResumableDataModule):
 
     # ------------------------------------------------------------ public API
 
-    @property
-    def num_inputs(self) -> int:
-        """C_in, the value columns."""
+    def forecast_data(self) -> ForecastData:
+        """What ``ForecastTask`` needs from the series; loads them first."""
         self.load()
         assert self.table is not None
-        return len(self.table.columns)
+        return ForecastData(input_names=tuple(self.table.columns), target_names=tuple(self._target_names()),
+                            horizon=self.horizon, target_mean=self.target_mean, target_std=self.target_std,
+                            mase_scale=self.mase_scale, timestamps=self.table.timestamps[0])
 
-    @property
-    def num_targets(self) -> int:
-        """C_out, the target columns."""
-        self.load()
-        return len(self._targets)
-
-    @property
-    def input_names(self) -> list[str]:
-        """The value columns, in the order of the inputs' last dim."""
-        self.load()
-        assert self.table is not None
-        return list(self.table.columns)
-
-    @property
-    def target_names(self) -> list[str]:
-        """The target columns, in the order of the targets' last dim."""
-        self.load()
+    def _target_names(self) -> list[str]:
         assert self.table is not None
         return [self.table.columns[i] for i in self._targets]
 
@@ -299,12 +319,6 @@ class TimeSeriesDataModule(ResumableDataModule):
         assert self.table is not None
         return self.table.gap_counts()
 
-    def timestamps(self, series: int) -> np.ndarray:
-        """(N_s,) the timestamps of a series after reindexing; ``positions`` index into them."""
-        self.load()
-        assert self.table is not None
-        return self.table.timestamps[series]
-
     def split_starts(self) -> dict[str, list[int]]:
         """Per split, the step where its range starts in each series."""
         self.load()
@@ -326,10 +340,10 @@ class TimeSeriesDataModule(ResumableDataModule):
         report = {
             "source": self.table.origin,
             "columns": {c: {"mean": float(m), "std": float(s)} for c, m, s in zip(self.table.columns, self.mean, self.std)},
-            "targets": self.target_names,
+            "targets": self._target_names(),
             "horizon": self.horizon,
             "season": self.season,
-            "mase_scale": dict(zip(self.target_names, map(float, self.scale))),
+            "mase_scale": dict(zip(self._target_names(), map(float, self.scale))),
             "gaps": self.gaps,
             "splits": splits,
             "gap_counts": self.table.gap_counts(),
@@ -365,7 +379,8 @@ class TimeSeriesDataModule(ResumableDataModule):
             ``inputs`` (B, L, C_in), ``targets`` (B, L, H, C_out), ``target_mask`` (B, L, H, C_out),
             ``mask`` (B, L) (any target counts) and ``positions`` (B, L), -1 on padding.
         """
-        batch, horizon, c_in, c_out = len(rows), self.horizon, self.num_inputs, self.num_targets
+        assert self.table is not None
+        batch, horizon, c_in, c_out = len(rows), self.horizon, len(self.table.columns), len(self._targets)
         inputs = np.zeros((batch, length, c_in), np.float32)
         targets = np.zeros((batch, length, horizon, c_out), np.float32)
         target_mask = np.zeros((batch, length, horizon, c_out), bool)

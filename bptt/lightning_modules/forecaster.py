@@ -15,6 +15,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError
 
+from bptt.datamodules.timeseries import ForecastData
 from bptt.errors import ConfigError
 from bptt.lightning_modules.tbptt import State, StepLossModule
 from bptt.metric_names import metric
@@ -58,6 +59,7 @@ class ForecastTask(StepLossModule):
         self.residual = residual
         self.test_after_fit = test_after_fit
         self.target_inputs: list[int] = []  # the input column of each target column, for residual forecasts
+        self.forecast_data: ForecastData | None = None  # from use_data
         self.metrics = nn.ModuleDict({
             split: nn.ModuleDict({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False), "mase": MeanMetric()})
             for split in ("val", "test")
@@ -65,10 +67,11 @@ class ForecastTask(StepLossModule):
         self._test_curve: list[tuple[Tensor, Tensor, Tensor]] = []  # (positions, forecast, actual) of series 0
 
     def setup(self, stage: str) -> None:
-        self.use_data(self.trainer.datamodule)
+        self.use_data(self.trainer.datamodule.forecast_data())
 
-    def use_data(self, data: Any) -> None:
-        """Check the model against the DataModule's columns and horizon; find the residual's input columns."""
+    def use_data(self, data: ForecastData) -> None:
+        """Keep what the data describes for the metrics and the plot; check the model against its
+        columns and horizon; find the residual's input columns."""
         horizon = 1 if self.horizon_mode == "recursive" else data.horizon
         expected = {"num_inputs": data.num_inputs, "num_targets": data.num_targets, "horizon": horizon}
         for name, value in expected.items():
@@ -84,6 +87,7 @@ class ForecastTask(StepLossModule):
                 raise ConfigError(f"task.residual adds the last input value, but target columns {missing} are not "
                                   "inputs; add them to data.value_columns or set task.residual: false")
             self.target_inputs = [list(data.input_names).index(name) for name in data.target_names]
+        self.forecast_data = data
 
     def forecast(self, inputs: Tensor, state: State | None) -> tuple[Tensor, State]:
         """The model's forecasts (B, t, H', C_out), plus the last inputs of the targets when residual."""
@@ -122,7 +126,7 @@ class ForecastTask(StepLossModule):
 
     def _update_metrics(self, window: dict[str, Tensor], forecasts: Tensor, targets: Tensor, observed: Tensor) -> None:
         split = "test" if self.trainer.testing else "val"
-        data = self.trainer.datamodule
+        data = self._data()
         mean, std = data.target_mean.to(self.device), data.target_std.to(self.device)  # (C_out,)
         predicted, actual = forecasts * std + mean, targets * std + mean  # (B, t, H, C_out) in the series' units
         chosen = observed.bool()
@@ -137,6 +141,11 @@ class ForecastTask(StepLossModule):
             first = chosen[0, :, 0, 0]  # row 0 of the eval streams is series 0; one step ahead, first target
             self._test_curve.append((window["positions"][0, first].cpu(), predicted[0, first, 0, 0].cpu(),
                                      actual[0, first, 0, 0].cpu()))
+
+    def _data(self) -> ForecastData:
+        if self.forecast_data is None:
+            raise RuntimeError("ForecastTask evaluates in the data's units: call use_data(data.forecast_data()) first")
+        return self.forecast_data
 
     def _log_metrics(self, split: str) -> None:
         for name, quantity in self.metrics[split].items():
@@ -163,9 +172,9 @@ class ForecastTask(StepLossModule):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        data = self.trainer.datamodule
+        data = self._data()
         positions, predicted, actual = (torch.cat(parts).numpy() for parts in zip(*self._test_curve))
-        when = data.timestamps(0)[positions + 1]  # the forecast is for the step after its input
+        when = data.timestamps[positions + 1]  # the forecast is for the step after its input
         fig, ax = plt.subplots(figsize=(10, 4))
         ax.plot(when, actual, label="actual", color="black", linewidth=1)
         ax.plot(when, predicted, label="forecast (1 step ahead)", color="tab:red", linewidth=1)

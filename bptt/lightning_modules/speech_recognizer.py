@@ -15,6 +15,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from torch import Tensor, nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
+from bptt.datamodules.speech import SpeechData
 from bptt.errors import ConfigError
 from bptt.lightning_modules.tbptt import SequenceLossModule, State
 from bptt.losses.checkpointed_ctc import checkpointed_ctc_loss
@@ -95,15 +96,21 @@ class CTCSpeechTask(SequenceLossModule):
         self.val_wer, self.test_wer = WordErrorRate(), WordErrorRate()
         self.skipped = 0
         self._samples: list[tuple[str, str]] = []
+        self.speech_data: SpeechData | None = None  # from use_data; decoding needs it
 
     def setup(self, stage: str) -> None:
-        data = self.trainer.datamodule
-        features = getattr(data, "num_features", None)
-        if features is not None and features != self.model.num_features:
+        describe = getattr(self.trainer.datamodule, "speech_data", None)  # none: training on bare batches
+        if describe is not None:
+            self.use_data(describe())
+
+    def use_data(self, data: SpeechData) -> None:
+        """Check the model's features per frame against the data's; keep the tokens for decoding."""
+        if data.num_features != self.model.num_features:
             raise ConfigError(
-                f"model.num_features={self.model.num_features} but the data has {features} features per frame; "
-                f"set model.init_args.num_features: {features}"
+                f"model.num_features={self.model.num_features} but the data has {data.num_features} features per "
+                f"frame; set model.init_args.num_features: {data.num_features}"
             )
+        self.speech_data = data
 
     def window_outputs(self, window: dict[str, Tensor], state: State | None) -> tuple[Tensor, State]:
         """Args: window with ``inputs`` (B, t, F). Returns: log-probabilities (B, t', V) in >= fp32, new state."""
@@ -131,7 +138,7 @@ class CTCSpeechTask(SequenceLossModule):
 
     # ---- evaluation: loss from the engine, then greedy decoding -------------------------------
     def _decode_batch(self, outputs: Tensor, batch: dict[str, Any], ter: CharErrorRate, wer: WordErrorRate) -> None:
-        data = self.trainer.datamodule
+        data = self._data()
         hypotheses = [data.decode(ids) for ids in greedy_decode(outputs, self.model.output_lengths(batch["input_lengths"]))]
         references = [data.decode(row[:n].tolist()) for row, n in zip(batch["targets"], batch["target_lengths"])]
         ter.update(hypotheses, references)
@@ -139,6 +146,12 @@ class CTCSpeechTask(SequenceLossModule):
             wer.update(hypotheses, references)
         room = self.num_decodings - len(self._samples)
         self._samples += list(zip(references, hypotheses))[: max(room, 0)]
+
+    def _data(self) -> SpeechData:
+        if self.speech_data is None:
+            raise RuntimeError("CTCSpeechTask decodes with the data's tokens: its DataModule needs speech_data(), "
+                               "or call use_data first")
+        return self.speech_data
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._decode_batch(self.evaluate_batch(batch, self.val_loss), batch, self.val_ter, self.val_wer)
@@ -149,7 +162,7 @@ class CTCSpeechTask(SequenceLossModule):
     def _log_error_rates(self, split: str, ter: CharErrorRate, wer: WordErrorRate) -> None:
         self.log(metric(split, "ter"), ter.compute(), prog_bar=True)
         ter.reset()
-        if " " in self.trainer.datamodule.tokens:
+        if " " in self._data().tokens:
             self.log(metric(split, "wer"), wer.compute())
         wer.reset()
 

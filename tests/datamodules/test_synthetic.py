@@ -80,10 +80,11 @@ def test_adding_target_is_the_sum_of_the_two_marked_values_counted_at_the_last_s
     assert torch.equal(batch["mask"], expected_mask) and torch.equal(batch["target_mask"][..., 0, 0], expected_mask)
     assert torch.equal(batch["positions"], torch.arange(20).expand(400, 20)) and batch["positions"].dtype == torch.int64
     # the ForecastTask contract
-    assert (dm.num_inputs, dm.num_targets, dm.horizon) == (2, 1, 1)
-    assert dm.input_names == ["value", "marker"] and dm.target_names == ["sum"]
-    assert dm.target_mean.tolist() == [0.0] and dm.target_std.tolist() == [1.0] and dm.mase_scale.tolist() == [1.0]
-    assert np.array_equal(dm.timestamps(0), np.arange(21))
+    data = dm.forecast_data()
+    assert (data.num_inputs, data.num_targets, data.horizon) == (2, 1, 1)
+    assert data.input_names == ("value", "marker") and data.target_names == ("sum",)
+    assert data.target_mean.tolist() == [0.0] and data.target_std.tolist() == [1.0] and data.mase_scale.tolist() == [1.0]
+    assert np.array_equal(data.timestamps, np.arange(21))
     # the trivial answer 1.0 costs 1/6 in squared error: the variance of the sum of two U(0, 1)
     assert dm.baseline_loss == pytest.approx(1 / 6)
     assert float(((targets[:, -1, 0, 0] - 1.0) ** 2).mean()) == pytest.approx(1 / 6, abs=0.03)

@@ -62,9 +62,11 @@ def test_co2_loads_with_59_gaps_and_no_nan_in_any_batch(co2):
         dm = TimeSeriesDataModule(source="statsmodels:co2", gaps=gaps, batch_size=8, bptt=52, horizon=4)
         dm.setup("fit")
         assert dm.gap_counts == {"co2": 59} and np.isnan(co2).sum() == 59
-        assert dm.input_names == dm.target_names == ["co2"]
-        assert dm.season == 52 and dm.num_inputs == dm.num_targets == 1 and dm.target_names == ["co2"]
-        assert len(dm.timestamps(0)) == CO2_LENGTH and str(dm.timestamps(0)[0])[:10] == "1958-03-29"
+        data = dm.forecast_data()
+        assert data.input_names == data.target_names == ("co2",) and data.horizon == 4
+        assert dm.season == 52 and data.num_inputs == data.num_targets == 1
+        assert len(data.timestamps) == CO2_LENGTH and str(data.timestamps[0])[:10] == "1958-03-29"
+        assert torch.equal(data.target_mean, dm.target_mean) and torch.equal(data.mase_scale, dm.mase_scale)
         for split in ("train", "validation", "test"):
             for w in _windows(dm, split):
                 assert w["inputs"].dtype == w["targets"].dtype == torch.float32
@@ -120,7 +122,7 @@ def test_normalization_from_the_train_range_only_and_saved(tmp_path, co2):
     assert path.name == "normalization.json" and saved["columns"]["co2"]["mean"] == pytest.approx(np.nanmean(train))
     assert saved["season"] == 52 and saved["gap_counts"] == {"co2": 59}
     assert saved["mase_scale"]["co2"] == pytest.approx(dm.mase_scale.item())
-    stamps = dm.timestamps(0)
+    stamps = dm.forecast_data().timestamps
     split = saved["splits"][0]
     assert split["train"] == [str(stamps[0])[:19], str(stamps[CO2_TRAIN_END - 1])[:19]]
     assert split["validation"][0] == str(stamps[CO2_TRAIN_END])[:19] and split["test"][1] == str(stamps[-1])[:19]
@@ -258,10 +260,10 @@ def test_frequency_reindexing_turns_missing_timestamps_into_gaps(tmp_path):
     kwargs = {"source": "daily.csv", "data_dir": str(tmp_path), "timestamp_column": "day", "batch_size": 2, "bptt": 5}
     plain = TimeSeriesDataModule(**kwargs)
     plain.load()
-    assert len(plain.timestamps(0)) == 57 and plain.gap_counts == {"sales": 0}
+    assert len(plain.forecast_data().timestamps) == 57 and plain.gap_counts == {"sales": 0}
     daily = TimeSeriesDataModule(frequency="D", **kwargs)
     daily.setup("fit")
-    assert np.array_equal(daily.timestamps(0), days.to_numpy(dtype="datetime64[ns]"))
+    assert np.array_equal(daily.forecast_data().timestamps, days.to_numpy(dtype="datetime64[ns]"))
     assert daily.gap_counts == {"sales": 3}
     inputs = _original(daily, _joined(_windows(daily, "test"), "inputs")[0, :, 0])
     np.testing.assert_allclose(inputs, np.arange(60.0), atol=1e-4)  # interpolated: sales = day number

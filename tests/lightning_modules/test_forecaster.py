@@ -6,9 +6,11 @@ from __future__ import annotations
 import copy
 import types
 
+import numpy as np
 import pytest
 import torch
 
+from bptt.datamodules.timeseries import ForecastData
 from bptt.errors import ConfigError
 from bptt.lightning_modules import ForecastTask
 from bptt.models import RNNForecaster
@@ -23,14 +25,17 @@ def _model(horizon: int = 2, inputs: int = 2, targets: int = 2) -> RNNForecaster
                          num_layers=2).double()
 
 
+SERIES = ForecastData(input_names=("a", "b"), target_names=("a", "b"), horizon=2,
+                      target_mean=torch.tensor([10.0, -1.0]), target_std=torch.tensor([2.0, 0.5]),
+                      mase_scale=torch.tensor([0.8, 0.2]), timestamps=np.arange(11))
+
+
 class _Data(ListDataModule):
-    """Hand-written batches plus what the task reads from a TimeSeriesDataModule: columns, horizon,
+    """Hand-written batches plus what the task needs from a TimeSeriesDataModule: columns, horizon,
     normalization, MASE scale."""
 
-    num_inputs = num_targets = horizon = 2
-    input_names = target_names = ("a", "b")
-    target_mean, target_std = torch.tensor([10.0, -1.0]), torch.tensor([2.0, 0.5])
-    mase_scale = torch.tensor([0.8, 0.2])
+    def forecast_data(self) -> ForecastData:
+        return SERIES
 
 
 def _batches(horizon: int = 2) -> list[dict[str, torch.Tensor]]:
@@ -92,9 +97,9 @@ def test_recursive_rollout_feeds_each_forecast_back_as_the_next_input():
 
 
 def test_metrics_are_in_the_series_units_and_mase_divides_by_the_seasonal_naive_scale():
-    data = _Data([])
     task = ForecastTask(model=_model(), test_after_fit=False)
-    task._trainer = types.SimpleNamespace(testing=False, datamodule=data, is_global_zero=True)
+    task.use_data(SERIES)
+    task._trainer = types.SimpleNamespace(testing=False, is_global_zero=True)
     forecasts = torch.tensor([[[[1.0, 0.0], [0.5, 2.0]]]])  # (1, 1, H=2, C=2), normalized
     targets = torch.tensor([[[[0.0, 0.0], [0.5, 0.0]]]])
     observed = torch.tensor([[[[True, True], [False, True]]]])

@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bptt.datamodules.speech import SpeechData
 from bptt.errors import ConfigError
 from bptt.lightning_modules import CTCSpeechTask
 from bptt.lightning_modules.speech_recognizer import ctc_feasible, greedy_decode
 from bptt.models import RNNAcousticModel
-from tests.engine_harness import run, sgd
+from tests.engine_harness import ListDataModule, run, sgd
 
 LR = 0.5
 FEATURES, VOCAB = 6, 5
@@ -148,6 +149,23 @@ def test_task_rejects_windows_that_straddle_the_subsampling_stride():
         CTCSpeechTask(model=_model(subsample=2), k1=7)
     with pytest.raises(ConfigError, match="has no k2"):
         CTCSpeechTask(model=_model(subsample=2), k1=6, k2=12)
+
+
+class _Data(ListDataModule):
+    """Hand-written batches plus what the task needs from a SpeechDataModule: tokens (V - 1) and features."""
+
+    def speech_data(self) -> SpeechData:
+        return SpeechData(tokens="abcd", num_features=FEATURES)
+
+
+def test_validation_decodes_with_the_tokens_handed_over_by_the_data():
+    task = CTCSpeechTask(model=_model(), optimizer=sgd(LR), k1=6, backprop="exact", num_decodings=1)
+    trainer = run(task, [_batch()], val_batches=[_batch()], data=_Data)
+    assert task.speech_data == SpeechData(tokens="abcd", num_features=FEATURES)
+    assert task._samples[0][0] == "abbc"  # the reference of labels 1 2 2 3
+    assert "val/ter" in trainer.callback_metrics and "val/wer" not in trainer.callback_metrics  # no space token
+    with pytest.raises(ConfigError, match="model.num_features=6 but the data has 7"):
+        task.use_data(SpeechData(tokens="abcd", num_features=FEATURES + 1))
 
 
 def _fit_float(batch, backprop: str, precision: str | None, accelerator: str = "cpu", **trainer):
