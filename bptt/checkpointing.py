@@ -107,18 +107,18 @@ class _LastCheckpoint(ModelCheckpoint):
     def __init__(self, *, dirpath: Path) -> None:
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, enable_version_counter=False)
 
-    def _save(self, trainer: pl.Trainer) -> None:
+    def _write_last(self, trainer: pl.Trainer) -> None:
         write_last_checkpoint(self, trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         if 0 <= trainer.max_steps <= trainer.global_step and not validation_follows(trainer):
-            self._save(trainer)
+            self._write_last(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer)
+        self._write_last(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer)
+        self._write_last(trainer)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -10,6 +10,11 @@ import pytest
 
 from bptt.tracking import MlflowTracking, TrackingError
 
+# Every Ray instance the tests start (local or a simulated multi-node cluster) binds and talks on the
+# loopback address only, never on this machine's network interface. Read when ray is imported, so set
+# here, before any test module imports it; subprocesses (the `bptt sweep` drivers) inherit it.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROJECT = Path(__file__).resolve().parents[1]
 
