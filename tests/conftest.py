@@ -45,7 +45,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("mlflow-server")
     with ServedStore(MlflowTracking(tracking_uri=f"sqlite:///{root}/mlflow.db"), log=root / "server.log") as store:
         try:
-            store.wait(timeout=90)
+            store.wait(timeout=300)
         except TrackingError:
             pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
         yield store.uri

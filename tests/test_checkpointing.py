@@ -261,7 +261,7 @@ def _gone_pid() -> int:
 
 def test_stale_partials_are_removed_and_a_live_writers_kept(tmp_path):
     host = socket.gethostname()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         stale = [f".last.ckpt.{_gone_pid()}@{host}.partial", f".step-0000004.ckpt.{_gone_pid()}.partial",
                  ".best.ckpt.4242@elsewhere.partial"]
