@@ -6,6 +6,7 @@ Nothing happens at import time; ``bptt.cli`` and ``bptt.ray_jobs`` call these.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -318,11 +319,17 @@ def _log_network(task: pl.LightningModule, tracking_uri: str, run_id: str) -> No
         signature = infer_signature(example.numpy(), network(example).numpy())
     mlflow.set_tracking_uri(tracking_uri)
     # pickle, not pt2: torch.export unrolls the RNN over the example's length and fixes T
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mlflow.pytorch.log_model(network, name="model", input_example=example.numpy(), signature=signature,
-                                 pip_requirements=[f"torch=={torch.__version__}"], serialization_format="pickle",
-                                 code_paths=[str(Path(__file__).parent)])  # the bptt package rides along
+    # its warning about pickle concerns loading models from elsewhere, not this run: keep it off the user's screen
+    quiet, level = logging.getLogger("mlflow.pytorch"), logging.getLogger("mlflow.pytorch").level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mlflow.pytorch.log_model(network, name="model", input_example=example.numpy(), signature=signature,
+                                     pip_requirements=[f"torch=={torch.__version__}"], serialization_format="pickle",
+                                     code_paths=[str(Path(__file__).parent)])  # the bptt package rides along
+    finally:
+        quiet.setLevel(level)
 
 
 def _restore(
