@@ -26,8 +26,7 @@ STEPS, EVERY = 40, 10  # validation (a Tune report with a checkpoint) after batc
 VAL_STEPS = [9, 19, 29, 39]  # Lightning logs a validation at the step count before it
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def _two_nodes():
     """A head and a worker node of 2 CPUs each, on this machine."""
     from ray.cluster_utils import Cluster
 
@@ -37,6 +36,11 @@ def cluster():
     cluster.wait_for_nodes()
     yield cluster
     cluster.shutdown()
+
+
+cluster = pytest.fixture(scope="module")(_two_nodes)
+# a cluster of its own: placement groups that earlier tests' killed drivers left behind cannot hold its CPUs
+fresh_cluster = pytest.fixture(scope="function")(_two_nodes)
 
 
 def _sweep_file(tmp: Path, *, space: dict, extra: dict | None = None, **spec) -> Path:
@@ -177,7 +181,7 @@ def test_resources_no_node_holds_stop_before_any_trial(cluster, tmp_path):
     assert not list((tmp_path / "results").glob("*/*/result.json"))
 
 
-def test_pbt_clones_the_better_trial_and_applies_the_perturbed_learning_rate(cluster, tmp_path):
+def test_pbt_clones_the_better_trial_and_applies_the_perturbed_learning_rate(fresh_cluster, tmp_path):
     """With two trials and quantile 0.5, the worse one is replaced by a copy of the better one at every
     report: it continues from that checkpoint (its streams' hidden states and read position) with a
     perturbed learning rate, which its optimizer then uses (the restored optimizer state holds the
@@ -187,7 +191,7 @@ def test_pbt_clones_the_better_trial_and_applies_the_perturbed_learning_rate(clu
                         extra={"trainer.max_steps": steps}, num_samples=2, max_concurrent_trials=2,
                         resources={"num_workers": 1},
                         scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5})
-    done = _bptt("sweep", "--config", str(sweep), "--address", cluster.address, "--storage-path",
+    done = _bptt("sweep", "--config", str(sweep), "--address", fresh_cluster.address, "--storage-path",
                  str(tmp_path / "results"), cwd=tmp_path)
     out, _ = done.communicate(timeout=1800)
     assert done.returncode == 0, out[-4000:]
