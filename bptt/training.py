@@ -33,6 +33,7 @@ from bptt.checkpointing import (
 )
 from bptt.config import build_parser, instantiate, parse_config, parse_tracking
 from bptt.datamodules.vocabulary import Vocabulary
+from bptt.directories import check_writable_directory
 from bptt.errors import CheckpointError, ConfigError
 from bptt.lightning_modules.language_model import LanguageModelTask
 from bptt.lightning_modules.speech_recognizer import CTCSpeechTask
@@ -174,7 +175,7 @@ def train(
     if run_id is not None:
         tracking.check_run(run_id, what=f"checkpoint {checkpoint[0]}" if checkpoint else "this trial")
     root = Path(cfg.trainer.default_root_dir)
-    check_writable_directory(root, "trainer.default_root_dir")
+    check_writable_directory(root, label=f"trainer.default_root_dir={root}", fix="choose a writable directory")
     state = RunState(config_yaml)
     checkpoints = init.checkpoint.callbacks(root / "checkpoints") if cfg.trainer.enable_checkpointing is not False else []
     callbacks = [*callbacks, state, LogStepBeforeCheckpoint(), *checkpoints]
@@ -228,28 +229,6 @@ def _preflight(trainer: pl.Trainer, init: Namespace) -> None:
         init.data.setup("fit")
     finally:
         init.data.trainer = None
-
-
-def check_writable_directory(directory: Path, key: str) -> None:
-    """Fail before anything is written when ``directory`` cannot be created or written; creates nothing.
-
-    Raises:
-        ConfigError: a path component is a file, or the nearest existing directory cannot be written
-            (a real write test: permission bits do not stop root, a read-only mount does).
-    """
-    existing = directory.absolute()
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{key}={directory}: {existing} is a file, not a directory; choose another directory")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".bptt-write-check-"):
-            pass
-    except OSError as err:
-        raise ConfigError(f"{key}={directory} cannot be written ({err.strerror}: {existing}); choose a writable "
-                          "directory") from None
 
 
 class _OptimizerSettings(Callback):
@@ -459,7 +438,7 @@ def diagnose(target: str, overrides: list[str], *, probe_steps: int, warmup_step
         raise ConfigError(f"need --probe-steps >= 1, --warmup-steps >= 0, --probes >= 1 and 0 < --eps < 1; got "
                           f"{probe_steps}, {warmup_steps}, {probes}, {eps}")
     if out is not None:
-        check_writable_directory(out.parent, "--out")
+        check_writable_directory(out.parent, label=f"--out={out.parent}", fix="choose a writable directory")
     if target.endswith((".yaml", ".yml")):
         _quiet_known_warnings()
         parser = build_parser()

@@ -13,36 +13,26 @@ fail in one line instead of a traceback:
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from bptt.datamodules.sources import CorpusError
-from bptt.errors import BpttError, ConfigError
+from bptt.directories import check_writable_directory
+from bptt.errors import BpttError
 
 FIX = "point data.cache_dir or $BPTT_CACHE_DIR at another directory"
 
 
 def check_writable(directory: Path) -> None:
-    """Check that files can be created in ``directory`` (created later, with its parents, if missing).
+    """Check that files can be created in the cache directory ``directory`` (created later, with
+    its parents, if missing); creates nothing.
 
     Raises:
         ConfigError: a file lies where the directory or one above it should be, or the nearest
             existing directory cannot be written (read-only mount, permissions).
     """
-    existing = directory.absolute()
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"cache directory {directory} cannot be created: {existing} is a file, not a directory; "
-                          f"{FIX}")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".bptt-write-check-"):
-            pass
-    except OSError as err:
-        raise ConfigError(f"cache directory {directory} cannot be written ({err.strerror}: {existing}); "
-                          f"{FIX}") from None
+    check_writable_directory(directory, label=f"cache directory {directory}", fix=FIX)
 
 
 @contextmanager
