@@ -151,7 +151,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        verify_checksum(checkpoint, path)
+        _raise_problem(_loaded_problem(checkpoint, path), path)
         return checkpoint
 
 
@@ -169,7 +169,10 @@ def verify_checksum(checkpoint: Any, path: Any) -> None:
         CheckpointError: the content differs from what was written, or the checksum is not one
             this version of bptt computes.
     """
-    problem = _checksum_problem(checkpoint)
+    _raise_problem(_checksum_problem(checkpoint), path)
+
+
+def _raise_problem(problem: str | None, path: Any) -> None:
     if problem is not None:
         fix = "resume from an older checkpoint" if "mismatch" in problem else "upgrade bptt or use an older checkpoint"
         raise CheckpointError(f"checkpoint {path} {problem}; {fix}")
@@ -187,6 +190,29 @@ def _checksum_problem(checkpoint: Any) -> str | None:
     if content_digest(content) != stored.get("digest"):
         return "is corrupt (checksum mismatch): it was damaged after writing"
     return None
+
+
+# Files this process found intact, by (path, size, modification time, stored checksum): resuming
+# reads one file three times (to choose it, to read its config, in Lightning's load) but hashes it once.
+_intact_files: set[tuple[str, int, int, str]] = set()
+
+
+def _loaded_problem(checkpoint: Any, path: Any) -> str | None:
+    """``_checksum_problem`` of a checkpoint just loaded from ``path``; a file unchanged since this
+    process found it intact is not hashed again."""
+    key = None
+    if "://" not in str(path) and isinstance(checkpoint, dict):
+        try:
+            stat = os.stat(path)
+            key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, repr(checkpoint.get(CHECKSUM_KEY)))
+        except OSError:
+            pass
+    if key is not None and key in _intact_files:
+        return None
+    problem = _checksum_problem(checkpoint)
+    if problem is None and key is not None:
+        _intact_files.add(key)
+    return problem
 
 
 def content_digest(content: Mapping[str, Any]) -> str:
@@ -311,7 +337,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(err).__name__}); it is damaged or not a checkpoint"
         ) from None
-    verify_checksum(checkpoint, path)
+    _raise_problem(_loaded_problem(checkpoint, path), path)
     run = checkpoint.get("bptt") if isinstance(checkpoint, dict) else None
     if not isinstance(run, dict) or not isinstance(run.get("config"), str) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} was not written by `bptt fit` (no run config inside); pass a bptt checkpoint")
@@ -337,13 +363,11 @@ def latest_checkpoint(directory: Path) -> Path:
             log.warning("skipping checkpoint %s: it cannot be read (%s)", path, type(err).__name__)
             return None
 
-    candidates = [(int(c["global_step"]), p.name == "last.ckpt", p.name, p)
-                  for p in directory.glob("*.ckpt") if (c := mapped(p)) is not None]
-    for *_, path in sorted(candidates, reverse=True):
-        checkpoint = mapped(path)
-        if checkpoint is None:
-            continue
-        problem = _checksum_problem(checkpoint)
+    loaded = {p: c for p in directory.glob("*.ckpt") if (c := mapped(p)) is not None}
+    newest_first = sorted(loaded, key=lambda p: (int(loaded[p]["global_step"]), p.name == "last.ckpt", p.name),
+                          reverse=True)
+    for path in newest_first:
+        problem = _loaded_problem(loaded[path], path)
         if problem is None:
             return path
         log.warning("skipping checkpoint %s: it %s", path, problem)
