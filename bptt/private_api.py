@@ -21,10 +21,9 @@ def pending_train_step_metrics(trainer: pl.Trainer) -> tuple[dict[str, float], i
     logged it. Reads ``trainer._logger_connector`` (``should_update_logs``, ``metrics``) and
     ``fit_loop.epoch_loop._batches_that_stepped``, and mirrors ``_LoggerConnector.log_metrics``.
     """
-    connector = trainer._logger_connector
-    if not (connector.should_update_logs or trainer.fast_dev_run):
+    if not (logs_this_step(trainer) or trainer.fast_dev_run):
         return None
-    metrics: dict[str, Any] = convert_tensors_to_scalars(dict(connector.metrics["log"]))
+    metrics: dict[str, Any] = convert_tensors_to_scalars(dict(trainer._logger_connector.metrics["log"]))
     if not metrics:
         return None
     step = metrics.pop("step", None)
