@@ -59,11 +59,11 @@ def test_sigkilled_run_resumes_bit_for_bit(mlflow_server, tmp_path):
     a, b = tmp_path / "uninterrupted", tmp_path / "killed"
     a.mkdir(), b.mkdir()
     done = bptt("fit", *RICH, *_kills(a, [first, second], armed=False), *tracking,
-                "--tracking.experiment_name", f"straight-{a.name}-{id(a)}", "--trainer.default_root_dir", str(a / "run"),
+                "--tracking.experiment_name", f"straight-{tmp_path.name}", "--trainer.default_root_dir", str(a / "run"),
                 cwd=a)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    experiment = f"killed-{id(b)}"
+    experiment = f"killed-{tmp_path.name}"
     killed = bptt("fit", *RICH, *_kills(b, [first, second], armed=True), *tracking,
                   "--tracking.experiment_name", experiment, "--trainer.default_root_dir", str(b / "run"), cwd=b)
     assert killed.returncode == -9, f"expected SIGKILL at step {first}: {killed.stderr[-2000:]}"
@@ -77,7 +77,7 @@ def test_sigkilled_run_resumes_bit_for_bit(mlflow_server, tmp_path):
     for name, value in expected.items():
         assert torch.equal(found[name], value), f"{name} differs after kills at steps {first} and {second}"
     client = MlflowClient(mlflow_server)
-    status_a, history_a = _history(client, f"straight-{a.name}-{id(a)}")
+    status_a, history_a = _history(client, f"straight-{tmp_path.name}")
     status_b, history_b = _history(client, experiment)
     assert status_a == status_b == "FINISHED"
     # equal lists: same steps, same values, same multiplicity (Lightning itself logs "epoch" twice
@@ -102,10 +102,10 @@ def test_history_survives_kills_right_after_each_kind_of_checkpoint_write(mlflow
     a, b = tmp_path / "uninterrupted", tmp_path / "killed"
     a.mkdir(), b.mkdir()
     done = bptt("fit", *PLAIN, *_kills(a, [5, 10], armed=False, when=["after-write"] * 2), *tracking,
-                "--tracking.experiment_name", f"plain-{id(a)}", "--trainer.default_root_dir", str(a / "run"), cwd=a)
+                "--tracking.experiment_name", f"plain-{tmp_path.name}", "--trainer.default_root_dir", str(a / "run"), cwd=a)
     assert done.returncode == 0, done.stderr[-3000:]
     killed = bptt("fit", *PLAIN, *_kills(b, [5, 10], armed=True, when=["after-write"] * 2), *tracking,
-                  "--tracking.experiment_name", f"killed-{id(b)}", "--trainer.default_root_dir", str(b / "run"), cwd=b)
+                  "--tracking.experiment_name", f"killed-{tmp_path.name}", "--trainer.default_root_dir", str(b / "run"), cwd=b)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert torch.load(b / "run/checkpoints/step-0000008.ckpt", weights_only=True)["global_step"] == 8
     again = bptt("resume", str(b / "run/checkpoints"), "--trust-config", cwd=b)
@@ -114,8 +114,8 @@ def test_history_survives_kills_right_after_each_kind_of_checkpoint_write(mlflow
     finished = bptt("resume", str(b / "run/checkpoints"), "--trust-config", cwd=b)
     assert finished.returncode == 0, finished.stderr[-3000:]
     client = MlflowClient(mlflow_server)
-    status_a, history_a = _history(client, f"plain-{id(a)}")
-    status_b, history_b = _history(client, f"killed-{id(b)}")
+    status_a, history_a = _history(client, f"plain-{tmp_path.name}")
+    status_b, history_b = _history(client, f"killed-{tmp_path.name}")
     assert status_a == status_b == "FINISHED"
     assert [s for s, _ in history_a["train/loss"]] == list(range(30))
     assert history_b == history_a
