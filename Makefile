@@ -18,8 +18,10 @@ setup: $(BIN)/bptt
 demo: $(BIN)/bptt
 	$(BIN)/bptt sweep --config conf/sweep/quickstart.yaml
 
+# two processes, a test module each at a time, the longest modules first (tests/conftest.py)
+TEST_WORKERS ?= 2
 test: $(BIN)/bptt
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # throughput (bare kernel vs plain loop vs bptt fit) and stream-mode memory: about 12 minutes
 bench: $(BIN)/bptt
