@@ -230,7 +230,7 @@ def memory_probe(corpus: Path, steps: int) -> dict:
 
 
 def memory(multiples: tuple[int, ...], base_chars: int, steps: int) -> dict:
-    from bptt.datamodules.corpora import stdlib_text
+    from bptt.datamodules.text_corpus import stdlib_text
 
     base = stdlib_text("*.py")[0][:base_chars]
     out = {}

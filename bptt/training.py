@@ -32,7 +32,7 @@ from bptt.checkpointing import (
     remove_stale_partials,
 )
 from bptt.config import build_parser, instantiate, parse_config, parse_tracking
-from bptt.datamodules.vocabulary import Vocabulary
+from bptt.datamodules.text_corpus import Vocabulary
 from bptt.directories import check_writable_directory
 from bptt.errors import CheckpointError, ConfigError
 from bptt.lightning_modules.language_model import LanguageModelTask

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from bptt.cli import main
 from bptt.datamodules import TextStreamDataModule
 from bptt.datamodules.streams import stream_layout
-from bptt.datamodules.vocabulary import Vocabulary
+from bptt.datamodules.text_corpus import Vocabulary
 from bptt.models import RNNLanguageModel
 from tests.bptt_command import SMALL, bptt
 from tests.conftest import PROJECT

@@ -49,7 +49,7 @@ def _id(path: Path) -> str:
 def _training_args(path: Path, tmp_path: Path) -> list[str]:
     """``--config PATH`` plus, for a text corpus, a stand-in vocabulary, so that configs whose corpus
     is not on this machine (tiny Shakespeare, WikiText-2 under ../shared/data) still build."""
-    from bptt.datamodules.vocabulary import Vocabulary
+    from bptt.datamodules.text_corpus import Vocabulary
 
     args = ["--config", str(path)]
     data = yaml.safe_load(path.read_text())["data"]["class_path"].rsplit(".", 1)[-1]

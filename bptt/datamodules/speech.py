@@ -32,9 +32,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
 from bptt.datamodules.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, LogMel, load_audio
-from bptt.datamodules.caches import check_writable, reading_cache
 from bptt.datamodules.resumable import BatchOrder, ResumableDataModule, SplitReader
-from bptt.datamodules.sources import SPLITS, CorpusError, default_cache_dir
+from bptt.datamodules.sources import SPLITS, CorpusError, check_writable, default_cache_dir, reading_cache
 from bptt.datamodules.speech_corpora import (
     Utterance,
     corpus_files,

@@ -28,8 +28,7 @@ import datasets
 import numpy as np
 
 from bptt.datamodules.audio import load_audio
-from bptt.datamodules.corpora import load_saved
-from bptt.datamodules.sources import SPLITS, CorpusError, data_root
+from bptt.datamodules.sources import SPLITS, CorpusError, data_root, load_saved
 
 FSDD_NAME = re.compile(r"^(\d)_(.+)_(\d+)\.wav$")
 FSDD_TEST_INDICES = range(5)  # the official split: recordings 0-4 of every speaker and digit

@@ -34,6 +34,7 @@ from bptt.datamodules.sources import SPLITS
 from bptt.datamodules.timeseries import ForecastData
 from bptt.errors import ConfigError
 from bptt.sharding import shard
+
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default: a zero loss
 
 

@@ -18,12 +18,10 @@ from typing import Any, Literal
 import torch
 from filelock import FileLock
 
-from bptt.datamodules.caches import check_writable, reading_cache
-from bptt.datamodules.corpora import corpus_identity, load_corpus
 from bptt.datamodules.resumable import ResumableDataModule, SplitReader
-from bptt.datamodules.sources import CorpusError, default_cache_dir
+from bptt.datamodules.sources import CorpusError, check_writable, default_cache_dir, reading_cache
 from bptt.datamodules.streams import StreamWindows, stream_layout, token_streams
-from bptt.datamodules.vocabulary import Vocabulary, load_token_ids, tokenize_split
+from bptt.datamodules.text_corpus import Vocabulary, corpus_identity, load_corpus, load_token_ids, tokenize_split
 from bptt.errors import ConfigError
 from bptt.private_api import dataset_fingerprint
 from bptt.sharding import shard
@@ -34,7 +32,7 @@ class TextStreamDataModule(ResumableDataModule):
 
     Args:
         corpus: ``stdlib``, a path under the data root (``.txt`` file, split directory or
-            saved DatasetDict) or ``hf:NAME``; see ``bptt.datamodules.corpora``.
+            saved DatasetDict) or ``hf:NAME``; see ``bptt.datamodules.text_corpus``.
         level: ``char`` or ``word`` tokens.
         min_count: words seen fewer times in the train split become ``<unk>``.
         split_fractions: train/validation/test fractions for a single-text corpus.

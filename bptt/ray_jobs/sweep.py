@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-
 from bptt.errors import BpttError, ConfigError
 from bptt.ray_jobs.fate_sharing import FateSharing
 from bptt.ray_jobs.sweep_config import (

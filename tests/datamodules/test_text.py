@@ -12,10 +12,9 @@ import torch
 
 from bptt.cli import main
 from bptt.datamodules import TextStreamDataModule
-from bptt.datamodules.corpora import load_corpus
 from bptt.datamodules.sources import CorpusError
 from bptt.datamodules.streams import stream_layout
-from bptt.datamodules.vocabulary import EOS, UNK
+from bptt.datamodules.text_corpus import EOS, UNK, load_corpus
 from bptt.errors import ConfigError
 from tests.bptt_command import SMALL
 

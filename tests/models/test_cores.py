@@ -4,7 +4,6 @@ stream across calls exactly, and the shorthand and ``core`` config forms build t
 from __future__ import annotations
 
 import copy
-import json
 import pickle
 from functools import partial
 
@@ -127,7 +126,7 @@ def test_shorthand_beside_a_core_is_refused_in_one_line():
 
 def test_a_core_config_instantiates_through_the_run_parser(tmp_path):
     from bptt.config import build_parser, instantiate, parse_config
-    from bptt.datamodules.vocabulary import Vocabulary
+    from bptt.datamodules.text_corpus import Vocabulary
     from tests.conftest import PROJECT
 
     vocab = tmp_path / "vocab.json"
