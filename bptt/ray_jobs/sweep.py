@@ -86,6 +86,7 @@ def sweep(config: str | None = None, *, resume: str | None = None, address: str 
                  runtime_env={"env_vars": _forwarded_env()} if address is None else None)
         try:
             check_resources(spec)
+            check_state_api(address)
             _check_store_reachable(tracking)
             store.wait()
             return _tune(spec, base, state, name, storage, directory, tracking, store.uri, resume is not None)
@@ -192,6 +193,24 @@ def check_resources(spec: SweepSpec) -> None:
             f"the cluster holds {sum(per_node)} of the {r.num_workers} workers a trial needs (nodes: {have}); "
             "lower resources.num_workers or its per-worker resources"
         )
+
+
+def check_state_api(address: str | None) -> None:
+    """Fail before any trial starts on a cluster without its state API (the dashboard): Ray Train
+    frees the placement group of a trial that Tune stops (ASHA, PBT, a failure) through it, so
+    without it every stopped trial keeps its CPUs and GPUs and the sweep ends up waiting forever."""
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=60, raise_on_missing_output=False)
+    except Exception as err:  # ConnectionError without a dashboard, RayStateApiException when it fails
+        where = f"the Ray cluster at {address}" if address else "the local Ray instance"
+        detail = " ".join(str(err).split()).split(". ")[0][:200]  # the first sentence: what it tried
+        raise ConfigError(
+            f"{where} has no state API ({type(err).__name__}: {detail}): Ray Train could not free the "
+            "resources of the trials Tune stops; start the cluster with its dashboard (ray start --head "
+            "--include-dashboard=true, which needs ray[default])"
+        ) from None
 
 
 def _check_store_reachable(tracking: MlflowTracking) -> None:

@@ -48,7 +48,9 @@ FIT_HELP = "; `bptt fit --help` lists every key and type"  # bptt.config.one_lin
 class Scheduler:
     """``fifo`` runs every trial to its stop condition; ``asha`` stops the worse trials early
     (per reported validation); ``pbt`` copies the better trials' checkpoints into the worse ones
-    every ``perturbation_interval`` reports and perturbs ``mutations`` (default: the space)."""
+    every ``perturbation_interval`` reports and perturbs ``mutations`` (default: the space); with
+    ``synch`` every trial waits at each perturbation point until the others reach it, so the worse
+    ones are always replaced, however far apart the trials started (Tune's synchronous PBT)."""
 
     type: Literal["fifo", "asha", "pbt"] = "fifo"
     grace_period: int = 1
@@ -58,6 +60,7 @@ class Scheduler:
     mutations: dict[str, Any] | None = None
     quantile_fraction: float = 0.25
     resample_probability: float = 0.25
+    synch: bool = False
 
 
 @dataclass
@@ -339,7 +342,7 @@ def scheduler(spec: SweepSpec) -> Any:
         mutations = s.mutations or {k: d for k, d in spec.space.items() if _kind(d) != "grid"}
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
                                        hyperparam_mutations=tune_space(mutations), quantile_fraction=s.quantile_fraction,
-                                       resample_probability=s.resample_probability)
+                                       resample_probability=s.resample_probability, synch=s.synch)
     return FIFOScheduler()
 
 

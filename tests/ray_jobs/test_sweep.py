@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -26,12 +27,20 @@ STEPS, EVERY = 40, 10  # validation (a Tune report with a checkpoint) after batc
 VAL_STEPS = [9, 19, 29, 39]  # Lightning logs a validation at the step count before it
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _two_nodes():
-    """A head and a worker node of 2 CPUs each, on this machine."""
+    """A head and a worker node of 2 CPUs each, on this machine. Each cluster's dashboard gets a port
+    of its own: two clusters are up at once in this file, and without its dashboard a cluster has no
+    state API, which Ray Train needs to free a stopped trial's placement group (PBT hung on that)."""
     from ray.cluster_utils import Cluster
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": _free_port()})
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     yield cluster
@@ -192,15 +201,35 @@ def test_resources_no_node_holds_stop_before_any_trial(cluster, tmp_path):
     assert not list((tmp_path / "results").glob("*/*/result.json"))
 
 
+def test_a_cluster_without_its_state_api_stops_before_any_trial(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    headless = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    address = headless.address
+    try:
+        sweep = _sweep_file(tmp_path, space={"model.dropout": {"choice": [0.0]}}, resources={"num_workers": 1})
+        done = _bptt("sweep", "--config", str(sweep), "--address", address, "--storage-path",
+                     str(tmp_path / "results"), cwd=tmp_path)
+        out, _ = done.communicate(timeout=900)
+    finally:
+        headless.shutdown()
+    assert done.returncode == 2, out[-2000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"bptt: error: the Ray cluster at {address} has no state API"), out[-2000:]
+    assert "--include-dashboard=true" in last
+    assert not list((tmp_path / "results").glob("*/*/result.json"))
+
+
 def test_pbt_clones_the_better_trial_and_applies_the_perturbed_learning_rate(fresh_cluster, tmp_path):
-    """With two trials and quantile 0.5, the worse one is replaced by a copy of the better one at every
-    report: it continues from that checkpoint (its streams' hidden states and read position) with a
+    """With two trials, quantile 0.5 and synchronous PBT (trials that start apart still meet at every
+    perturbation point), the worse one is replaced by a copy of the better one every second report:
+    it continues from that checkpoint (its streams' hidden states and read position) with a
     perturbed learning rate, which its optimizer then uses (the restored optimizer state holds the
     donor's), in its own MLflow run."""
     sweep = _sweep_file(tmp_path, space={"task.optimizer.init_args.lr": {"loguniform": [0.001, 0.01]}},
                         num_samples=2, max_concurrent_trials=2,
                         resources={"num_workers": 1},
-                        scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5})
+                        scheduler={"type": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5, "synch": True})
     done = _bptt("sweep", "--config", str(sweep), "--address", fresh_cluster.address, "--storage-path",
                  str(tmp_path / "results"), cwd=tmp_path)
     try:
