@@ -75,7 +75,7 @@ def test_make_targets_exist(page):
     assert named <= targets, f"{_id(page)}: make targets not in the Makefile: {sorted(named - targets)}"
 
 
-THIRD_PARTY_FLAGS = {"--backend-store-uri", "--working-dir"}  # mlflow ui, ray job submit
+THIRD_PARTY_FLAGS = {"--backend-store-uri", "--working-dir", "--include-dashboard"}  # mlflow ui, ray job submit, ray start
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_id)
