@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hardware import hardware  # benchmarks/hardware.py, beside this script
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIG = PROJECT / "conf/asr/fsdd_digits.yaml"
@@ -108,7 +109,7 @@ def main() -> None:
     out = {
         "config": str(CONFIG.relative_to(PROJECT)), "cases": cases, "ratio_10min_over_10s": ratios,
         "target_met": ratios["truncated"]["peak"] <= 1.5,
-        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"),
+        "hardware": hardware(), "date": time.strftime("%Y-%m-%d"),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

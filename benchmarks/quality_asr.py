@@ -15,11 +15,12 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hardware import hardware  # benchmarks/hardware.py, beside this script
 
 PROJECT = Path(__file__).resolve().parents[1]
 BPTT = str(Path(sys.executable).parent / "bptt")
@@ -51,7 +52,7 @@ def main() -> None:
         "test_digit_error_rate": test["test/ter"], "test_loss_nats_per_label": test["test/loss"],
         "optimizer_steps": max(int(r["step"]) for r in rows),
         "val_history": [(int(r["step"]), float(r["val/loss"]), float(r["val/ter"])) for r in rows if r.get("val/ter")],
-        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"),
+        "hardware": hardware(), "date": time.strftime("%Y-%m-%d"),
         "target_met": test["test/ter"] <= 0.05,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

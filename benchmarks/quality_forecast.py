@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hardware import hardware  # benchmarks/hardware.py, beside this script
 
 PROJECT = Path(__file__).resolve().parents[1]
 BPTT = str(Path(sys.executable).parent / "bptt")
@@ -65,7 +65,7 @@ def main() -> None:
         "config": str(Path(args.config).resolve().relative_to(PROJECT)), "wall_seconds": round(wall),
         "test": {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("test/")},
         "baseline_mase": reference,
-        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"),
+        "hardware": hardware(), "date": time.strftime("%Y-%m-%d"),
         "target_met": metrics["test/mase"] < 1.0,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -15,11 +15,12 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hardware import hardware  # benchmarks/hardware.py, beside this script
 
 PROJECT = Path(__file__).resolve().parents[1]
 BPTT = str(Path(sys.executable).parent / "bptt")
@@ -53,7 +54,7 @@ def main() -> None:
         "val_loss_nats_per_char": val["val/loss"], "val_bpc": val["val/bpc"], "optimizer_steps": steps,
         "median_tokens_per_sec": sorted(speeds)[len(speeds) // 2] if speeds else None,
         "val_history": [(int(r["step"]), float(r["val/loss"])) for r in rows if r.get("val/loss")],
-        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"),
+        "hardware": hardware(), "date": time.strftime("%Y-%m-%d"),
         "target_met": val["val/loss"] <= 1.50,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

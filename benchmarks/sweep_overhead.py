@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from hardware import hardware  # benchmarks/hardware.py, beside this script
 
 PROJECT = Path(__file__).resolve().parents[1]
 BPTT = str(Path(sys.executable).parent / "bptt")
@@ -180,7 +181,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sweep_overhead.json"))
     args = parser.parse_args()
     result = {
-        "hardware": {"machine": platform.machine(), "cpus": os.cpu_count()},
+        "hardware": hardware(),
         "date": time.strftime("%Y-%m-%d"),
         "overhead": overhead(args.trials, args.concurrency, args.steps),
     }

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,8 @@ from bptt.datamodules import TextStreamDataModule
 from bptt.datamodules.streams import stream_layout
 from bptt.models import RNNLanguageModel
 from bptt.training import fit
+
+from hardware import hardware  # benchmarks/hardware.py, beside this script
 
 SETUPS = {
     "word_2x650": dict(level="word", min_count=3, embedding=650, hidden=650, dropout=0.5, tie=True, batch=20, bptt=35,
@@ -275,9 +276,7 @@ def main() -> None:
             print(json.dumps(memory_probe(corpus, args.probe_steps)))
         return
     result = {
-        "hardware": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                     "gpu": torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else None},
+        "hardware": hardware(),
         "date": time.strftime("%Y-%m-%d"),
     }
     if not args.skip_throughput:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from hardware import hardware  # benchmarks/hardware.py, beside this script
 
 PROJECT = Path(__file__).resolve().parents[1]
 BPTT = str(Path(sys.executable).parent / "bptt")
@@ -98,8 +98,7 @@ def main() -> None:
         "claim": "val/loss within 0.02 nats of the baseline for every K <= L, and at least 0.5 nats below it for every K >= T",
         "claim_holds": bool(short and whole) and all(abs(r["beats_baseline_by"]) < 0.02 for r in short)
         and all(r["beats_baseline_by"] > 0.5 for r in whole),
-        "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                     "torch_threads": "default"},
+        "hardware": hardware(torch_threads="default (each bptt fit process)"),
         "date": time.strftime("%Y-%m-%d"),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
