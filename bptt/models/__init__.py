@@ -1,9 +1,10 @@
 """The networks the LightningModules in ``bptt.lightning_modules`` wrap, and the recurrent cores inside them."""
 
 from bptt.models.cores import CoreFactory, RecurrentCore, State, TorchRNNCore
+from bptt.models.min_rnn import MinGRU, MinLSTM
 from bptt.models.rnn_acoustic_model import RNNAcousticModel
 from bptt.models.rnn_forecaster import RNNForecaster
 from bptt.models.rnn_language_model import RNNLanguageModel
 
-__all__ = ["CoreFactory", "RNNAcousticModel", "RNNForecaster", "RNNLanguageModel", "RecurrentCore", "State",
-           "TorchRNNCore"]
+__all__ = ["CoreFactory", "MinGRU", "MinLSTM", "RNNAcousticModel", "RNNForecaster", "RNNLanguageModel", "RecurrentCore",
+           "State", "TorchRNNCore"]
