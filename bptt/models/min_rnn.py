@@ -18,26 +18,33 @@ The stack: a linear projection E -> H (none when E == H), then L pre-norm residu
 ``x = x + dropout(cell(LayerNorm(x), h0 of the layer))``; y is the last block's x. The dropout lies on
 every block's branch, the last one's too, never on the residual path or the carried state.
 
-Two evaluations of the same parameters, equal up to rounding:
+Three evaluations of the same parameters, equal up to rounding:
 
-- ``scan`` (default, training): the window at once. h_t = A_t * h_0 + s_t with A_t = exp(sum_{u<=t}
-  log a_u) and s_t the recurrence from a zero state, in log space (Heinsen 2023, arXiv 2311.06281):
-  a*_t = cumsum(log a)_t, log s_t = a*_t + logcumsumexp(log b - a*)_t. The carried h_0 never enters a
-  log (it may be zero or negative); A_t underflowing to 0 is harmless. Unchunked, |a*_t| grows with t
-  and the sum a*_t + logcumsumexp(...) cancels: in float32 at T = 4096 about 2e-4 relative error in h.
-  So the scan runs in chunks of C = ``SCAN_CHUNK`` steps, all at once, with a* restarted in every chunk
-  (about 2e-6 at C = 32), and a linear recurrence carries h across the N chunk ends. The error left is
-  about 1e-7 * |sum of log a over a chunk|: gates saturated to |log a| ~ 70 a step lose ~1e-3. It
-  computes in float32 at least (bf16 / fp16 under autocast are cast up; float64 stays float64).
-- ``sequential``: a loop over t, h = a_t * h + b_t in linear space: the reference, and what one step
-  at a time (generation) amounts to.
+- ``scan`` (default, training): the window in two levels of C = ceil(sqrt(T)) steps, in linear space.
+  Within every chunk at once (one tensor op per step of a chunk, over all N chunks): the recurrence from
+  a zero state, s, and the running product of a, A; then a loop over the N chunk ends carries h across
+  chunks, and h_t = A_t * h_c + s_t fills in the rest. C + N ~ 2 sqrt(T) tensor ops instead of T, and
+  no log, no division: A underflowing to 0 is exact (a product of a's in (0, 1)), so any window length
+  and saturated gates are as safe as the loop. Its backward is the same scan run backwards in time
+  (``LinearScan``): g_t = dL/dh_t + a_{t+1} g_{t+1}, dL/db_t = g_t, dL/da_t = g_t h_{t-1}; it keeps a and
+  h for the backward, nothing per op.
+- ``log_scan``: Heinsen's log-space scan (arXiv 2311.06281), the paper's choice: a*_t = cumsum(log a)_t,
+  log s_t = a*_t + logcumsumexp(log b - a*)_t, one cumsum and one logcumsumexp over a chunk of
+  ``LOG_SCAN_CHUNK`` steps (unchunked, |a*_t| grows with t and the sum cancels: 2e-4 relative error in
+  float32 at T = 4096; in chunks of 32, about 2e-6). Only log a and log b enter logs (b > 0 is why g
+  exists), never the carried h_0. Fewer, larger ops than ``scan`` (for a GPU), but a dozen passes over
+  the window and a logcumsumexp: on a 2-core CPU 2.5x slower than ``scan`` (benchmarks/parallel_time.py).
+- ``sequential``: a loop over t, h = a_t * h + b_t in linear space: the reference. The gates of the
+  whole window are one matmul either way; a core called one step at a time (generation, streaming
+  inference) is this with T = 1.
 
-The scan trades a dozen elementwise passes over the window for T / C sequential steps instead of T: on
-a 2-core CPU the loop measured 2.5 to 3x faster (forward + backward, B = 32, H = 256, T = 256 to 1024).
+All three compute the recurrence in float32 at least (bf16 / fp16 under autocast are cast up; float64
+stays float64).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -47,12 +54,12 @@ from torch import Tensor, nn
 from bptt.models.arguments import check_choice, check_dropout, check_sizes
 from bptt.models.cores import RecurrentCore, State
 
-MinRNNEvaluation = Literal["scan", "sequential"]
-EVALUATIONS = ("scan", "sequential")
+MinRNNEvaluation = Literal["scan", "log_scan", "sequential"]
+EVALUATIONS = ("scan", "log_scan", "sequential")
 
-# C, the steps of one chunk of the scan: its float32 error grows with C (about 1e-7 * C * |log a|),
-# its Python loop over chunk ends with T / C.
-SCAN_CHUNK = 32
+# The steps of one chunk of the log-space scan: its float32 error grows with it (about 1e-7 * C * |log a|),
+# its loop over chunk ends with T / C.
+LOG_SCAN_CHUNK = 32
 
 
 class _MinRNNCore(RecurrentCore):
@@ -63,7 +70,7 @@ class _MinRNNCore(RecurrentCore):
         hidden_size: H, the width of every layer and of y.
         num_layers: L.
         dropout: dropout on every block's branch before the residual sum; in [0, 1).
-        evaluation: ``scan`` (parallel in time) or ``sequential`` (a loop over steps).
+        evaluation: ``scan`` (parallel in time, linear space), ``log_scan`` (log space) or ``sequential``.
     """
 
     gates: int  # pre-activations per hidden unit: k_z, k_h (minGRU) or k_f, k_i, k_h (minLSTM)
@@ -112,9 +119,11 @@ class _MinRNNCore(RecurrentCore):
             else:
                 h0 = state[0][:, layer].to(k.dtype)  # (B, H)
             if self.evaluation == "scan":
+                h = linear_scan(*self.coefficients(k), h0)  # (B, T, H)
+            elif self.evaluation == "log_scan":
                 h = chunked_log_scan(*self.log_coefficients(k), h0)
             else:
-                h = sequential_scan(*self.coefficients(k), h0)  # (B, T, H)
+                h = sequential_scan(*self.coefficients(k), h0)
             last.append(h[:, -1])
             x = x + self.dropout(h)
         return x.to(dtype), (torch.stack(last, dim=1).to(dtype),)
@@ -131,7 +140,7 @@ class MinGRU(_MinRNNCore):
         hidden_size: H, the width of every layer and of y.
         num_layers: L.
         dropout: dropout on every block's branch before the residual sum; in [0, 1).
-        evaluation: ``scan`` (parallel in time, default) or ``sequential`` (a loop over steps).
+        evaluation: ``scan`` (parallel in time, default), ``log_scan`` or ``sequential`` (a loop over steps).
     """
 
     gates = 2
@@ -157,7 +166,7 @@ class MinLSTM(_MinRNNCore):
         hidden_size: H, the width of every layer and of y.
         num_layers: L.
         dropout: dropout on every block's branch before the residual sum; in [0, 1).
-        evaluation: ``scan`` (parallel in time, default) or ``sequential`` (a loop over steps).
+        evaluation: ``scan`` (parallel in time, default), ``log_scan`` or ``sequential`` (a loop over steps).
     """
 
     gates = 3
@@ -211,13 +220,13 @@ def chunked_log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor, chunk: int | None
     Args:
         log_a, log_b: (B, T, H) logs of the coefficients, a in (0, 1) and b > 0.
         h0: (B, H) the state before the first step; any sign.
-        chunk: C (default ``SCAN_CHUNK``); T <= C is one chunk, the plain Heinsen scan.
+        chunk: C (default ``LOG_SCAN_CHUNK``); T <= C is one chunk, the plain Heinsen scan.
 
     Returns:
         h (B, T, H), every step's state.
     """
     batch, steps, width = log_a.shape
-    size = min(SCAN_CHUNK if chunk is None else chunk, steps)  # C
+    size = min(LOG_SCAN_CHUNK if chunk is None else chunk, steps)  # C
     count = -(-steps // size)  # N
     pad = count * size - steps  # the last chunk's tail: a = b = 1, after every real step, so it changes none
     if pad:
@@ -233,3 +242,68 @@ def chunked_log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor, chunk: int | None
         h = decay_n * h + rise_n  # the state after chunk n
     start = torch.stack(starts, dim=1).unsqueeze(2)  # (B, N, 1, H)
     return (decay * start + rise).reshape(batch, count * size, width)[:, :steps]
+
+
+def linear_scan(a: Tensor, b: Tensor, h0: Tensor, chunk: int | None = None) -> Tensor:
+    """h_t = a_t * h_{t-1} + b_t in two levels of chunks, in linear space, with its own backward.
+
+    Args:
+        a, b: (B, T, H) coefficients; a in [0, 1] keeps every product bounded (any a is exact, though).
+        h0: (B, H) the state before the first step; any sign.
+        chunk: C, the steps of a chunk (default ceil(sqrt(T)): C + N tensor ops, the fewest).
+
+    Returns:
+        h (B, T, H), every step's state.
+    """
+    return LinearScan.apply(a, b, h0, chunk)
+
+
+class LinearScan(torch.autograd.Function):
+    """The autograd of ``linear_scan``: the backward is the same two-level scan, reversed in time.
+
+    With g_t = dL/dh_t in total (the direct gradient plus what h_{t+1} = a_{t+1} h_t + ... hands back):
+    g_t = grad_t + a_{t+1} g_{t+1}, so dL/db_t = g_t, dL/da_t = g_t * h_{t-1}, dL/dh0 = a_1 * g_1.
+    Saves a, h0 and h; no graph of the scan's own ops. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, h0: Tensor, chunk: int | None) -> Tensor:  # noqa: D102
+        h = _two_level_scan(a, b, h0, chunk)
+        ctx.save_for_backward(a, h0, h)
+        ctx.chunk = chunk
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:  # noqa: D102
+        a, h0, h = ctx.saved_tensors
+        # reversed in time, step t takes a_{t+1} (1 past the end: nothing comes back from beyond the window)
+        a_next = torch.cat([a[:, 1:], a.new_ones(a.shape[0], 1, a.shape[2])], dim=1).flip(1)
+        g = _two_level_scan(a_next, grad.flip(1), torch.zeros_like(h0), ctx.chunk).flip(1)  # (B, T, H)
+        h_before = torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)  # h_{t-1}
+        return g * h_before, g, a[:, 0] * g[:, 0], None
+
+
+def _two_level_scan(a: Tensor, b: Tensor, h0: Tensor, chunk: int | None) -> Tensor:
+    """``linear_scan``'s values, without autograd: see ``linear_scan``."""
+    batch, steps, width = a.shape
+    size = min(chunk or math.isqrt(steps - 1) + 1, steps)  # C
+    count = -(-steps // size)  # N
+    pad = count * size - steps  # the last chunk's tail: a = 1, b = 0 after every real step, so it changes none
+    if pad:
+        a, b = F.pad(a, (0, 0, 0, pad), value=1.0), F.pad(b, (0, 0, 0, pad))
+    # (C, B, N, H): step c of every chunk is one contiguous slab
+    a = a.reshape(batch, count, size, width).permute(2, 0, 1, 3).contiguous()
+    b = b.reshape(batch, count, size, width).permute(2, 0, 1, 3).contiguous()
+    rise, decay = torch.empty_like(b), torch.empty_like(a)  # s and A of every chunk, from its start
+    rise[0], decay[0] = b[0], a[0]
+    for c in range(1, size):
+        torch.addcmul(b[c], a[c], rise[c - 1], out=rise[c])
+        torch.mul(decay[c - 1], a[c], out=decay[c])
+    starts = torch.empty(batch, count, width, dtype=h0.dtype, device=h0.device)  # h before every chunk
+    h = h0
+    for n in range(count):
+        starts[:, n] = h
+        h = torch.addcmul(rise[-1, :, n], decay[-1, :, n], h)
+    h = torch.addcmul(rise, decay, starts.unsqueeze(0))  # (C, B, N, H)
+    return h.permute(1, 2, 0, 3).reshape(batch, count * size, width)[:, :steps]
