@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench bench-quality bench-sweep bench-asr bench-asr-memory bench-forecast bench-truncation clean
+.PHONY: setup demo test bench bench-quality bench-quality-scan bench-scan bench-sweep bench-asr bench-asr-memory bench-forecast bench-truncation clean
 
 $(BIN)/bptt: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench: $(BIN)/bptt
 # 30 minutes of tiny Shakespeare training; needs $$BPTT_DATA_DIR (default ../shared/data)
 bench-quality: $(BIN)/bptt
 	$(BIN)/python benchmarks/quality_lm.py
+
+# the same budget with a minGRU core trained by a parallel scan; target: within 0.05 of the LSTM recipe's 1.350
+bench-quality-scan: $(BIN)/bptt
+	$(BIN)/python benchmarks/quality_lm.py --config conf/lm/tinyshakespeare_char_scan.yaml --target 1.40 \
+		--run-dir runs/bench/quality_lm_scan --out benchmarks/results/quality_lm_scan.json
 
 # sweep overhead against `bptt fit` one after another (CPU seconds by process), and 1 vs 2 workers per trial: about 14 minutes
 bench-sweep: $(BIN)/bptt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,10 @@ QUICK = str(PROJECT / "conf/lm/quickstart.yaml")
 SMALL = ["--config", QUICK, "--data.stdlib_glob", "json/*.py", "--model.hidden_size", "32",
          "--trainer.max_steps", "12", "--trainer.val_check_interval", "6", "--trainer.enable_progress_bar", "false",
          "--data.batch_size", "4", "--data.eval_batch_size", "4", "--data.bptt", "16", "--tracking.log_model", "false"]
+
+# SMALL's model with a minGRU core (2 x 32, no dropout, as SMALL's LSTM) in place of the LSTM shorthand
+MIN_GRU = ["--model.rnn_type", "null", "--model.hidden_size", "null", "--model.num_layers", "null", "--model.core",
+           json.dumps({"class_path": "bptt.models.MinGRU", "init_args": {"hidden_size": 32, "num_layers": 2}})]
 
 
 # Only there to stop a run that hangs, never to fail a slow one: the longest command here (the speech

@@ -16,7 +16,7 @@ from bptt.datamodules import TextStreamDataModule
 from bptt.datamodules.streams import stream_layout
 from bptt.datamodules.text_corpus import Vocabulary
 from bptt.models import RNNLanguageModel
-from tests.bptt_command import SMALL, bptt
+from tests.bptt_command import MIN_GRU, SMALL, bptt
 from tests.conftest import PROJECT
 
 
@@ -125,13 +125,15 @@ def test_generate_samples_reproducibly_and_greedy_matches_argmax(trained):
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_take_the_same_step_as_one(tmp_path):
-    """Same global batch (4 streams): 1 process with 4 streams vs 2 gloo processes with 2 each."""
+@pytest.mark.parametrize("core", [[], MIN_GRU], ids=["lstm", "min-gru-scan"])
+def test_two_ddp_processes_take_the_same_step_as_one(tmp_path, core):
+    """Same global batch (4 streams): 1 process with 4 streams vs 2 gloo processes with 2 each; for torch's
+    LSTM and for a minGRU core trained by its parallel scan."""
     params = {}
     for devices in (1, 2):
         root = tmp_path / f"ddp{devices}"
         # plain SGD without clipping: its update is proportional to the gradient, so a wrong average shows
-        args = [*SMALL, "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--task.grad_clip", "null",
+        args = [*SMALL, *core, "--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--task.grad_clip", "null",
                 "--task.optimizer.class_path", "torch.optim.SGD", "--task.optimizer.init_args.lr", "1.0",
                 "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
                 "--trainer.default_root_dir", str(root)]

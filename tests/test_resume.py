@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from bptt.cli import main
-from tests.bptt_command import SMALL, bptt
+from tests.bptt_command import MIN_GRU, SMALL, bptt
 
 # dropout, random window lengths, TBPTT(8, 12), a step scheduler: everything a resume must restore
 RICH = [*SMALL, "--trainer.max_steps", "30", "--trainer.val_check_interval", "10", "--trainer.log_every_n_steps", "1",
@@ -86,6 +86,29 @@ def test_sigkilled_run_resumes_bit_for_bit(mlflow_server, tmp_path):
     for key, points in history_b.items():
         steps = [s for s, _ in points]
         assert key == "epoch" or len(steps) == len(set(steps)), f"{key} logged a step twice"
+
+
+@pytest.mark.slow
+def test_a_scan_core_killed_mid_step_resumes_bit_for_bit(tmp_path):
+    """RICH's run (dropout, random windows, TBPTT(8, 12), a scheduler) with a minGRU core trained by its
+    parallel scan, dropout on its blocks too: SIGKILLed at a random step after the first checkpoint, resumed, it ends bit for bit
+    where the uninterrupted run ends."""
+    step = random.Random().randint(8, 20)
+    ends = {}
+    for name, armed in (("uninterrupted", False), ("killed", True)):
+        directory = tmp_path / name
+        directory.mkdir()
+        run = bptt("fit", *RICH, *MIN_GRU, "--model.core.init_args.dropout", "0.2",
+                   *_kills(directory, [step], armed=armed, when=["step"]),
+                   "--trainer.default_root_dir", str(directory / "run"), cwd=directory)
+        if armed:
+            assert run.returncode == -9, f"expected SIGKILL at step {step}: {run.stderr[-2000:]}"
+            run = bptt("resume", str(directory / "run/checkpoints"), "--trust-config", cwd=directory)
+        assert run.returncode == 0, run.stderr[-3000:]
+        ends[name] = _final_parameters(directory / "run")
+    assert "model.rnn.cells.0.weight" in ends["killed"], "not the minGRU core"
+    for name, value in ends["uninterrupted"].items():
+        assert torch.equal(ends["killed"][name], value), f"{name} differs after a kill at step {step}"
 
 
 # one optimizer step per batch: step checkpoints at 4, 8, ..., validations (best.ckpt, last.ckpt) at 10, 20, 30

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from bptt.lightning_modules import LanguageModelTask, NonFiniteLossError
 from bptt.metric_names import VAL_LOSS
+from bptt.models import MinGRU, MinLSTM, RNNLanguageModel
 from tests.engine_harness import run, sgd, stream_batches, tiny_model
 
 LR = 0.5
@@ -134,6 +136,40 @@ def test_k1_less_than_k2_equals_williams_peng_reference(k1, k2, batch_window):
     task = LanguageModelTask(model=model, optimizer=sgd(LR), k1=k1, k2=k2)
     run(task, stream_batches(tokens, batch_window))
     _assert_same_parameters(task.model, _williams_peng(reference, tokens, k1, k2, batch_window))
+
+
+def _scan_model(cls: type, seed: int = 0) -> RNNLanguageModel:
+    """tiny_model's sizes with a 2-layer minGRU / minLSTM core, evaluated by its parallel scan."""
+    torch.manual_seed(seed)
+    return RNNLanguageModel(vocab_size=7, embedding_size=4, core=partial(cls, hidden_size=5, num_layers=2))
+
+
+@pytest.mark.parametrize(("k1", "k2", "batch_window"), [(4, 4, 4), (3, 3, 6), (2, 5, 4), (3, 4, 6)])
+@pytest.mark.parametrize("cls", [MinGRU, MinLSTM], ids=lambda c: c.__name__)
+def test_a_scan_core_under_tbptt_equals_the_step_by_step_reference(cls, k1, k2, batch_window):
+    """bptt fit with the core's parallel scan over each window against Williams & Peng stepped one time step
+    at a time through the core's sequential evaluation, TBPTT(k1 = k2) and TBPTT(k1 < k2), state carried."""
+    model = _scan_model(cls)
+    assert model.rnn.evaluation == "scan"
+    reference = copy.deepcopy(model).double()
+    reference.rnn.evaluation = "sequential"
+    tokens = _tokens(length=19)
+    task = LanguageModelTask(model=model, optimizer=sgd(LR), k1=k1, k2=k2)
+    run(task, stream_batches(tokens, batch_window))
+    _assert_same_parameters(task.model, _williams_peng(reference, tokens, k1, k2, batch_window))
+
+
+@pytest.mark.parametrize("cls", [MinGRU, MinLSTM], ids=lambda c: c.__name__)
+def test_a_scan_core_resets_exactly_the_marked_streams(cls):
+    model = _scan_model(cls)
+    reference = copy.deepcopy(model).double()
+    reference.rnn.evaluation = "sequential"
+    tokens = _tokens(length=13)
+    batches = stream_batches(tokens, 4)
+    batches[2]["reset"] = torch.tensor([False, True, False])
+    task = LanguageModelTask(model=model, optimizer=sgd(LR))
+    run(task, batches)
+    _assert_same_parameters(task.model, _window_loop(reference, tokens, 4, resets={2: torch.tensor([False, True, False])}))
 
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
