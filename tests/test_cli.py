@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from bptt.cli import main
 from bptt.datamodules import TextStreamDataModule
 from bptt.datamodules.streams import stream_layout
 from bptt.datamodules.text_corpus import Vocabulary
-from bptt.models import RNNLanguageModel
+from bptt.models import MinGRU, RNNLanguageModel
 from tests.bptt_command import MIN_GRU, SMALL, bptt
 from tests.conftest import PROJECT
 
@@ -113,6 +114,30 @@ def test_generate_samples_reproducibly_and_greedy_matches_argmax(trained):
     greedy = bptt("generate", ckpt, "--prompt", "def ", "--num-tokens", "10", "--temperature", "0", cwd=trained)
     vocab = Vocabulary.load(trained / "vocab.json")
     model = RNNLanguageModel(vocab_size=len(vocab), embedding_size=64, hidden_size=32, num_layers=1)
+    state_dict = torch.load(ckpt, weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state_dict.items()})
+    ids, state, out = torch.tensor([vocab.encode("def ")]), None, []
+    with torch.no_grad():
+        for _ in range(10):
+            logits, state = model.eval()(ids, state)
+            ids = logits[:, -1:].argmax(-1)
+            out.append(ids.item())
+    assert greedy.stdout == "def " + vocab.decode(out) + "\n"
+
+
+@pytest.mark.slow
+def test_a_scan_core_generates_what_its_sequential_evaluation_predicts(tmp_path):
+    """A minGRU trained by its scan: greedy `bptt generate` equals the argmax of the same weights stepped token by
+    token through the core's sequential evaluation."""
+    run = tmp_path / "run"
+    fit = bptt("fit", *SMALL, *MIN_GRU, "--trainer.default_root_dir", str(run), cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ckpt = str(run / "checkpoints/last.ckpt")
+    greedy = bptt("generate", ckpt, "--prompt", "def ", "--num-tokens", "10", "--temperature", "0", cwd=tmp_path)
+    assert greedy.returncode == 0, greedy.stderr[-2000:]
+    vocab = Vocabulary.load(run / "vocab.json")
+    model = RNNLanguageModel(vocab_size=len(vocab), embedding_size=64,
+                             core=partial(MinGRU, hidden_size=32, num_layers=2, evaluation="sequential"))
     state_dict = torch.load(ckpt, weights_only=True)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state_dict.items()})
     ids, state, out = torch.tensor([vocab.encode("def ")]), None, []

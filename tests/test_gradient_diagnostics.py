@@ -1,14 +1,17 @@
 """Gradient through time: on a linear RNN h_t = W h_(t-1) + U x_t with W = rho * (orthogonal), the measured
 curve is rho^tau times its tau = 0 value and the suggestion is the analytic one; the callback leaves
-training bit for bit unchanged; `bptt fit` logs it to MLflow and `bptt diagnose` prints it."""
+training bit for bit unchanged; a minGRU's curve is the product of its gates; `bptt fit` logs it to MLflow
+and `bptt diagnose` prints it."""
 
 from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from torch import nn
 
@@ -19,6 +22,7 @@ from bptt.gradient_diagnostics import (
 )
 from bptt.lightning_modules import LanguageModelTask
 from bptt.lightning_modules.tbptt import StepLossModule
+from bptt.models import MinGRU, RNNLanguageModel
 from tests.bptt_command import SMALL, bptt
 from tests.engine_harness import run, sgd, stream_batches, tiny_model
 
@@ -74,6 +78,33 @@ def test_suggestion_is_the_analytic_truncation(rho, eps):
     analytic = math.floor(math.log(eps) / math.log(rho)) + 1  # the smallest tau with rho^tau < eps
     assert suggest_truncation(curve, eps) == analytic
     assert suggest_truncation(curve[: analytic], eps) is None  # not reached within the probe
+
+
+def test_a_scan_cores_curve_is_the_product_of_its_gates():
+    """One minGRU layer: h_t = a_t * h_(t-1) + b_t with a_t from the input only, so the last step's loss reaches
+    the state tau steps back through G * a_(n-2) * ... * a_(n-1-tau), G its gradient at tau = 0."""
+    torch.manual_seed(0)
+    model = RNNLanguageModel(vocab_size=7, embedding_size=4, core=partial(MinGRU, hidden_size=5, num_layers=1)).double()
+    task = LanguageModelTask(model=model, optimizer=sgd())
+    tokens = torch.randint(0, 7, (3, 26), generator=torch.Generator().manual_seed(1))
+    window = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}  # n = 25 steps
+    curve = gradient_through_time(task, window, probe_steps=20)  # (21, 1)
+    core = model.rnn
+    with torch.no_grad():
+        x = core.input_projection(model.embedding(window["inputs"]))
+        a, _ = core.coefficients(core.cells[0](core.norms[0](x)))  # (B, n, H)
+        _, state = model(window["inputs"][:, :-1])  # the state the last step reads
+    state = state[0].detach().requires_grad_()
+    logits, _ = model(window["inputs"][:, -1:], (state,))
+    loss = F.cross_entropy(logits[:, -1], window["targets"][:, -1], reduction="sum")
+    (g,) = torch.autograd.grad(loss, state)
+    g = g[:, 0]  # (B, H)
+    expected = [g.norm(dim=1).mean()]
+    for tau in range(1, 21):
+        g = g * a[:, -1 - tau]
+        expected.append(g.norm(dim=1).mean())
+    torch.testing.assert_close(curve[:, 0].double(), torch.stack(expected), rtol=1e-5, atol=0)
+    assert curve[20, 0] < 0.5 * curve[0, 0]  # the gates forget: a curve that falls
 
 
 def test_callback_leaves_training_unchanged():

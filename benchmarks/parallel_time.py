@@ -1,0 +1,196 @@
+"""Parallel in time: minGRU / minLSTM trained by a scan over each window against the same cores step by
+step and against torch's LSTM, in tokens per second of forward + backward + SGD step.
+
+Measured side by side in one process, rounds interleaved (every other round in reverse order), the
+median step time over every round's steps after a warm-up step. Per window length T (batch 32):
+
+  scan        the core's default evaluation: bptt.models.min_rnn.linear_scan (two levels, linear space)
+  log_scan    the same parameters by Heinsen's log-space scan (logcumsumexp), the paper's choice
+  sequential  the same parameters by a loop over the window's steps (the gates still one matmul)
+  step        the core called once per time step with its carried state (T windows of 1, as
+              generation and streaming inference run it): an RNN's step-by-step evaluation
+  lstm        torch's nn.LSTM (oneDNN on a CPU, cuDNN on a GPU) at the same hidden size, and
+  lstm_eq     torch's nn.LSTM whose hidden size gives the minGRU stack's parameter count
+
+The model is the core alone (input E = H, a squared-output loss), 2 layers of H = 256 by default.
+Per variant and T it also records the activations the step saves for its backward (bytes of every
+tensor autograd keeps: the window's memory, linear in T for a scan) and, on a CPU, the minor page
+faults per step (fresh large allocations: what bounds the elementwise scan on a CPU with glibc's
+default allocator, see README).
+
+    python benchmarks/parallel_time.py [--rounds 2] [--windows 64 256 1024 4096] [--accelerator gpu]
+        [--out benchmarks/results/parallel_time.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bptt.models import MinGRU, MinLSTM
+from hardware import hardware  # benchmarks/hardware.py, beside this script
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+class LSTMCore(nn.Module):
+    """nn.LSTM with the cores' call: (y, state) from (x, state)."""
+
+    def __init__(self, hidden_size: int, num_layers: int, input_size: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True)
+
+    def forward(self, x: torch.Tensor, state=None):
+        return self.lstm(x, state)
+
+
+def equal_parameter_lstm_width(params: int, layers: int, input_size: int) -> int:
+    """The LSTM hidden size whose L-layer stack on ``input_size`` inputs has the closest parameter count."""
+    def count(h: int) -> int:
+        return 4 * h * (input_size + h + 2) + (layers - 1) * 4 * h * (2 * h + 2)
+    return min(range(1, 4 * input_size), key=lambda h: abs(count(h) - params))
+
+
+def stepwise(core: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The core one time step at a time, its state carried: T calls on windows of 1."""
+    state, ys = None, []
+    for t in range(x.shape[1]):
+        y, state = core(x[:, t : t + 1], state)
+        ys.append(y)
+    return torch.cat(ys, dim=1)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for the backward while ``fn`` runs (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant and round")
+    parser.add_argument("--windows", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--step-max-window", type=int, default=4096,
+                        help="the step-by-step variant only up to this T (it is T core calls)")
+    parser.add_argument("--out", default=str(PROJECT / "benchmarks/results/parallel_time.json"))
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    H, L = args.hidden, args.layers
+
+    cores: dict[str, nn.Module] = {}
+    for cls in (MinGRU, MinLSTM):
+        for evaluation in ("scan", "log_scan", "sequential"):
+            cores[f"{cls.__name__}/{evaluation}"] = cls(input_size=H, hidden_size=H, num_layers=L, evaluation=evaluation)
+    min_gru_params = sum(p.numel() for p in cores["MinGRU/scan"].parameters())
+    lstm_eq_width = equal_parameter_lstm_width(min_gru_params, L, H)
+    cores["lstm"] = LSTMCore(H, L, H)
+    cores["lstm_eq"] = LSTMCore(lstm_eq_width, L, H)
+    params = {name: sum(p.numel() for p in core.parameters()) for name, core in cores.items()}
+    for core in cores.values():
+        core.to(device)
+    variants = {name: core for name, core in cores.items()}
+    variants |= {f"{cls.__name__}/step": cores[f"{cls.__name__}/sequential"] for cls in (MinGRU, MinLSTM)}
+    optimizers = {name: torch.optim.SGD(core.parameters(), lr=1e-4) for name, core in cores.items()}
+
+    results = []
+    for T in args.windows:
+        x = torch.randn(args.batch, T, H, device=device)
+        names = [n for n in variants if not (n.endswith("/step") and T > args.step_max_window)]
+        runs = {}
+        for name in names:
+            core = variants[name]
+            base = name.replace("/step", "/sequential")
+            forward = partial(stepwise, core, x) if name.endswith("/step") else (lambda core=core: core(x)[0])
+
+            def step(forward=forward, optimizer=optimizers[base]) -> None:
+                forward().float().pow(2).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            runs[name] = step
+        times: dict[str, list[float]] = {n: [] for n in names}
+        faults: dict[str, list[int]] = {n: [] for n in names}
+        for name in names:  # warm-up: one step each
+            runs[name]()
+        for r in range(args.rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                for _ in range(args.steps):
+                    sync()
+                    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                    start = time.perf_counter()
+                    runs[name]()
+                    sync()
+                    times[name].append(time.perf_counter() - start)
+                    faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        for name in names:
+            core = variants[name]
+            forward = partial(stepwise, core, x) if name.endswith("/step") else (lambda core=core: core(x)[0])
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            saved = saved_bytes(forward)
+            median = statistics.median(times[name])
+            row = {"variant": name, "T": T, "batch": args.batch, "hidden_size": lstm_eq_width if name == "lstm_eq" else H,
+                   "layers": L, "parameters": params[name.replace("/step", "/sequential")],
+                   "median_step_ms": round(1000 * median, 2), "tokens_per_sec": round(args.batch * T / median),
+                   "saved_activation_mb": round(saved / 2**20, 1),
+                   "minor_page_faults_per_step": int(statistics.median(faults[name]))}
+            if device.type == "cuda":
+                row["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+    def speed(variant: str, T: int) -> float | None:
+        return next((r["tokens_per_sec"] for r in results if r["variant"] == variant and r["T"] == T), None)
+
+    ratios = []
+    for T in args.windows:
+        for cls in ("MinGRU", "MinLSTM"):
+            scan, step, sequential = speed(f"{cls}/scan", T), speed(f"{cls}/step", T), speed(f"{cls}/sequential", T)
+            ratios.append({
+                "core": cls, "T": T,
+                "scan_over_step": round(scan / step, 2) if step else None,
+                "scan_over_sequential": round(scan / sequential, 2),
+                "scan_over_log_scan": round(scan / speed(f"{cls}/log_scan", T), 2),
+                "scan_over_lstm_equal_width": round(scan / speed("lstm", T), 2),
+                "scan_over_lstm_equal_parameters": round(scan / speed("lstm_eq", T), 2),
+            })
+    out = {"results": results, "ratios": ratios, "lstm_equal_parameter_width": lstm_eq_width,
+           "min_gru_parameters": min_gru_params, "rounds": args.rounds, "steps": args.steps,
+           "accelerator": args.accelerator, "hardware": hardware(), "date": time.strftime("%Y-%m-%d")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print("| core | T | scan / step-by-step | scan / sequential | scan / log_scan | scan / LSTM equal width "
+          "| scan / LSTM equal parameters |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in ratios:
+        step = "-" if r["scan_over_step"] is None else f"{r['scan_over_step']:.2f}"
+        print(f"| {r['core']} | {r['T']} | {step} | {r['scan_over_sequential']:.2f} | {r['scan_over_log_scan']:.2f} "
+              f"| {r['scan_over_lstm_equal_width']:.2f} | {r['scan_over_lstm_equal_parameters']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
