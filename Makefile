@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench bench-quality bench-quality-scan bench-scan bench-sweep bench-asr bench-asr-memory bench-forecast bench-truncation clean
+.PHONY: setup demo test bench bench-quality bench-quality-scan bench-scan bench-sweep bench-asr bench-asr-scan bench-asr-memory bench-forecast bench-truncation clean
 
 $(BIN)/bptt: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,17 @@ bench-sweep: $(BIN)/bptt
 # 15 minutes of FSDD connected-digit training, then the test split's digit error rate; needs $$BPTT_DATA_DIR
 bench-asr: $(BIN)/bptt
 	$(BIN)/python benchmarks/quality_asr.py
+
+# the same with a 3 x 256 minGRU core trained by a parallel scan in place of the GRU; target 4%
+SCAN_CORE := {"class_path": "bptt.models.MinGRU", "init_args": {"hidden_size": 256, "num_layers": 3, "dropout": 0.1}}
+bench-asr-scan: $(BIN)/bptt
+	$(BIN)/python benchmarks/quality_asr.py --target 0.04 --run-dir runs/bench/quality_asr_scan \
+		--out benchmarks/results/quality_asr_scan.json --model.rnn_type null --model.hidden_size null \
+		--model.num_layers null --model.core '$(SCAN_CORE)'
+
+# windows T = 64 ... 4096: minGRU / minLSTM by scan, log-space scan, loop and step by step, and torch's LSTM
+bench-scan: $(BIN)/bptt
+	$(BIN)/python benchmarks/parallel_time.py
 
 # peak memory of CTC training on a 10-second and a 10-minute utterance: about 2 minutes
 bench-asr-memory: $(BIN)/bptt

@@ -15,8 +15,9 @@ median step time over every round's steps after a warm-up step. Per window lengt
 The model is the core alone (input E = H, a squared-output loss), 2 layers of H = 256 by default.
 Per variant and T it also records the activations the step saves for its backward (bytes of every
 tensor autograd keeps: the window's memory, linear in T for a scan) and, on a CPU, the minor page
-faults per step (fresh large allocations: what bounds the elementwise scan on a CPU with glibc's
-default allocator, see README).
+faults per step (fresh large allocations: glibc's malloc maps blocks over 32 MB afresh and unmaps
+them on free, so a step touches them again; run with MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_
+set to compare, see docs/parallel-in-time.md).
 
     python benchmarks/parallel_time.py [--rounds 2] [--windows 64 256 1024 4096] [--accelerator gpu]
         [--out benchmarks/results/parallel_time.json]
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -180,7 +182,8 @@ def main() -> None:
             })
     out = {"results": results, "ratios": ratios, "lstm_equal_parameter_width": lstm_eq_width,
            "min_gru_parameters": min_gru_params, "rounds": args.rounds, "steps": args.steps,
-           "accelerator": args.accelerator, "hardware": hardware(), "date": time.strftime("%Y-%m-%d")}
+           "accelerator": args.accelerator, "date": time.strftime("%Y-%m-%d"),
+           "hardware": hardware(malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")})}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print("| core | T | scan / step-by-step | scan / sequential | scan / log_scan | scan / LSTM equal width "

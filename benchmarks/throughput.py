@@ -10,9 +10,10 @@ carries whatever else this shared machine ran meanwhile.
       detached state, clip_grad_norm_, SGD, loss.item() per step);
   (c) `bptt fit`: bptt.training.fit on the same model, data, optimizer and clipping.
 
-Models: 2 x 650 word LSTM (tied, dropout 0.5, batch 20, bptt 35) and 2 x 512 char LSTM
-(batch 64, bptt 128), on the standard library's source code (word vocabulary min count 3,
-about WikiText-2's 33k words). Then the peak memory of stream mode on a corpus 1x, 10x
+Models (``--setups``), on the standard library's source code: 2 x 650 word LSTM (tied, dropout 0.5,
+batch 20, bptt 35; vocabulary min count 3, about WikiText-2's 33k words), 2 x 512 char LSTM (batch 64,
+bptt 128), the quick start's 1 x 256 char LSTM (embedding 64, batch 32, bptt 64) and pytorch/examples'
+default word model (2 x 200, tied, dropout 0.2, batch 20, bptt 35; min count 5, about 25k words). Then the peak memory of stream mode on a corpus 1x, 10x
 and 100x as long: each size trains in a fresh process from the token cache.
 
     python benchmarks/throughput.py [--rounds 2] [--out benchmarks/results/throughput.json]
@@ -44,10 +45,17 @@ from bptt.training import fit
 from hardware import hardware  # benchmarks/hardware.py, beside this script
 
 SETUPS = {
-    "word_2x650": dict(level="word", min_count=3, embedding=650, hidden=650, dropout=0.5, tie=True, batch=20, bptt=35,
-                       lr=20.0, clip=0.25, warmup=5, steps=30),
-    "char_2x512": dict(level="char", min_count=1, embedding=128, hidden=512, dropout=0.0, tie=False, batch=64, bptt=128,
-                       lr=1.0, clip=0.25, warmup=2, steps=20),
+    "word_2x650": dict(level="word", min_count=3, embedding=650, hidden=650, layers=2, dropout=0.5, tie=True, batch=20,
+                       bptt=35, lr=20.0, clip=0.25, warmup=5, steps=30),
+    "char_2x512": dict(level="char", min_count=1, embedding=128, hidden=512, layers=2, dropout=0.0, tie=False, batch=64,
+                       bptt=128, lr=1.0, clip=0.25, warmup=2, steps=20),
+    # the quick start's size (conf/lm/quickstart.yaml): the host's share of a step is largest here
+    "char_1x256": dict(level="char", min_count=1, embedding=64, hidden=256, layers=1, dropout=0.0, tie=False, batch=32,
+                       bptt=64, lr=1.0, clip=1.0, warmup=10, steps=100),
+    # pytorch/examples word_language_model's defaults (main.py --tied): 2 x 200 LSTM, dropout 0.2, batch 20, bptt 35,
+    # SGD lr 20, clip 0.25; min count 5 gives the standard library a vocabulary of about 25k words
+    "word_2x200": dict(level="word", min_count=5, embedding=200, hidden=200, layers=2, dropout=0.2, tie=True, batch=20,
+                       bptt=35, lr=20.0, clip=0.25, warmup=10, steps=100),
 }
 STDLIB = "**/*.py"
 
@@ -58,7 +66,7 @@ DEVICE = torch.device("cpu")  # --accelerator gpu: cuda
 def _model(setup: dict, vocab: int) -> RNNLanguageModel:
     torch.manual_seed(0)
     return RNNLanguageModel(vocab_size=vocab, embedding_size=setup["embedding"], hidden_size=setup["hidden"],
-                            num_layers=2, dropout=setup["dropout"], tie_weights=setup["tie"]).to(DEVICE)
+                            num_layers=setup["layers"], dropout=setup["dropout"], tie_weights=setup["tie"]).to(DEVICE)
 
 
 def _autocast(precision: str):
@@ -137,7 +145,8 @@ def _fit_args(setup: dict, precision: str, root: str, max_steps: int) -> list[st
     return [
         "--model.class_path", "bptt.models.RNNLanguageModel",
         "--model.embedding_size", str(setup["embedding"]), "--model.hidden_size", str(setup["hidden"]),
-        "--model.num_layers", "2", "--model.dropout", str(setup["dropout"]), "--model.tie_weights", str(setup["tie"]),
+        "--model.num_layers", str(setup["layers"]), "--model.dropout", str(setup["dropout"]),
+        "--model.tie_weights", str(setup["tie"]),
         "--task.class_path", "bptt.lightning_modules.LanguageModelTask",
         "--task.optimizer.class_path", "torch.optim.SGD", "--task.optimizer.init_args.lr", str(setup["lr"]),
         "--task.grad_clip", str(setup["clip"]),

@@ -85,14 +85,23 @@ class _StepCheckpoint(ModelCheckpoint):
         super().__init__(every_n_train_steps=1, **kwargs)
         self.every_n_steps = every_n_steps
         self.saved_at_step = 0  # the step of this process's last step checkpoint (none yet: as at step 0)
+        self._trainer_step: int | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         if trainer.global_step // self.every_n_steps == self.saved_at_step // self.every_n_steps:
             return
         if validation_follows(trainer):
             return
+        self._trainer_step = trainer.global_step
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)  # writes: "step" is always a candidate
         self.saved_at_step = trainer.global_step
+
+    def format_checkpoint_name(self, metrics: dict[str, Any], *args: Any, **kwargs: Any) -> str:
+        """``step-NNNNNNN.ckpt`` with the optimizer steps taken, also where the engine logs ``step`` (the
+        loggers' x-axis, the index of the last step, which would otherwise stand in as the candidate)."""
+        if self._trainer_step is not None:
+            metrics = {**metrics, "step": torch.tensor(self._trainer_step)}
+        return super().format_checkpoint_name(metrics, *args, **kwargs)
 
 
 class _LastCheckpoint(ModelCheckpoint):

@@ -21,7 +21,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.accelerators import CPUAccelerator
-from pytorch_lightning.callbacks import Callback, LearningRateMonitor
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 
 from bptt.checkpointing import (
@@ -65,7 +65,7 @@ def _trainer(
             or it names more CPU processes than this machine has cores, or 16-bit mixed precision on a CPU.
     """
     args = dict(vars(trainer_args))
-    callbacks = list(args.pop("callbacks") or []) + callbacks + [LearningRateMonitor(logging_interval="step")]
+    callbacks = list(args.pop("callbacks") or []) + callbacks  # the engine logs the learning rate itself
     if args.get("logger") is None:
         args["logger"] = [CSVLogger(save_dir=args["default_root_dir"], name="logs")]
     placement = dict(placement or {})
@@ -84,6 +84,44 @@ def _trainer(
         if "devices" not in placement and trainer.num_devices > cores:
             raise ConfigError(f"trainer.devices={trainer_args.devices} asks for {trainer.num_devices} CPU processes but "
                               f"this machine has {cores} cores; set trainer.devices <= {cores}")
+    return trainer
+
+
+def _windows_per_batch(init: Namespace) -> Namespace:
+    """The trainer settings for Lightning, and the engine's window, when a batch holds m windows.
+
+    With ``data.windows_per_batch`` m > 1 every optimizer step takes one window of ``data.bptt``
+    steps (the engine's ``task.k1``) and a batch m of them. The settings users give in optimizer
+    steps reach Lightning, which counts batches, divided by m: an integer
+    ``trainer.val_check_interval`` (must be a multiple of m), ``trainer.max_steps`` (Lightning
+    counts optimizer steps, but stops only at a batch's end: a multiple of m too) and
+    ``trainer.log_every_n_steps`` (rounded down: every ``n // m`` batches).
+
+    Returns:
+        the ``trainer`` node to build the Trainer from (``init.trainer`` itself when m = 1).
+
+    Raises:
+        ConfigError: ``task.k1`` other than ``data.bptt``, or an interval that is not a multiple of m.
+    """
+    m = getattr(init.data, "windows_per_batch", 1)
+    if m == 1:
+        return init.trainer
+    bptt, task = init.data.bptt, init.task
+    if task.k1 is None:
+        task.k1 = task.k2 = bptt
+    elif task.k1 != bptt:
+        raise ConfigError(f"data.windows_per_batch={m} makes every optimizer step one window of data.bptt={bptt} "
+                          f"steps, but task.k1={task.k1}; drop task.k1 or set it to {bptt}")
+    trainer = Namespace(**vars(init.trainer))
+    for key in ("val_check_interval", "max_steps"):
+        value = trainer[key]
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0 and value % m:
+            raise ConfigError(f"trainer.{key}={value} counts optimizer steps and a batch takes "
+                              f"data.windows_per_batch={m} of them; make it a multiple of {m}")
+    if isinstance(trainer.val_check_interval, int) and not isinstance(trainer.val_check_interval, bool):
+        trainer.val_check_interval //= m
+    if trainer.log_every_n_steps:
+        trainer.log_every_n_steps = max(1, trainer.log_every_n_steps // m)
     return trainer
 
 
@@ -179,7 +217,7 @@ def train(
     state = RunState(config_yaml)
     checkpoints = init.checkpoint.callbacks(root / "checkpoints") if cfg.trainer.enable_checkpointing is not False else []
     callbacks = [*callbacks, state, LogStepBeforeCheckpoint(), *checkpoints]
-    trainer = _trainer(init.trainer, callbacks=callbacks, placement=placement)
+    trainer = _trainer(_windows_per_batch(init), callbacks=callbacks, placement=placement)
     if prepare is not None:
         trainer = prepare(trainer)
     _preflight(trainer, init)
@@ -201,11 +239,11 @@ def train(
                 remove_stale_partials(root / "checkpoints")
         data_artifacts = init.data.save_artifacts(root) if trainer.is_global_zero and hasattr(init.data, "save_artifacts") else []
         trainer.fit(init.task, datamodule=init.data, ckpt_path=str(checkpoint[0]) if checkpoint else None)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}  # step: the x-axis
         if getattr(init.task, "test_after_fit", False):  # e.g. the forecaster: test metrics and plot in the same run
             best = next((c.best_model_path for c in checkpoints if c.monitor == VAL_LOSS and c.best_model_path), None)
             trainer.test(init.task, datamodule=init.data, ckpt_path=best, verbose=False)
-            metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
+            metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}
         if trainer.is_global_zero:
             _log_artifacts(logger, tracking, root, init.task, data_artifacts)
     return metrics

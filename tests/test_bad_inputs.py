@@ -50,6 +50,12 @@ FIT_CASES = [
     (["--tracking.tracking_uri", "bogus://nowhere"], "MLflow cannot use the tracking URI bogus://nowhere"),
     (["--data.batch_size", "3", "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp"],
      "cannot be split evenly over 2 processes"),
+    (["--data.windows_per_batch", "0"], "data.windows_per_batch must be >= 1, got 0"),
+    (["--data.windows_per_batch", "2", "--data.random_bptt", "true"], "set data.windows_per_batch: 1 or data.random_bptt"),
+    (["--data.windows_per_batch", "2", "--task.k1", "8"], "drop task.k1 or set it to 16"),
+    (["--data.windows_per_batch", "4", "--trainer.val_check_interval", "6"],
+     "trainer.val_check_interval=6 counts optimizer steps and a batch takes data.windows_per_batch=4"),
+    (["--data.windows_per_batch", "3", "--trainer.max_steps", "10"], "trainer.max_steps=10 counts optimizer steps"),
     (["--task.optimizer.class_path", "os.system"], "names code outside the allow-list"),
     (["--trainer.callbacks", '[{"class_path": "this.Zen"}]'], "names code outside the allow-list"),
 ]

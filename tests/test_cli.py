@@ -125,6 +125,42 @@ def test_generate_samples_reproducibly_and_greedy_matches_argmax(trained):
     assert greedy.stdout == "def " + vocab.decode(out) + "\n"
 
 
+def _logged(run: Path, key: str) -> list[tuple[int, float]]:
+    rows = (line.split(",") for line in (run / "logs/version_0/metrics.csv").read_text().splitlines())
+    header = next(rows)
+    return [(int(r[header.index("step")]), float(r[header.index(key)])) for r in rows if r[header.index(key)]]
+
+
+@pytest.mark.slow
+def test_m_windows_per_batch_train_bit_for_bit_like_one(tmp_path):
+    """data.windows_per_batch 4: a batch of 4 windows of data.bptt steps, 4 optimizer steps; the same run as
+    one window per batch, with validation, step checkpoints and a step scheduler counted in optimizer steps."""
+    args = [*SMALL, "--trainer.max_steps", "12", "--trainer.val_check_interval", "8", "--checkpoint.every_n_steps", "2",
+            "--checkpoint.keep_last", "10", "--trainer.log_every_n_steps", "4", "--model.dropout", "0.2", "--trainer.deterministic", "true",
+            "--task.lr_scheduler.class_path", "torch.optim.lr_scheduler.StepLR",
+            "--task.lr_scheduler.init_args.step_size", "3", "--task.lr_scheduler.init_args.gamma", "0.5"]
+    runs = {}
+    for m in (1, 4):
+        runs[m] = tmp_path / f"m{m}"
+        result = bptt("fit", *args, "--data.windows_per_batch", str(m), "--trainer.default_root_dir", str(runs[m]),
+                      cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    # every 2 steps, but a batch of 4 windows ends only at 4, 8, 12 (8: validation, so last.ckpt, not a step one)
+    steps = {m: sorted(p.name for p in (runs[m] / "checkpoints").glob("step-*.ckpt")) for m in (1, 4)}
+    assert steps[4] == ["step-0000004.ckpt", "step-0000012.ckpt"] and set(steps[4]) < set(steps[1]), steps
+    for name in (*steps[4], "best.ckpt", "last.ckpt"):
+        one, four = (torch.load(runs[m] / "checkpoints" / name, weights_only=True) for m in (1, 4))
+        assert one["global_step"] == four["global_step"]
+        assert one["lr_schedulers"] == four["lr_schedulers"]  # StepLR stepped per optimizer step in both
+        for key, value in one["state_dict"].items():
+            assert torch.equal(four["state_dict"][key], value), f"{name}: {key} differs"
+    # the loggers' x-axis counts optimizer steps (the index of a batch's last one), as with one window per batch
+    assert _logged(runs[4], "val/loss") == _logged(runs[1], "val/loss") and len(_logged(runs[1], "val/loss")) == 1
+    assert [s for s, _ in _logged(runs[4], "train/loss")] == [3, 7, 11]
+    lr_one, lr_four = dict(_logged(runs[1], "lr-Adam")), dict(_logged(runs[4], "lr-Adam"))
+    assert lr_four == {s: lr_one[s] for s in (3, 7, 11)} and len(set(lr_four.values())) == 3  # StepLR halved it
+
+
 @pytest.mark.slow
 def test_a_scan_core_generates_what_its_sequential_evaluation_predicts(tmp_path):
     """A minGRU trained by its scan: greedy `bptt generate` equals the argmax of the same weights stepped token by

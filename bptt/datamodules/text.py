@@ -41,8 +41,13 @@ class TextStreamDataModule(ResumableDataModule):
         text_column: the text column of a Hugging Face or saved dataset.
         batch_size: B_global, the number of training streams over all ranks.
         eval_batch_size: the number of validation/test streams over all ranks.
-        bptt: window length T: time steps per batch.
-        random_bptt: AWD-LSTM-style random window lengths in training.
+        bptt: window length T: time steps per optimizer step (and per batch, unless
+            ``windows_per_batch`` says otherwise).
+        windows_per_batch: m, training windows of T steps in one batch of m * T steps: m optimizer
+            steps per batch (the engine's ``task.k1`` is T), one trip through the data loader and
+            Lightning's loop for m steps. Trains bit for bit as m = 1; logging, validation and
+            checkpoint intervals and schedulers count optimizer steps either way.
+        random_bptt: AWD-LSTM-style random window lengths in training (with ``windows_per_batch: 1``).
         seed: seed of the random window lengths.
         data_dir: the data root; default ``$BPTT_DATA_DIR``, else ``./data``.
         cache_dir: where tokenized splits are cached; default ``$BPTT_CACHE_DIR``,
@@ -64,6 +69,7 @@ class TextStreamDataModule(ResumableDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 10,
         bptt: int = 64,
+        windows_per_batch: int = 1,
         random_bptt: bool = False,
         seed: int = 0,
         data_dir: str | None = None,
@@ -73,7 +79,11 @@ class TextStreamDataModule(ResumableDataModule):
         super().__init__()
         if level not in ("char", "word"):
             raise ConfigError(f"data.level must be char or word, got {level!r}")
-        self.check_at_least(1, batch_size=batch_size, eval_batch_size=eval_batch_size, bptt=bptt, min_count=min_count)
+        self.check_at_least(1, batch_size=batch_size, eval_batch_size=eval_batch_size, bptt=bptt, min_count=min_count,
+                            windows_per_batch=windows_per_batch)
+        if random_bptt and windows_per_batch > 1:
+            raise ConfigError(f"data.random_bptt draws a length per batch, data.windows_per_batch={windows_per_batch} "
+                              "cuts a batch into equal windows; set data.windows_per_batch: 1 or data.random_bptt: false")
         fractions = tuple(split_fractions)
         if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
             raise ConfigError(f"data.split_fractions must be three non-negative numbers summing to 1 (train, "
@@ -88,6 +98,7 @@ class TextStreamDataModule(ResumableDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.bptt = bptt
+        self.windows_per_batch = windows_per_batch
         self.random_bptt = random_bptt
         self.seed = seed
         self.data_dir = data_dir
@@ -194,9 +205,10 @@ class TextStreamDataModule(ResumableDataModule):
         readers = {}
         for split, streams_global in self._stream_counts().items():
             streams = shard(stream_layout(self.ids[split], streams_global), rank, world_size)  # (B_local, L)
-            random = self.random_bptt and split == "train"
-            readers[split] = SplitReader(StreamWindows(token_streams(streams), bptt=self.bptt, random_bptt=random,
-                                                       seed=self.seed))
+            train = split == "train"
+            length = self.bptt * self.windows_per_batch if train else self.bptt  # evaluation: no optimizer steps
+            readers[split] = SplitReader(StreamWindows(token_streams(streams), bptt=length,
+                                                       random_bptt=self.random_bptt and train, seed=self.seed))
         return readers
 
     def data_state(self) -> dict[str, Any]:

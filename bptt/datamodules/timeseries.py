@@ -135,7 +135,11 @@ class TimeSeriesDataModule(ResumableDataModule):
             else 1 (the naive last-value forecast).
         batch_size: B_global, the number of training streams over all ranks; a multiple of
             the number of series.
-        bptt: window length T: time steps per batch.
+        bptt: window length T: time steps per optimizer step (and per batch, unless
+            ``windows_per_batch`` says otherwise).
+        windows_per_batch: m, training windows of T steps in one batch of m * T steps: m optimizer
+            steps per batch (the engine's ``task.k1`` is T); trains bit for bit as m = 1, with every
+            interval counted in optimizer steps.
         data_dir: the data root; default ``$BPTT_DATA_DIR``, else ``./data``.
     """
 
@@ -154,10 +158,12 @@ class TimeSeriesDataModule(ResumableDataModule):
         season: int | None = None,
         batch_size: int = 8,
         bptt: int = 52,
+        windows_per_batch: int = 1,
         data_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.check_at_least(1, horizon=horizon, batch_size=batch_size, bptt=bptt, season=1 if season is None else season)
+        self.check_at_least(1, horizon=horizon, batch_size=batch_size, bptt=bptt, season=1 if season is None else season,
+                            windows_per_batch=windows_per_batch)
         fractions = tuple(split_fractions)
         if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
             raise ConfigError(f"data.split_fractions must be three positive numbers summing to 1 (train, validation, "
@@ -182,6 +188,7 @@ class TimeSeriesDataModule(ResumableDataModule):
         self.season = season if season is not None else default_season(source)
         self.batch_size = batch_size
         self.bptt = bptt
+        self.windows_per_batch = windows_per_batch
         self.data_dir = data_dir
         self.table: SeriesTable | None = None
         self._targets: list[int] = []  # the target columns' indices among the value columns
@@ -410,7 +417,7 @@ class TimeSeriesDataModule(ResumableDataModule):
         mine = shard(rows, rank, world)  # B_local of the B_global streams
         arrays = self._series_arrays([b[0] for b in self.bounds])
         return StreamWindows(self._streams(mine, length, arrays), rows={"series": torch.tensor([r[0] for r in mine])},
-                             bptt=self.bptt)
+                             bptt=self.bptt * self.windows_per_batch)
 
     def _eval_windows(self, split: str) -> StreamWindows:
         ranges = [(b[0], b[1]) if split == "validation" else (b[1], b[2]) for b in self.bounds]

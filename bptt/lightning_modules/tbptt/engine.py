@@ -190,6 +190,7 @@ class TBPTTModule(pl.LightningModule):
         self.steps_skipped = 0
         self.consecutive_skipped = 0
         self.last_grad_norm = 0.0  # of the latest step taken (unscaled)
+        self.last_lr: float | None = None  # the learning rate the latest step taken used
         self._last_log_time: float | None = None
         self._tokens_since_log = 0.0
 
@@ -285,6 +286,7 @@ class TBPTTModule(pl.LightningModule):
         self.consecutive_skipped = 0
         self.last_grad_norm = size.norm
         self.steps_clipped += int(self._clip(size))
+        self.last_lr = opt.param_groups[0]["lr"]  # what this step used: logged as lr-<optimizer>
         opt.step()
         opt.zero_grad(set_to_none=True)
         self.steps_taken += 1
@@ -365,6 +367,10 @@ class TBPTTModule(pl.LightningModule):
         for name, value in self.derived_metrics(TRAIN, loss).items():
             self.log(name, value, on_step=True, on_epoch=False)
         attempted = max(self.steps_taken + self.steps_skipped, 1)
+        self._log_step_axis()
+        if self.last_lr is not None:  # LearningRateMonitor's name; its value: the lr of the batch's last step
+            lr = torch.tensor(self.last_lr, dtype=torch.float64)  # exact: a float would go through float32
+            self.log(f"lr-{type(self.optimizers().optimizer).__name__}", lr, on_step=True, on_epoch=False)
         self.log(GRAD_NORM, self.last_grad_norm, on_step=True, on_epoch=False)
         self.log(CLIP_FRACTION, self.steps_clipped / attempted, on_step=True, on_epoch=False)
         self.log(SKIPPED_STEPS, float(self.steps_skipped), on_step=True, on_epoch=False)
@@ -409,9 +415,23 @@ class TBPTTModule(pl.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.evaluate_batch(batch, self.test_loss)
 
+    def steps_per_batch_vary(self) -> bool:
+        """Whether a training batch may take more than one optimizer step (a task with ``k1`` windows
+        over longer batches says so); then the logged x-axis counts optimizer steps (``_log_step_axis``)."""
+        return False
+
+    def _log_step_axis(self) -> None:
+        """Log ``step`` (Lightning's key for the loggers' x-axis) as the index of the last optimizer step
+        taken, where a batch may take several: Lightning would count batches. With one step per batch both
+        are the same number, and Lightning's own is left alone."""
+        if self.steps_per_batch_vary() and not self.trainer.sanity_checking:
+            self.log("step", float(max(self.trainer.global_step - 1, 0)))  # Lightning logs int(step)
+
     def _log_eval(self, split: str, loss_metric: MeanMetric) -> Tensor:
         loss = loss_metric.compute()  # weighted by target counts, reduced over ranks
         loss_metric.reset()
+        if split == VAL:
+            self._log_step_axis()
         self.log(metric(split, "loss"), loss, prog_bar=True)
         for name, value in self.derived_metrics(split, loss).items():
             self.log(name, value)

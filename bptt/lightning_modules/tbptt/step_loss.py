@@ -58,6 +58,9 @@ class StepLossModule(TBPTTModule):
         """
         raise NotImplementedError
 
+    def steps_per_batch_vary(self) -> bool:
+        return self.k1 is not None  # a batch longer than k1 takes several optimizer steps
+
     # ---- training -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         stream = "reset" in batch
