@@ -82,3 +82,18 @@ def test_series_shorter_than_a_window_fails_in_one_line(tmp_path, capsys, monkey
                  str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "fewer than one window" in err[0], err
+
+
+@pytest.mark.slow
+def test_two_windows_per_batch_forecast_bit_for_bit_like_one(tmp_path):
+    """The series DataModule's data.windows_per_batch: 2 windows of data.bptt steps per batch, the same run."""
+    final = {}
+    for m in (1, 2):
+        root = tmp_path / f"m{m}"
+        result = bptt("fit", "--config", SUNSPOTS, "--trainer.max_steps", "8", "--trainer.enable_progress_bar", "false",
+                      "--data.windows_per_batch", str(m), "--trainer.default_root_dir", str(root), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        final[m] = torch.load(root / "checkpoints/last.ckpt", weights_only=True)
+    assert final[1]["global_step"] == final[2]["global_step"] == 8
+    for key, value in final[1]["state_dict"].items():
+        assert torch.equal(final[2]["state_dict"][key], value), key
