@@ -20,12 +20,12 @@ every block's branch, the last one's too, never on the residual path or the carr
 
 Three evaluations of the same parameters, equal up to rounding:
 
-- ``scan`` (default, training): the window in two levels of C = ceil(sqrt(T)) steps, in linear space.
+- ``scan`` (default, training): the window in two levels of C ~ sqrt(T) steps, in linear space.
   Within every chunk at once (one tensor op per step of a chunk, over all N chunks): the recurrence from
-  a zero state, s, and the running product of a, A; then a loop over the N chunk ends carries h across
-  chunks, and h_t = A_t * h_c + s_t fills in the rest. C + N ~ 2 sqrt(T) tensor ops instead of T, and
-  no log, no division: A underflowing to 0 is exact (a product of a's in (0, 1)), so any window length
-  and saturated gates are as safe as the loop. Its backward is the same scan run backwards in time
+  a zero state, s; then a loop over the N chunk ends finds each chunk's start state h_c, and C more ops
+  carry it in, h_t = s_t + (a_1 ... a_t) * h_c. About 3 sqrt(T) small ops instead of T, and no log, no
+  division: a running product of a's in (0, 1) that underflows to 0 is its exact value, so any window
+  length and saturated gates are as safe as the loop. Its backward is the same scan run backwards in time
   (``LinearScan``): g_t = dL/dh_t + a_{t+1} g_{t+1}, dL/db_t = g_t, dL/da_t = g_t h_{t-1}; it keeps a and
   h for the backward, nothing per op.
 - ``log_scan``: Heinsen's log-space scan (arXiv 2311.06281), the paper's choice: a*_t = cumsum(log a)_t,
@@ -250,7 +250,8 @@ def linear_scan(a: Tensor, b: Tensor, h0: Tensor, chunk: int | None = None) -> T
     Args:
         a, b: (B, T, H) coefficients; a in [0, 1] keeps every product bounded (any a is exact, though).
         h0: (B, H) the state before the first step; any sign.
-        chunk: C, the steps of a chunk (default ceil(sqrt(T)): C + N tensor ops, the fewest).
+        chunk: C, the steps of a chunk (default: a divisor of T near sqrt(T), else ceil(sqrt(T)): about
+            2 sqrt(T) small ops, the fewest).
 
     Returns:
         h (B, T, H), every step's state.
@@ -259,16 +260,18 @@ def linear_scan(a: Tensor, b: Tensor, h0: Tensor, chunk: int | None = None) -> T
 
 
 class LinearScan(torch.autograd.Function):
-    """The autograd of ``linear_scan``: the backward is the same two-level scan, reversed in time.
+    """The autograd of ``linear_scan``: the backward is the same two-level scan, backwards in time.
 
     With g_t = dL/dh_t in total (the direct gradient plus what h_{t+1} = a_{t+1} h_t + ... hands back):
     g_t = grad_t + a_{t+1} g_{t+1}, so dL/db_t = g_t, dL/da_t = g_t * h_{t-1}, dL/dh0 = a_1 * g_1.
-    Saves a, h0 and h; no graph of the scan's own ops. Not twice differentiable.
+    Saves a, h0 and h; no graph of the scan's own ops, and one (B, T, H) buffer per pass (on a CPU every
+    fresh buffer that size is page-faulted in anew: see docs/parallel-in-time.md). Not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, h0: Tensor, chunk: int | None) -> Tensor:  # noqa: D102
-        h = _two_level_scan(a, b, h0, chunk)
+        a, b = a.contiguous(), b.contiguous()
+        h = _scan_forward(a, b, h0, chunk)
         ctx.save_for_backward(a, h0, h)
         ctx.chunk = chunk
         return h
@@ -277,33 +280,72 @@ class LinearScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:  # noqa: D102
         a, h0, h = ctx.saved_tensors
-        # reversed in time, step t takes a_{t+1} (1 past the end: nothing comes back from beyond the window)
-        a_next = torch.cat([a[:, 1:], a.new_ones(a.shape[0], 1, a.shape[2])], dim=1).flip(1)
-        g = _two_level_scan(a_next, grad.flip(1), torch.zeros_like(h0), ctx.chunk).flip(1)  # (B, T, H)
-        h_before = torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)  # h_{t-1}
-        return g * h_before, g, a[:, 0] * g[:, 0], None
+        g = _scan_backward(a, grad.contiguous(), ctx.chunk)  # (B, T, H), dL/dh_t in total
+        grad_a = torch.empty_like(g)
+        torch.mul(g[:, 1:], h[:, :-1], out=grad_a[:, 1:])  # g_t * h_{t-1}
+        torch.mul(g[:, 0], h0, out=grad_a[:, 0])
+        return grad_a, g, a[:, 0] * g[:, 0], None
 
 
-def _two_level_scan(a: Tensor, b: Tensor, h0: Tensor, chunk: int | None) -> Tensor:
-    """``linear_scan``'s values, without autograd: see ``linear_scan``."""
+def _chunks(a: Tensor, *others: Tensor, chunk: int | None) -> tuple[int, int, list[Tensor]]:
+    """(C, N, the tensors as (B, N, C, H) views): T padded to N * C steps with a = 1, the others 0 (a
+    tail after every real step that changes none of them). C divides T where a divisor lies within
+    [sqrt(T) / 2, sqrt(T)], so that no padding copy is needed."""
     batch, steps, width = a.shape
-    size = min(chunk or math.isqrt(steps - 1) + 1, steps)  # C
-    count = -(-steps // size)  # N
-    pad = count * size - steps  # the last chunk's tail: a = 1, b = 0 after every real step, so it changes none
+    if chunk:
+        size = min(chunk, steps)
+    else:
+        root = math.isqrt(steps - 1) + 1  # ceil(sqrt(T))
+        size = next((c for c in range(root, max(root // 2, 1) - 1, -1) if steps % c == 0), root)
+    count = -(-steps // size)
+    pad = count * size - steps
     if pad:
-        a, b = F.pad(a, (0, 0, 0, pad), value=1.0), F.pad(b, (0, 0, 0, pad))
-    # (C, B, N, H): step c of every chunk is one contiguous slab
-    a = a.reshape(batch, count, size, width).permute(2, 0, 1, 3).contiguous()
-    b = b.reshape(batch, count, size, width).permute(2, 0, 1, 3).contiguous()
-    rise, decay = torch.empty_like(b), torch.empty_like(a)  # s and A of every chunk, from its start
-    rise[0], decay[0] = b[0], a[0]
+        a = F.pad(a, (0, 0, 0, pad), value=1.0)
+        others = tuple(F.pad(t, (0, 0, 0, pad)) for t in others)
+    return size, count, [t.reshape(batch, count, size, width) for t in (a, *others)]
+
+
+def _scan_forward(a: Tensor, b: Tensor, h0: Tensor, chunk: int | None) -> Tensor:
+    """``linear_scan``'s values: in every chunk at once the recurrence from zero (C ops over (B, N, H)
+    slices), the chunk-start states by a loop over the N chunk ends, then each chunk-start state
+    carried in (C more ops): h_c = s_c + (a_1 ... a_c) * h_start."""
+    steps = a.shape[1]
+    size, count, (a4, b4) = _chunks(a, b, chunk=chunk)
+    out = torch.empty_like(b4)  # (B, N, C, H): s, then h
+    out[:, :, 0] = b4[:, :, 0]
     for c in range(1, size):
-        torch.addcmul(b[c], a[c], rise[c - 1], out=rise[c])
-        torch.mul(decay[c - 1], a[c], out=decay[c])
-    starts = torch.empty(batch, count, width, dtype=h0.dtype, device=h0.device)  # h before every chunk
+        torch.addcmul(b4[:, :, c], a4[:, :, c], out[:, :, c - 1], out=out[:, :, c])
+    decay = a4.prod(dim=2)  # (B, N, H): a chunk's product; underflow to 0 is its value
+    starts = torch.empty_like(decay)  # h before every chunk
     h = h0
     for n in range(count):
         starts[:, n] = h
-        h = torch.addcmul(rise[-1, :, n], decay[-1, :, n], h)
-    h = torch.addcmul(rise, decay, starts.unsqueeze(0))  # (C, B, N, H)
-    return h.permute(1, 2, 0, 3).reshape(batch, count * size, width)[:, :steps]
+        h = torch.addcmul(out[:, n, -1], decay[:, n], h)
+    carry = starts
+    for c in range(size):
+        carry = carry * a4[:, :, c]
+        out[:, :, c] += carry
+    return out.reshape(a.shape[0], count * size, a.shape[2])[:, :steps]
+
+
+def _scan_backward(a: Tensor, grad: Tensor, chunk: int | None) -> Tensor:
+    """g_t = grad_t + a_{t+1} g_{t+1} (g after the last step: 0), the forward's scheme backwards in time:
+    within every chunk from zero at its end, then what chunk n + 1 hands back to chunk n's last step,
+    e_n = a at chunk n + 1's first step times g there, by a loop over chunks, then carried in."""
+    steps = a.shape[1]
+    size, count, (a4, d4) = _chunks(a, grad, chunk=chunk)
+    g = torch.empty_like(d4)
+    g[:, :, -1] = d4[:, :, -1]
+    for c in range(size - 2, -1, -1):
+        torch.addcmul(d4[:, :, c], a4[:, :, c + 1], g[:, :, c + 1], out=g[:, :, c])
+    decay = a4[:, :, 1:].prod(dim=2)  # (B, N, H): from a chunk's last step back to its first (1 when C = 1)
+    enter = torch.zeros_like(decay)  # e_n
+    e = torch.zeros_like(decay[:, 0])
+    for n in range(count - 1, -1, -1):
+        enter[:, n] = e
+        e = a4[:, n, 0] * torch.addcmul(g[:, n, 0], decay[:, n], e)  # a times the full g at chunk n's first step
+    carry = enter
+    for c in range(size - 1, -1, -1):
+        g[:, :, c] += carry
+        carry = carry * a4[:, :, c]
+    return g.reshape(a.shape[0], count * size, a.shape[2])[:, :steps]
