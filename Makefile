@@ -23,7 +23,8 @@ TEST_WORKERS ?= 2
 test: $(BIN)/bptt
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
-# throughput (bare kernel vs plain loop vs bptt fit) and stream-mode memory: about 12 minutes
+# throughput (bare kernel vs plain loop vs bptt fit) of four models and stream-mode memory: 12 minutes for the
+# two large models (--setups word_2x650 char_2x512), a few more for the small two
 bench: $(BIN)/bptt
 	$(BIN)/python benchmarks/throughput.py
 
@@ -49,9 +50,9 @@ SCAN_CORE := {"class_path": "bptt.models.MinGRU", "init_args": {"hidden_size": 2
 bench-asr-scan: $(BIN)/bptt
 	$(BIN)/python benchmarks/quality_asr.py --target 0.04 --run-dir runs/bench/quality_asr_scan \
 		--out benchmarks/results/quality_asr_scan.json --model.rnn_type null --model.hidden_size null \
-		--model.num_layers null --model.core '$(SCAN_CORE)'
+		--model.num_layers null --model.conv_channels 192 --model.core '$(SCAN_CORE)'
 
-# windows T = 64 ... 4096: minGRU / minLSTM by scan, log-space scan, loop and step by step, and torch's LSTM
+# windows T = 64, 256, 1024 (about 6 minutes): minGRU / minLSTM by scan, log-space scan, loop and step by step, and torch's LSTM
 bench-scan: $(BIN)/bptt
 	$(BIN)/python benchmarks/parallel_time.py
 
