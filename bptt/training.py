@@ -91,11 +91,11 @@ def _windows_per_batch(init: Namespace) -> Namespace:
     """The trainer settings for Lightning, and the engine's window, when a batch holds m windows.
 
     With ``data.windows_per_batch`` m > 1 every optimizer step takes one window of ``data.bptt``
-    steps (the engine's ``task.k1``) and a batch m of them. The settings users give in optimizer
-    steps reach Lightning, which counts batches, divided by m: an integer
-    ``trainer.val_check_interval`` (must be a multiple of m), ``trainer.max_steps`` (Lightning
-    counts optimizer steps, but stops only at a batch's end: a multiple of m too) and
-    ``trainer.log_every_n_steps`` (rounded down: every ``n // m`` batches).
+    steps (the engine's ``task.k1``) and a batch m of them. Users give every interval in optimizer
+    steps; Lightning counts some in batches: an integer ``trainer.val_check_interval`` reaches it
+    divided by m (so it must be a multiple of m), ``trainer.log_every_n_steps`` divided and rounded
+    down (every ``n // m`` batches). ``trainer.max_steps`` stays (Lightning counts optimizer steps)
+    but must be a multiple of m too: training stops only at a batch's end.
 
     Returns:
         the ``trainer`` node to build the Trainer from (``init.trainer`` itself when m = 1).
