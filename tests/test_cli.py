@@ -103,6 +103,19 @@ def test_validate_and_test_a_checkpoint(trained):
     assert result.returncode == 0 and "test/bpc" in json.loads(result.stdout.splitlines()[-1])
 
 
+def _greedy(model: RNNLanguageModel, ckpt: str, vocab: Vocabulary, prompt: str, tokens: int) -> str:
+    """``prompt`` and the argmax continuation of ``model`` with a checkpoint's weights, one token at a time."""
+    state_dict = torch.load(ckpt, weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state_dict.items()})
+    ids, state, out = torch.tensor([vocab.encode(prompt)]), None, []
+    with torch.no_grad():
+        for _ in range(tokens):
+            logits, state = model.eval()(ids, state)
+            ids = logits[:, -1:].argmax(-1)
+            out.append(ids.item())
+    return prompt + vocab.decode(out)
+
+
 @pytest.mark.slow
 def test_generate_samples_reproducibly_and_greedy_matches_argmax(trained):
     ckpt = str(trained / "checkpoints/last.ckpt")
@@ -114,15 +127,7 @@ def test_generate_samples_reproducibly_and_greedy_matches_argmax(trained):
     greedy = bptt("generate", ckpt, "--prompt", "def ", "--num-tokens", "10", "--temperature", "0", cwd=trained)
     vocab = Vocabulary.load(trained / "vocab.json")
     model = RNNLanguageModel(vocab_size=len(vocab), embedding_size=64, hidden_size=32, num_layers=1)
-    state_dict = torch.load(ckpt, weights_only=True)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state_dict.items()})
-    ids, state, out = torch.tensor([vocab.encode("def ")]), None, []
-    with torch.no_grad():
-        for _ in range(10):
-            logits, state = model.eval()(ids, state)
-            ids = logits[:, -1:].argmax(-1)
-            out.append(ids.item())
-    assert greedy.stdout == "def " + vocab.decode(out) + "\n"
+    assert greedy.stdout == _greedy(model, ckpt, vocab, "def ", 10) + "\n"
 
 
 def _logged(run: Path, key: str) -> list[tuple[int, float]]:
@@ -174,15 +179,7 @@ def test_a_scan_core_generates_what_its_sequential_evaluation_predicts(tmp_path)
     vocab = Vocabulary.load(run / "vocab.json")
     model = RNNLanguageModel(vocab_size=len(vocab), embedding_size=64,
                              core=partial(MinGRU, hidden_size=32, num_layers=2, evaluation="sequential"))
-    state_dict = torch.load(ckpt, weights_only=True)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state_dict.items()})
-    ids, state, out = torch.tensor([vocab.encode("def ")]), None, []
-    with torch.no_grad():
-        for _ in range(10):
-            logits, state = model.eval()(ids, state)
-            ids = logits[:, -1:].argmax(-1)
-            out.append(ids.item())
-    assert greedy.stdout == "def " + vocab.decode(out) + "\n"
+    assert greedy.stdout == _greedy(model, ckpt, vocab, "def ", 10) + "\n"
 
 
 @pytest.mark.slow

@@ -93,9 +93,13 @@ def test_stream_mode_carries_state_across_batches():
         _assert_same_parameters(task.model, _window_loop(fresh, tokens, 4, carry=False))
 
 
-def test_stream_mode_resets_exactly_the_marked_streams():
-    model = tiny_model()
+@pytest.mark.parametrize("core", ["LSTM", "MinGRU", "MinLSTM"])
+def test_stream_mode_resets_exactly_the_marked_streams(core):
+    """torch's LSTM, and the scan cores against their sequential evaluation."""
+    model = tiny_model() if core == "LSTM" else _scan_model({"MinGRU": MinGRU, "MinLSTM": MinLSTM}[core])
     reference = copy.deepcopy(model).double()
+    if core != "LSTM":
+        reference.rnn.evaluation = "sequential"
     tokens = _tokens(length=13)
     batches = stream_batches(tokens, 4)
     batches[2]["reset"] = torch.tensor([False, True, False])
@@ -157,19 +161,6 @@ def test_a_scan_core_under_tbptt_equals_the_step_by_step_reference(cls, k1, k2, 
     task = LanguageModelTask(model=model, optimizer=sgd(LR), k1=k1, k2=k2)
     run(task, stream_batches(tokens, batch_window))
     _assert_same_parameters(task.model, _williams_peng(reference, tokens, k1, k2, batch_window))
-
-
-@pytest.mark.parametrize("cls", [MinGRU, MinLSTM], ids=lambda c: c.__name__)
-def test_a_scan_core_resets_exactly_the_marked_streams(cls):
-    model = _scan_model(cls)
-    reference = copy.deepcopy(model).double()
-    reference.rnn.evaluation = "sequential"
-    tokens = _tokens(length=13)
-    batches = stream_batches(tokens, 4)
-    batches[2]["reset"] = torch.tensor([False, True, False])
-    task = LanguageModelTask(model=model, optimizer=sgd(LR))
-    run(task, batches)
-    _assert_same_parameters(task.model, _window_loop(reference, tokens, 4, resets={2: torch.tensor([False, True, False])}))
 
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
