@@ -111,12 +111,16 @@ def _run_state(root: Path) -> tuple[str, dict[str, list], dict[str, str]]:
 
 
 RESUME_CASES = [
-    (["--data.batch_size", "3", "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp"],
+    (["--data.eval_batch_size", "3", "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp"],
      "cannot be split evenly over 2 processes"),
     (["--task.optimizer.init_args.lr", "-1"], "task.optimizer"),
     (["--trainer.devices", str(CORES + 1), "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp"], "cores"),
     (["--trainer.default_root_dir", "/proc/bptt-run"], "cannot be written"),
     (["--trainer.val_check_interval", "0"], "val_check_interval"),
+    # the read position counts batches of 4 streams x 16 steps: another layout would read other data
+    (["--data.windows_per_batch", "2"], "read its training data with data.windows_per_batch=1 "),
+    (["--data.bptt", "8"], "with data.bptt=16 "),
+    (["--data.batch_size", "8"], "with data.batch_size=4 "),
 ]
 
 

@@ -26,8 +26,11 @@ from pytorch_lightning.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from bptt.datamodules.sources import SPLITS
-from bptt.errors import ConfigError
+from bptt.errors import CheckpointError, ConfigError
 from bptt.sharding import check_divides
+
+# the settings a subclass's ``read_layout`` may name: what the checkpointed read position is counted in
+READ_LAYOUT_KEYS = ("batch_size", "bptt", "windows_per_batch", "random_bptt")
 
 
 class EpochCursor(Protocol):
@@ -115,6 +118,11 @@ class ResumableDataModule(pl.LightningDataModule):
     def load_data_state(self, state: dict[str, Any]) -> None:
         """Restore ``data_state``; called before the read position is restored."""
 
+    def read_layout(self) -> dict[str, Any]:
+        """The settings (``data.<key>``: value) that fix what the read position counts and how many
+        rows a carried state has: a resumed run must keep them (``check_resume``)."""
+        return {"batch_size": self.batch_size}
+
     # ------------------------------------------------------------ the skeleton
 
     def rank_and_world(self) -> tuple[int, int]:
@@ -175,8 +183,28 @@ class ResumableDataModule(pl.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """``data_state()`` and the read position of training: ``epoch`` and the next ``position_key``."""
-        return {**self.data_state(), "epoch": self._position[0], self.position_key: self._position[1]}
+        """``data_state()``, the read position of training (``epoch`` and the next ``position_key``)
+        and the ``read_layout`` that position is counted in."""
+        return {**self.data_state(), "epoch": self._position[0], self.position_key: self._position[1],
+                "read_layout": self.read_layout()}
+
+    def check_resume(self, state: dict[str, Any] | None, source: str) -> None:
+        """Refuse to continue ``source``'s checkpointed read position (its ``state_dict``) under other
+        ``read_layout`` settings: batch k of another layout is other data, and carried rows would not fit.
+
+        Raises:
+            CheckpointError: a setting differs; names each with the checkpoint's value.
+        """
+        saved = (state or {}).get("read_layout") or {}  # checkpoints from before read_layout: nothing to compare
+        now = self.read_layout()
+        changed = [key for key in now if key in saved and saved[key] != now[key]]
+        if changed:
+            was = ", ".join(f"data.{key}={saved[key]}" for key in changed)
+            given = ", ".join(f"data.{key}={now[key]}" for key in changed)
+            raise CheckpointError(
+                f"{source} read its training data with {was} and its read position counts those batches; it cannot "
+                f"continue with {given}: resume with {was} (drop those overrides) or start a new run with bptt fit"
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.load_data_state(state_dict)

@@ -439,6 +439,10 @@ class TimeSeriesDataModule(ResumableDataModule):
         return {"columns": list(self.table.columns), "mean": self.mean.tolist(), "std": self.std.tolist(),
                 "mase_scale": self.scale.tolist()}
 
+    def read_layout(self) -> dict[str, Any]:
+        """Streams, window length and windows per batch: batch k of the training streams."""
+        return {**super().read_layout(), "bptt": self.bptt, "windows_per_batch": self.windows_per_batch}
+
     def load_data_state(self, state: dict[str, Any]) -> None:
         self._restored = {k: state[k] for k in ("columns", "mean", "std", "mase_scale")}
         if self.table is not None:

@@ -189,6 +189,7 @@ def load_sweep(path: str | Path, text: str | None = None, *, trusted: bool = Fal
     if spec.scheduler.type == "pbt":
         for key, dist in (spec.scheduler.mutations or {}).items():
             _check_distribution(path, key, dist)
+        _check_pbt_keeps_read_layout(path, spec.scheduler.mutations or spec.space)
     if spec.search is not None:
         if spec.scheduler.type == "pbt":
             raise ConfigError(f"{path}: a search algorithm cannot drive PBT; drop search or use scheduler asha/fifo")
@@ -204,6 +205,20 @@ def load_sweep(path: str | Path, text: str | None = None, *, trusted: bool = Fal
     _check_numbers(path, spec)
     _check_against_base(path, spec, base)
     return spec, str(base)
+
+
+def _check_pbt_keeps_read_layout(path: Path, mutations: dict[str, Any]) -> None:
+    """PBT continues a better trial's checkpoint under the worse trial's perturbed config: a checkpoint's
+    read position counts batches of its own data layout, which ``bptt resume`` refuses to change."""
+    from bptt.datamodules.resumable import READ_LAYOUT_KEYS
+
+    for key in mutations:
+        if key.startswith("data.") and key.rsplit(".", 1)[-1] in READ_LAYOUT_KEYS:
+            raise ConfigError(
+                f"{path}: PBT would perturb {key}, but a trial continues another trial's checkpoint whose read "
+                f"position counts batches of its own {key}; keep it out of scheduler.mutations (and out of space "
+                "when mutations is not given), or use scheduler asha or fifo"
+            )
 
 
 def _check_numbers(path: Path, spec: SweepSpec) -> None:
