@@ -8,7 +8,9 @@ carries whatever else this shared machine ran meanwhile.
   (a) bare kernel: the model's forward + loss + backward + SGD step on one preloaded window;
   (b) plain loop: pytorch/examples word_language_model's TBPTT loop (streams, carried and
       detached state, clip_grad_norm_, SGD, loss.item() per step);
-  (c) `bptt fit`: bptt.training.fit on the same model, data, optimizer and clipping.
+  (c) `bptt fit`: bptt.training.fit on the same model, data, optimizer and clipping; also with
+      ``data.windows_per_batch: 4`` (c_m4: four optimizer steps per Lightning batch), and with
+      ``trainer.precision: auto`` (measured afresh each round) beside fp32 and bf16-mixed.
 
 Models (``--setups``), on the standard library's source code: 2 x 650 word LSTM (tied, dropout 0.5,
 batch 20, bptt 35; vocabulary min count 3, about WikiText-2's 33k words), 2 x 512 char LSTM (batch 64,
@@ -35,6 +37,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import yaml
 
 from bptt.config import parse_config
 from bptt.datamodules import TextStreamDataModule
@@ -161,27 +164,57 @@ def _fit_args(setup: dict, precision: str, root: str, max_steps: int) -> list[st
     ]
 
 
-def bptt_fit(setup: dict, data: TextStreamDataModule, precision: str) -> list[float]:
-    """Seconds of each step after the warm-up."""
-    timer = StepTimer(setup["warmup"])
+CHOSEN: dict[str, list[str]] = {}  # setup name -> what trainer.precision: auto chose, each round
+
+
+def bptt_fit(setup: dict, data: TextStreamDataModule, precision: str, windows_per_batch: int = 1) -> list[float]:
+    """Seconds of each optimizer step after the warm-up; with ``windows_per_batch`` m a timed batch
+    holds m optimizer steps, each counted as a batch's time / m. ``precision`` auto measures afresh
+    each time (an empty cache; the measuring steps are not timed) and records its choice in ``CHOSEN``."""
+    m = windows_per_batch
+    timer = StepTimer(-(-setup["warmup"] // m))
+    batches = -(-setup["warmup"] // m) + -(-setup["steps"] // m)
     with tempfile.TemporaryDirectory() as root:
-        fit(parse_config(_fit_args(setup, precision, root, setup["warmup"] + setup["steps"])), callbacks=[timer])
-    return timer.step_times()
+        args = [*_fit_args(setup, precision, root, batches * m), "--data.windows_per_batch", str(m)]
+        with _environ(BPTT_CACHE_DIR=str(Path(root) / "cache")) if precision == "auto" else contextlib.nullcontext():
+            fit(parse_config(args), callbacks=[timer])
+        if precision == "auto":
+            chosen = yaml.safe_load((Path(root) / "config.yaml").read_text())["trainer"]["precision"]
+            CHOSEN.setdefault(setup["name"], []).append(chosen)
+    return [t / m for t in timer.step_times() for _ in range(m)]
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def bptt_fit_m4(setup: dict, data: TextStreamDataModule, precision: str) -> list[float]:
+    """`bptt fit` with 4 windows (optimizer steps) per Lightning batch: Lightning's per-batch work paid once per 4 steps."""
+    return bptt_fit(setup, data, precision, windows_per_batch=4)
 
 
 VARIANTS = {
     "a_bare_fp32": (bare_kernel, "32-true"),
     "b_plain_fp32": (plain_loop, "32-true"),
     "c_bptt_fp32": (bptt_fit, "32-true"),
+    "c_bptt_m4_fp32": (bptt_fit_m4, "32-true"),
     "a_bare_bf16": (bare_kernel, "bf16-mixed"),
     "c_bptt_bf16": (bptt_fit, "bf16-mixed"),
+    "c_bptt_auto": (bptt_fit, "auto"),
 }
 
 
 def throughput(rounds: int, names: list[str]) -> dict:
     results = {}
     for name in names:
-        setup = SETUPS[name]
+        setup = {**SETUPS[name], "name": name}
         data = TextStreamDataModule(corpus="stdlib", stdlib_glob=STDLIB, level=setup["level"],
                                     min_count=setup["min_count"], batch_size=setup["batch"], bptt=setup["bptt"])
         data.load()
@@ -201,8 +234,13 @@ def throughput(rounds: int, names: list[str]) -> dict:
             "steps_timed": {v: len(t) for v, t in steps.items()},
             "c_over_a": med["c_bptt_fp32"] / med["a_bare_fp32"],
             "c_over_b": med["c_bptt_fp32"] / med["b_plain_fp32"],
+            "c_m4_over_b": med["c_bptt_m4_fp32"] / med["b_plain_fp32"],
             "c_bf16_over_b_fp32": med["c_bptt_bf16"] / med["b_plain_fp32"],
             "bare_bf16_over_bare_fp32": med["a_bare_bf16"] / med["a_bare_fp32"],
+            "c_bf16_over_c_fp32": med["c_bptt_bf16"] / med["c_bptt_fp32"],
+            # trainer.precision: auto against the faster of the two precisions it chooses between
+            "auto_chose": CHOSEN.get(name, []),
+            "auto_over_best": med["c_bptt_auto"] / max(med["c_bptt_fp32"], med["c_bptt_bf16"]),
         }
     return results
 
@@ -295,7 +333,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     for name, r in result.get("throughput", {}).items():
-        print(f"{name}: c/a {r['c_over_a']:.3f}  c/b {r['c_over_b']:.3f}  c_bf16/b_fp32 {r['c_bf16_over_b_fp32']:.3f}")
+        print(f"{name}: c/a {r['c_over_a']:.3f}  c/b {r['c_over_b']:.3f}  c_m4/b {r['c_m4_over_b']:.3f}  auto/best {r['auto_over_best']:.3f} ({r['auto_chose']})  c_bf16/b_fp32 {r['c_bf16_over_b_fp32']:.3f}")
     if "memory" in result:
         print(f"memory: max peak / 1x peak = {result['memory']['max_over_1x']:.3f}")
 

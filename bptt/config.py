@@ -17,7 +17,7 @@ the command line (``--model.hidden_size 512``) replace single values.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, Union, get_type_hints
 
 import pytorch_lightning as pl
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -30,6 +30,8 @@ from bptt.packaged_configs import resolve_config_args
 from bptt.tracking import MlflowTracking
 from bptt.trust import check_args
 
+PRECISIONS = "32-true, bf16-mixed, 16-mixed (GPU), bf16-true, 16-true, 64-true (or 32, 16, bf16, 64)"
+
 
 def _vocab_size(data: Any) -> int | None:
     return getattr(data, "vocab_size", None)  # a forecaster's data has none, nor does its model take one
@@ -41,7 +43,11 @@ def build_parser(prog: str = "bptt fit") -> ArgumentParser:
     parser.add_argument("--config", action=ActionConfigFile,
                         help="a YAML config, e.g. conf/lm/quickstart.yaml (bptt configs lists those shipped by name)")
     parser.add_argument("--seed_everything", type=int, default=0, help="seed of torch, numpy and random")
-    parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False)
+    parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, skip={"precision"})
+    lightning_precision = get_type_hints(pl.Trainer.__init__)["precision"]
+    parser.add_argument("--trainer.precision", type=Union[lightning_precision, Literal["auto"]],
+                        default=None, help="Lightning's precision (default 32-true), or auto: the fastest on this "
+                        "machine for this run, measured over a few steps (bptt.precision)")
     parser.set_defaults({"trainer.use_distributed_sampler": False, "trainer.default_root_dir": "runs"})
     parser.add_subclass_arguments(nn.Module, "model", required=True)
     parser.add_subclass_arguments(TBPTTModule, "task", required=True)
@@ -99,6 +105,8 @@ def parse_config(
     try:
         cfg = parser.parse_args(args)
     except Exception as err:  # jsonargparse raises ArgumentError, ValueError or TypeError
+        if 'key "trainer.precision"' in str(err):  # its union of Literals would name only the first branch
+            raise ConfigError(f"trainer.precision must be auto, or one of Lightning's: {PRECISIONS}") from None
         raise ConfigError(one_line(err)) from None
     check_trainer(cfg.trainer)
     return cfg

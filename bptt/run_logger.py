@@ -17,8 +17,11 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from bptt.precision import PrecisionChoice
 from bptt.private_api import pending_train_step_metrics
 from bptt.tracking import DataInput, flatten
+
+PRECISION_TAG = "bptt.precision_auto"
 
 
 class RunLogger(MLFlowLogger):
@@ -62,6 +65,19 @@ class RunLogger(MLFlowLogger):
         self.experiment.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[
             InputTag(MLFLOW_DATASET_CONTEXT, "training"),
             *(InputTag(f"{split}_batches", str(n)) for split, n in data.split_batches.items())])])
+
+    def log_precision_choice(self, choice: PrecisionChoice) -> None:
+        """What ``trainer.precision: auto`` chose (tag ``bptt.precision_auto``) and the steps per second it
+        measured for each candidate (metrics ``precision_auto/<precision>/steps_per_sec``)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        self.experiment.set_tag(self.run_id, PRECISION_TAG, choice.summary())
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"precision_auto/{p}/steps_per_sec", v, now, 0) for p, v in choice.steps_per_sec.items()]
+        if metrics:
+            self.experiment.log_batch(self.run_id, metrics=metrics, synchronous=True)
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         """Every resolved config value as a param with its dotted key (once per run)."""

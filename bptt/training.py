@@ -12,6 +12,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +24,9 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities import rank_zero_info
 
+from bptt import precision
 from bptt.checkpointing import (
     AtomicCheckpointIO,
     RunState,
@@ -188,11 +191,13 @@ def train(
     run_id: str | None = None,
     placement: dict[str, Any] | None = None,
     prepare: Callable[[pl.Trainer], pl.Trainer] | None = None,
+    agree: Callable[[Callable[[], str]], str] | None = None,
     trusted: bool = False,
 ) -> dict[str, float]:
     """Train ``cfg``, from ``checkpoint`` when given, logging to the MLflow run ``run_id`` (else
-    the checkpoint's run, else a new one); ``placement`` and ``prepare`` are for processes that
-    Ray Train started (its strategy and environment, ``ray.train.lightning.prepare_trainer``).
+    the checkpoint's run, else a new one); ``placement``, ``prepare`` and ``agree`` are for processes
+    that Ray Train started (its strategy and environment, ``ray.train.lightning.prepare_trainer``, and
+    rank 0's answer for every rank: ``trainer.precision: auto``).
 
     Every check runs before anything is written: the config and the data, the store and the
     run to continue, the output directory, the Trainer's settings and the optimizer. A run that
@@ -216,6 +221,15 @@ def train(
         tracking.check_run(run_id, what=f"checkpoint {checkpoint[0]}" if checkpoint else "this trial")
     root = Path(cfg.trainer.default_root_dir)
     check_writable_directory(root, label=f"trainer.default_root_dir={root}", fix="choose a writable directory")
+    chosen = None
+    if str(cfg.trainer.precision) == precision.AUTO:
+        _check_optimizer(init)  # before the measurement trains with it
+        cfg, chosen = _auto_precision(cfg, parser, checkpoint, placement, agree)
+        rank_zero_info(chosen.summary())
+        config_yaml = parser.dump(cfg)  # the run, its checkpoints and a resume: the precision chosen
+        pl.seed_everything(cfg.seed_everything, workers=True, verbose=False)  # as if it had been configured
+        init = instantiate(cfg, parser)
+        init.data.prepare_data()
     state = RunState(config_yaml)
     checkpoints = init.checkpoint.callbacks(root / "checkpoints") if cfg.trainer.enable_checkpointing is not False else []
     callbacks = [*callbacks, state, LogStepBeforeCheckpoint(), *checkpoints]
@@ -233,6 +247,8 @@ def train(
             state.run_id = logger.run_id
             logger.log_config(yaml.safe_load(config_yaml))
             logger.log_data_input(data_input)
+            if chosen is not None:
+                logger.log_precision_choice(chosen)
             if checkpoints:
                 logger.experiment.set_tag(logger.run_id, CHECKPOINT_DIR_TAG, str((root / "checkpoints").resolve()))
             root.mkdir(parents=True, exist_ok=True)
@@ -240,7 +256,8 @@ def train(
             if checkpoints:  # left by a process killed mid-write
                 remove_stale_partials(root / "checkpoints")
         data_artifacts = init.data.save_artifacts(root) if trainer.is_global_zero and hasattr(init.data, "save_artifacts") else []
-        trainer.fit(init.task, datamodule=init.data, ckpt_path=str(checkpoint[0]) if checkpoint else None)
+        with precision.handed_to_child_processes(chosen) if chosen is not None else nullcontext():
+            trainer.fit(init.task, datamodule=init.data, ckpt_path=str(checkpoint[0]) if checkpoint else None)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}  # step: the x-axis
         if getattr(init.task, "test_after_fit", False):  # e.g. the forecaster: test metrics and plot in the same run
             best = next((c.best_model_path for c in checkpoints if c.monitor == VAL_LOSS and c.best_model_path), None)
@@ -259,16 +276,59 @@ def _preflight(trainer: pl.Trainer, init: Namespace) -> None:
     Raises:
         ConfigError: the optimizer or scheduler refuses its settings, or the data cannot be split.
     """
-    try:
-        init.task.configure_optimizers()
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"task.optimizer / task.lr_scheduler: {str(err).strip().splitlines()[0]}; fix the value in "
-                          "the config") from None
+    _check_optimizer(init)
     init.data.trainer = trainer  # rank and world size, as Lightning attaches it in fit
     try:
         init.data.setup("fit")
     finally:
         init.data.trainer = None
+
+
+def _check_optimizer(init: Namespace) -> None:
+    """The optimizer and scheduler settings, by building them once.
+
+    Raises:
+        ConfigError: the optimizer or scheduler refuses its settings.
+    """
+    try:
+        init.task.configure_optimizers()
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"task.optimizer / task.lr_scheduler: {str(err).strip().splitlines()[0]}; fix the value in "
+                          "the config") from None
+
+
+def _auto_precision(
+    cfg: Namespace,
+    parser: Any,
+    checkpoint: tuple[Path, dict[str, Any]] | None,
+    placement: dict[str, Any] | None,
+    agree: Callable[[Callable[[], str]], str] | None,
+) -> tuple[Namespace, precision.PrecisionChoice]:
+    """``cfg`` with ``trainer.precision: auto`` replaced by a precision, and the choice: a resumed run's
+    own (its checkpoint's config), else the fastest measured on the run's task and data (``bptt.precision``)."""
+    cfg = cfg.clone()
+    saved = yaml.safe_load(checkpoint[1]["bptt"]["config"])["trainer"].get("precision") if checkpoint else None
+    if saved not in (None, precision.AUTO):
+        cfg.trainer.precision = saved
+        return cfg, precision.PrecisionChoice(str(saved), {}, "the checkpoint's run", cached=True)
+    accelerator = (placement or {}).get("accelerator") or str(cfg.trainer.accelerator)
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator not in ("cpu", "gpu", "cuda"):
+        raise ConfigError(f"trainer.precision: auto measures on cpu or gpu, not trainer.accelerator={accelerator}; "
+                          "set trainer.precision")
+    accelerator = "gpu" if accelerator == "cuda" else accelerator
+    shape = {k: v for k, v in yaml.safe_load(parser.dump(cfg)).items() if k in ("model", "task", "data")}
+
+    def build() -> tuple[pl.LightningModule, pl.LightningDataModule]:
+        probe = instantiate(cfg, parser)
+        probe.data.prepare_data()
+        _windows_per_batch(probe)  # a batch of m windows: the task's k1, as the run will have it
+        return probe.task, probe.data
+
+    choice = precision.resolve(accelerator, shape, build, agree)
+    cfg.trainer.precision = choice.precision
+    return cfg, choice
 
 
 class _OptimizerSettings(Callback):

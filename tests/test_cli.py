@@ -31,6 +31,9 @@ from tests.conftest import PROJECT
         (["--data.corpus", "nowhere.txt"], "corpus 'nowhere.txt' not found"),
         (["--data.corpus", "latin1.txt"], "latin1.txt is not UTF-8 text"),
         (["--data.corpus", "empty.txt"], "split of .*empty.txt is empty"),
+        (["--trainer.precision", "fp8"], "trainer.precision must be auto, or one of Lightning's: 32-true, bf16-mixed"),
+        # checked before auto measures anything
+        (["--trainer.precision", "auto", "--task.optimizer.init_args.lr", "-1"], "task.optimizer"),
     ],
 )
 def test_bad_input_fails_in_one_line_before_training(args, message, tmp_path, capsys, monkeypatch):

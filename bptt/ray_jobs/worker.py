@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,9 +50,17 @@ def run_worker(job: WorkerJob) -> None:
                 path = Path(directory) / CHECKPOINT_FILE
                 checkpoint = (path, load_checkpoint(path))
             train(cfg, callbacks=[ReportToRay()], checkpoint=checkpoint, run_id=job.run_id, placement=placement,
-                  prepare=prepare_trainer, trusted=job.trusted)  # the checkpoint's config is the trial's own
+                  prepare=prepare_trainer, agree=_rank_zero_answer, trusted=job.trusted)  # the checkpoint's config is the trial's own
     finally:  # config, vocabulary, curves and CSV logs: all of it is in MLflow by now
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _rank_zero_answer(ask: Callable[[], str]) -> str:
+    """Rank 0's answer to ``ask`` on every rank (``trainer.precision: auto`` measures once per trial)."""
+    import ray.train
+    from ray.train.collective import broadcast_from_rank_zero
+
+    return broadcast_from_rank_zero(ask() if ray.train.get_context().get_world_rank() == 0 else None)
 
 
 class ReportToRay(pl.Callback):
