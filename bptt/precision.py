@@ -59,6 +59,8 @@ class PrecisionChoice:
     cached: bool = False
 
     def summary(self) -> str:
+        if not self.steps_per_sec:
+            return f"trainer.precision: auto chose {self.precision} on {self.device}"
         speeds = ", ".join(f"{p} {s:.2f}" for p, s in self.steps_per_sec.items())
         how = "cached measurement" if self.cached else "measured"
         return f"trainer.precision: auto chose {self.precision} on {self.device} ({how}, steps/s: {speeds})"
@@ -103,9 +105,10 @@ def resolve(
     if inherited:
         saved = json.loads(inherited)
         return PrecisionChoice(**{**saved, "cached": True})
-    if agree is not None:
-        return PrecisionChoice(**json.loads(agree(lambda: json.dumps(asdict(_measured_or_cached(accelerator, shape, build))))))
-    return _measured_or_cached(accelerator, shape, build)
+    if agree is None:
+        return _measured_or_cached(accelerator, shape, build)
+    answer = agree(lambda: json.dumps(asdict(_measured_or_cached(accelerator, shape, build))))
+    return PrecisionChoice(**json.loads(answer))
 
 
 @contextmanager

@@ -141,7 +141,7 @@ def test_resume_from_state_dict_gives_the_same_remaining_batches():
     for batch in epoch1[:2]:  # as if a checkpoint were written after the second batch of epoch 1
         dm.on_after_batch_transfer(batch, 0)
     state = dm.state_dict()
-    assert state == {"epoch": 1, "batch": 2}
+    assert state == {"epoch": 1, "batch": 2, "read_layout": {"batch_size": dm.batch_size}}
     resumed = _copy()
     resumed.load_state_dict(state)
     rest = _batches(resumed, "train")
