@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from hardware import hardware  # benchmarks/hardware.py, beside this script
+from bptt.hardware import hardware
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIG = PROJECT / "conf/asr/fsdd_digits.yaml"

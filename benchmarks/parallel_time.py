@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bptt.hardware import hardware
 from bptt.models import MinGRU, MinLSTM
-from hardware import hardware  # benchmarks/hardware.py, beside this script
 
 PROJECT = Path(__file__).resolve().parents[1]
 

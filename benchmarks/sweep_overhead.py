@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from hardware import hardware  # benchmarks/hardware.py, beside this script
+from bptt.hardware import hardware
 
 PROJECT = Path(__file__).resolve().parents[1]
 BPTT = str(Path(sys.executable).parent / "bptt")

@@ -42,10 +42,10 @@ import yaml
 from bptt.config import parse_config
 from bptt.datamodules import TextStreamDataModule
 from bptt.datamodules.streams import stream_layout
+from bptt.hardware import hardware
 from bptt.models import RNNLanguageModel
+from bptt.precision import StepTimer
 from bptt.training import fit
-
-from hardware import hardware  # benchmarks/hardware.py, beside this script
 
 SETUPS = {
     "word_2x650": dict(level="word", min_count=3, embedding=650, hidden=650, layers=2, dropout=0.5, tie=True, batch=20,
@@ -127,23 +127,6 @@ def plain_loop(setup: dict, data: TextStreamDataModule, precision: str) -> list[
     return times[setup["warmup"] :]
 
 
-class StepTimer(pl.Callback):
-    """Seconds from one batch's start to the next one's (the training step and whatever Lightning
-    does between steps), after the warm-up; the last step ends when training ends."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.starts = warmup, []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.starts.append(_now())
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.starts.append(_now())
-
-    def step_times(self) -> list[float]:
-        return [b - a for a, b in zip(self.starts, self.starts[1:])][self.warmup :]
-
-
 def _fit_args(setup: dict, precision: str, root: str, max_steps: int) -> list[str]:
     return [
         "--model.class_path", "bptt.models.RNNLanguageModel",
@@ -172,7 +155,7 @@ def bptt_fit(setup: dict, data: TextStreamDataModule, precision: str, windows_pe
     holds m optimizer steps, each counted as a batch's time / m. ``precision`` auto measures afresh
     each time (an empty cache; the measuring steps are not timed) and records its choice in ``CHOSEN``."""
     m = windows_per_batch
-    timer = StepTimer(-(-setup["warmup"] // m))
+    timer = StepTimer("gpu" if DEVICE.type == "cuda" else "cpu")
     batches = -(-setup["warmup"] // m) + -(-setup["steps"] // m)
     with tempfile.TemporaryDirectory() as root:
         args = [*_fit_args(setup, precision, root, batches * m), "--data.windows_per_batch", str(m)]
@@ -181,7 +164,7 @@ def bptt_fit(setup: dict, data: TextStreamDataModule, precision: str, windows_pe
         if precision == "auto":
             chosen = yaml.safe_load((Path(root) / "config.yaml").read_text())["trainer"]["precision"]
             CHOSEN.setdefault(setup["name"], []).append(chosen)
-    return [t / m for t in timer.step_times() for _ in range(m)]
+    return timer.step_times()[-(-setup["warmup"] // m) * m :]
 
 
 @contextlib.contextmanager

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ import torch
 from pytorch_lightning.strategies import SingleDeviceStrategy
 
 from bptt.datamodules.sources import default_cache_dir
+from bptt.hardware import device_model
 
 AUTO = "auto"
 # the choice of the process that measured, for the DDP processes Lightning starts from the same command
@@ -64,19 +64,6 @@ class PrecisionChoice:
         speeds = ", ".join(f"{p} {s:.2f}" for p, s in self.steps_per_sec.items())
         how = "cached measurement" if self.cached else "measured"
         return f"trainer.precision: auto chose {self.precision} on {self.device} ({how}, steps/s: {speeds})"
-
-
-def device_model(accelerator: str) -> str:
-    """The GPU's name, or the CPU's model name and core count: what the speeds depend on."""
-    if accelerator == "gpu":
-        return torch.cuda.get_device_name(0)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
 def candidates(accelerator: str) -> list[str]:
@@ -149,7 +136,7 @@ def measure(
     for round_ in range(ROUNDS):
         for precision in options if round_ % 2 == 0 else options[::-1]:
             task, data = build()  # fresh: no state carried over from another precision
-            timer = _StepTimer(accelerator)
+            timer = StepTimer(accelerator)
             device = torch.device("cuda", 0) if accelerator == "gpu" else torch.device("cpu")
             trainer = pl.Trainer(
                 accelerator=accelerator, strategy=SingleDeviceStrategy(device), precision=precision,
@@ -163,7 +150,7 @@ def measure(
     return {p: 1.0 / statistics.median(t) for p, t in times.items()}
 
 
-class _StepTimer(pl.Callback):
+class StepTimer(pl.Callback):
     """Seconds from one training batch's start to the next one's (the whole step, the host's share
     included), the device synchronized at each mark; a batch of m windows counts as m steps."""
 

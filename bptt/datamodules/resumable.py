@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import pytorch_lightning as pl
 from pytorch_lightning.accelerators import CUDAAccelerator
@@ -28,9 +28,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from bptt.datamodules.sources import SPLITS
 from bptt.errors import CheckpointError, ConfigError
 from bptt.sharding import check_divides
-
-# the settings a subclass's ``read_layout`` may name: what the checkpointed read position is counted in
-READ_LAYOUT_KEYS = ("batch_size", "bptt", "windows_per_batch", "random_bptt")
 
 
 class EpochCursor(Protocol):
@@ -118,10 +115,13 @@ class ResumableDataModule(pl.LightningDataModule):
     def load_data_state(self, state: dict[str, Any]) -> None:
         """Restore ``data_state``; called before the read position is restored."""
 
+    # the settings (``data.<key>``) that fix what the read position counts and how many rows a carried
+    # state has: a resumed run must keep them (``check_resume``), PBT may not perturb them
+    READ_LAYOUT: ClassVar[tuple[str, ...]] = ("batch_size",)
+
     def read_layout(self) -> dict[str, Any]:
-        """The settings (``data.<key>``: value) that fix what the read position counts and how many
-        rows a carried state has: a resumed run must keep them (``check_resume``)."""
-        return {"batch_size": self.batch_size}
+        """``READ_LAYOUT``'s settings and their values in this DataModule."""
+        return {key: getattr(self, key) for key in self.READ_LAYOUT}
 
     # ------------------------------------------------------------ the skeleton
 

@@ -56,6 +56,9 @@ class TextStreamDataModule(ResumableDataModule):
             the vocabulary from the train split.
     """
 
+    # streams, window length, windows per batch and random lengths: batch k of the training streams
+    READ_LAYOUT = ("batch_size", "bptt", "windows_per_batch", "random_bptt")
+
     def __init__(
         self,
         *,
@@ -218,8 +221,3 @@ class TextStreamDataModule(ResumableDataModule):
 
     def load_data_state(self, state: dict[str, Any]) -> None:
         self.vocab = Vocabulary.from_state_dict(state["vocab"])
-
-    def read_layout(self) -> dict[str, Any]:
-        """Streams, window length, windows per batch and random lengths: batch k of the training streams."""
-        return {**super().read_layout(), "bptt": self.bptt, "windows_per_batch": self.windows_per_batch,
-                "random_bptt": self.random_bptt}

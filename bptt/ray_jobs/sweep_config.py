@@ -27,6 +27,7 @@ Relative paths (``base``) resolve against the sweep file's directory, else the w
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -189,7 +190,6 @@ def load_sweep(path: str | Path, text: str | None = None, *, trusted: bool = Fal
     if spec.scheduler.type == "pbt":
         for key, dist in (spec.scheduler.mutations or {}).items():
             _check_distribution(path, key, dist)
-        _check_pbt_keeps_read_layout(path, spec.scheduler.mutations or spec.space)
     if spec.search is not None:
         if spec.scheduler.type == "pbt":
             raise ConfigError(f"{path}: a search algorithm cannot drive PBT; drop search or use scheduler asha/fifo")
@@ -207,13 +207,14 @@ def load_sweep(path: str | Path, text: str | None = None, *, trusted: bool = Fal
     return spec, str(base)
 
 
-def _check_pbt_keeps_read_layout(path: Path, mutations: dict[str, Any]) -> None:
+def _check_pbt_keeps_read_layout(path: Path, mutations: dict[str, Any], data_class_path: str) -> None:
     """PBT continues a better trial's checkpoint under the worse trial's perturbed config: a checkpoint's
-    read position counts batches of its own data layout, which ``bptt resume`` refuses to change."""
-    from bptt.datamodules.resumable import READ_LAYOUT_KEYS
-
+    read position counts batches of its own data layout (the DataModule's ``READ_LAYOUT``), which
+    ``bptt resume`` refuses to change."""
+    module, _, name = data_class_path.rpartition(".")  # allowed by the trust check the parse made
+    layout = getattr(getattr(importlib.import_module(module), name), "READ_LAYOUT", ())
     for key in mutations:
-        if key.startswith("data.") and key.rsplit(".", 1)[-1] in READ_LAYOUT_KEYS:
+        if key.startswith("data.") and key.split(".", 1)[1] in layout:
             raise ConfigError(
                 f"{path}: PBT would perturb {key}, but a trial continues another trial's checkpoint whose read "
                 f"position counts batches of its own {key}; keep it out of scheduler.mutations (and out of space "
@@ -313,9 +314,11 @@ def _check_against_base(path: Path, spec: SweepSpec, base: Path) -> None:
 
     parser = build_parser()
     try:
-        parse_config(trial_args(str(base), spec, {}), parser, trusted=spec.trusted)
+        cfg = parse_config(trial_args(str(base), spec, {}), parser, trusted=spec.trusted)
     except ConfigError as err:
         raise ConfigError(f"{path}: base config with the sweep's overrides: {err}") from None
+    if spec.scheduler.type == "pbt":
+        _check_pbt_keeps_read_layout(path, spec.scheduler.mutations or spec.space, cfg.data.class_path)
     keys = {**spec.space, **(spec.scheduler.mutations or {} if spec.scheduler.type == "pbt" else {})}
     for key, dist in keys.items():
         if key in spec.overrides:

@@ -1,5 +1,6 @@
-"""What every benchmark result records about the machine it ran on: results from different machines
-(an AMD EPYC one day, an Intel Xeon another) are not comparable, only ratios measured in one run are."""
+"""What a speed depends on: the device's model. `precision: auto` keys its cache by it, and every
+benchmark result records it (results from different machines, an AMD EPYC one day and an Intel Xeon
+another, are not comparable; only ratios measured in one run are)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import platform
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def cpu_model() -> str:
@@ -20,10 +23,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_model(accelerator: str) -> str:
+    """The GPU's name, or the CPU's model name and core count."""
+    if accelerator == "gpu":
+        return torch.cuda.get_device_name(0)
+    return f"{cpu_model()} x{os.cpu_count()}"
+
+
 def hardware(**extra: Any) -> dict[str, Any]:
     """Machine, CPU model and count, torch version and threads, the GPU if torch sees one, and ``extra``."""
-    import torch
-
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"machine": platform.machine(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "gpu": gpu, **extra}
