@@ -10,6 +10,7 @@
     bptt test CHECKPOINT [...]
     bptt generate CHECKPOINT [--prompt TEXT] [--num-tokens N] [--temperature T] [--seed S]
     bptt transcribe CHECKPOINT AUDIO [AUDIO ...]
+    bptt forecast CHECKPOINT [--series FILE] [--horizon H] [--out forecast.csv] [--plot forecast.png] [overrides]
     bptt diagnose --config FILE | CHECKPOINT [--probe-steps K] [--eps E] [--probes N] [--out PATH] [overrides]
 
 ``--config`` takes a file or the name of a config that ships with bptt (``quickstart``,
@@ -20,8 +21,9 @@ sweep state name code outside the allow-list of import paths (see ``bptt.trust``
 configs you wrote yourself.
 
 fit, resume, validate and test end by printing their final metrics as one JSON line; sweep ends with
-its leaderboard and exits 1 when a trial failed; transcribe prints one ``AUDIO<tab>TRANSCRIPT`` line per file. Bad input ends with one line ``bptt: error: ...``
-and exit status 2.
+its leaderboard and exits 1 when a trial failed; transcribe prints one ``AUDIO<tab>TRANSCRIPT`` line per file;
+forecast prints its CSV (``series,timestamp,TARGET...``) unless ``--out`` names a file. Bad input ends with one
+line ``bptt: error: ...`` and exit status 2.
 """
 
 from __future__ import annotations
@@ -102,6 +104,21 @@ def _generate_args(args: list[str]) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 takes the most likely")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     return parser.parse_args(args)
+
+
+def _forecast_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = _Parser(prog="bptt forecast", description="The next H values past the end of a series.")
+    parser.add_argument("checkpoint")
+    parser.add_argument("--series", help="a .csv/.parquet file with the run's columns (default: the run's data.source)")
+    parser.add_argument("--horizon", type=int, default=None, help="steps ahead (default: the model's horizon)")
+    parser.add_argument("--quantiles", default=None, help="levels, e.g. 0.1,0.5,0.9 (probabilistic models)")
+    parser.add_argument("--out", help="write the CSV there instead of printing it")
+    parser.add_argument("--plot", help="draw history and forecast into this .png")
+    opts, overrides = parser.parse_known_args(args)
+    unknown = [arg for arg in overrides if arg.startswith("-") and not arg.startswith("--data.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (config overrides must be --data.*)")
+    return opts, overrides
 
 
 def run(argv: list[str]) -> int:
@@ -197,10 +214,28 @@ def run(argv: list[str]) -> int:
         for path, text in zip(audio, training.transcribe(checkpoint, audio, trusted=trusted)):
             print(f"{path}\t{text}")
         return 0
+    if command == "forecast":
+        opts, overrides = _forecast_args(args)
+        from bptt.forecasting import forecast, parse_quantiles, plot
+
+        for path, suffix in ((opts.out, ".csv"), (opts.plot, ".png")):
+            if path is not None and not path.endswith(suffix):
+                raise BpttError(f"{path} does not end in {suffix}; name a {suffix} file")
+        result = forecast(opts.checkpoint, series=opts.series, horizon=opts.horizon,
+                          quantiles=parse_quantiles(opts.quantiles) if opts.quantiles else (), overrides=overrides,
+                          trusted=trusted)
+        if opts.plot:
+            from pathlib import Path
+
+            plot(result, Path(opts.plot))
+        if opts.out:
+            result.table.to_csv(opts.out, index=False)
+        else:
+            print(result.table.to_csv(index=False), end="")
+        return 0
     raise BpttError(
         f"unknown command {command!r}; commands: fit, resume, sweep, runs, configs, validate, test, generate, transcribe, "
-        "diagnose "
-        "(see bptt --help)"
+        "diagnose, forecast (see bptt --help)"
     )
 
 

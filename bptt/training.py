@@ -380,7 +380,7 @@ def log_model(checkpoint_path: str | Path, *, tracking_uri: str, run_id: str, tr
     Returns:
         whether a model was logged (False for tasks without a serving model).
     """
-    _, init, checkpoint = _restore(checkpoint_path, [], trusted)
+    _, init, checkpoint = restore(checkpoint_path, [], trusted)
     if not hasattr(init.task, "serving_model"):
         return False
     init.task.load_state_dict(checkpoint["state_dict"])
@@ -411,7 +411,7 @@ def _log_network(task: pl.LightningModule, tracking_uri: str, run_id: str) -> No
         quiet.setLevel(level)
 
 
-def _restore(
+def restore(
     checkpoint_path: str | Path, overrides: list[str], trusted: bool
 ) -> tuple[Namespace, Namespace, dict[str, Any]]:
     """Rebuild a checkpoint's run: (config, instantiated objects, checkpoint); its config may name
@@ -460,7 +460,7 @@ def evaluate(
     Returns:
         the split's metrics (``val/loss`` and ``val/ppl``, or ``test/...``).
     """
-    _, init, _ = _restore(checkpoint_path, overrides, trusted)
+    _, init, _ = restore(checkpoint_path, overrides, trusted)
     trainer = _trainer(init.trainer, callbacks=[])
     run = trainer.validate if stage == "validate" else trainer.test
     results = run(init.task, datamodule=init.data, ckpt_path=str(checkpoint_path), verbose=True)
@@ -477,7 +477,7 @@ def generate(
     """
     if num_tokens < 1 or not (math.isfinite(temperature) and temperature >= 0):
         raise ConfigError(f"need --num-tokens >= 1 and a finite --temperature >= 0, got {num_tokens} and {temperature}")
-    _, init, checkpoint = _restore(checkpoint_path, [], trusted)
+    _, init, checkpoint = restore(checkpoint_path, [], trusted)
     task = init.task
     if not isinstance(task, LanguageModelTask):
         raise CheckpointError(f"{checkpoint_path} is a {type(task).__name__} checkpoint; generate needs a language model")
@@ -504,7 +504,7 @@ def transcribe(checkpoint_path: str | Path, audio: list[str], *, trusted: bool =
     """
     if not audio:
         raise ConfigError("`bptt transcribe` needs audio files after the checkpoint, e.g. bptt transcribe last.ckpt a.wav")
-    _, init, checkpoint = _restore(checkpoint_path, [], trusted)
+    _, init, checkpoint = restore(checkpoint_path, [], trusted)
     task = init.task
     if not isinstance(task, CTCSpeechTask):
         raise CheckpointError(f"{checkpoint_path} is a {type(task).__name__} checkpoint; transcribe needs a speech model")
@@ -546,7 +546,7 @@ def diagnose(target: str, overrides: list[str], *, probe_steps: int, warmup_step
         pl.seed_everything(cfg.seed_everything, workers=True, verbose=False)
         init = instantiate(cfg, parser)
     else:
-        _, init, checkpoint = _restore(target, overrides, trusted)
+        _, init, checkpoint = restore(target, overrides, trusted)
         init.task.load_state_dict(checkpoint["state_dict"])
     if not isinstance(init.task, StepLossModule):
         raise ConfigError(f"{type(init.task).__name__} has a loss over whole sequences; bptt diagnose needs a per-step "

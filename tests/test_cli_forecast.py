@@ -1,12 +1,15 @@
 """The `bptt` command on forecasting, end to end: `bptt fit` of conf/forecast/sunspots.yaml tracked in a
-real MLflow server, its test MASE checked against an independent plain-PyTorch evaluation of the best
-checkpoint on the raw series; bad series stop in one line before training."""
+real MLflow server, its test MASE (overall and per horizon) checked against an independent plain-PyTorch
+evaluation of the best checkpoint on the raw series; `bptt forecast` of that checkpoint against an
+independent rollout; bad series, files and arguments stop in one line before training or writing."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import statsmodels.api as sm
 import torch
@@ -20,37 +23,135 @@ from tests.conftest import PROJECT
 SUNSPOTS = str(PROJECT / "conf/forecast/sunspots.yaml")
 
 
-@pytest.mark.slow
-def test_sunspots_fit_logs_test_metrics_equal_to_an_independent_evaluation(mlflow_server, tmp_path):
+RAW = sm.datasets.sunspots.load_pandas().data  # YEAR 1700..2008, SUNACTIVITY: 309 years
+TRAIN_END = int(len(RAW) * 0.7)
+MEAN, STD = RAW["SUNACTIVITY"][:TRAIN_END].mean(), RAW["SUNACTIVITY"][:TRAIN_END].std(ddof=0)
+
+
+@pytest.fixture(scope="module")
+def sunspots_run(mlflow_server, tmp_path_factory):
+    """conf/forecast/sunspots.yaml trained for 30 epochs, tracked: (run directory, final metrics, server)."""
+    tmp_path = tmp_path_factory.mktemp("sunspots")
     result = bptt("fit", "--config", SUNSPOTS, "--trainer.max_epochs", "30", "--trainer.enable_progress_bar", "false",
                   "--trainer.default_root_dir", str(tmp_path / "run"), "--tracking.tracking_uri", mlflow_server,
                   "--tracking.experiment_name", "forecast-cli", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    return tmp_path / "run", json.loads(result.stdout.strip().splitlines()[-1]), mlflow_server
+
+
+def trained_model(run) -> RNNForecaster:
+    """The run's best checkpoint in a plain RNNForecaster (sunspots.yaml's sizes), for independent evaluations."""
+    model = RNNForecaster(num_inputs=1, num_targets=1, horizon=3, hidden_size=64, num_layers=1)
+    state = torch.load(run / "checkpoints/best.ckpt", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_sunspots_fit_logs_test_metrics_equal_to_an_independent_evaluation(sunspots_run):
+    run, metrics, mlflow_server = sunspots_run
     assert {"val/mase", "test/mae", "test/rmse", "test/mase"} <= set(metrics)
 
     # independent: the raw series, train-range statistics, the best checkpoint run over the whole series at once
-    raw = sm.datasets.sunspots.load_pandas().data["SUNACTIVITY"].to_numpy()  # (309,)
+    raw = RAW["SUNACTIVITY"].to_numpy()  # (309,)
     n = len(raw)
-    train_end, test_start = int(n * 0.7), int(n * 0.85)
-    mean, std = raw[:train_end].mean(), raw[:train_end].std()
-    scale = np.abs(raw[11:train_end] - raw[: train_end - 11]).mean()  # seasonal naive, 11 years back
-    model = RNNForecaster(num_inputs=1, num_targets=1, horizon=3, hidden_size=64, num_layers=1)
-    state = torch.load(tmp_path / "run/checkpoints/best.ckpt", weights_only=True)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    test_start = int(n * 0.85)
+    scale = np.abs(raw[11:TRAIN_END] - raw[: TRAIN_END - 11]).mean()  # seasonal naive, 11 years back
     with torch.no_grad():
-        forecasts, _ = model(torch.tensor((raw - mean) / std, dtype=torch.float32).view(1, n, 1))  # (1, N, 3, 1)
-    predicted = forecasts[0, :, :, 0].double().numpy() * std + mean  # (N, 3)
+        forecasts, _ = trained_model(run)(torch.tensor((raw - MEAN) / STD, dtype=torch.float32).view(1, n, 1))
+    predicted = forecasts[0, :, :, 0].double().numpy() * STD + MEAN  # (N, 3)
     errors = [abs(predicted[t, h] - raw[t + h + 1]) for t in range(n) for h in range(3) if test_start <= t + h + 1 < n]
     assert len(errors) == 3 * (n - test_start)  # every test value, at every horizon, once
     assert metrics["test/mae"] == pytest.approx(np.mean(errors), rel=1e-4)
     assert metrics["test/mase"] == pytest.approx(np.mean(errors) / scale, rel=1e-4)
     assert metrics["test/rmse"] == pytest.approx(np.sqrt(np.mean(np.square(errors))), rel=1e-4)
+    for h in range(3):  # rolling origin: every origin t whose target t + h + 1 lies in the test range
+        errors_h = [abs(predicted[t, h] - raw[t + h + 1]) for t in range(n) if test_start <= t + h + 1 < n]
+        assert metrics[f"test/mase_h{h + 1}"] == pytest.approx(np.mean(errors_h) / scale, rel=1e-4)
 
     client = MlflowClient(mlflow_server)
-    (run,) = client.search_runs([client.get_experiment_by_name("forecast-cli").experiment_id])
-    assert {"forecast_test.png", "normalization.json", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert run.data.metrics["test/mase"] == pytest.approx(metrics["test/mase"])
+    (tracked,) = client.search_runs([client.get_experiment_by_name("forecast-cli").experiment_id])
+    assert {"forecast_test.png", "mase_by_horizon.png", "normalization.json", "config.yaml"} <= {
+        a.path for a in client.list_artifacts(tracked.info.run_id)}
+    assert tracked.data.metrics["test/mase"] == pytest.approx(metrics["test/mase"])
+    assert tracked.data.metrics["test/mase_h3"] == pytest.approx(metrics["test/mase_h3"])
+
+
+def rollout(model: RNNForecaster, raw: np.ndarray, steps: int) -> np.ndarray:
+    """Independent: the series step by step into the model, then its forecasts fed back one at a time."""
+    x = torch.tensor((raw - MEAN) / STD, dtype=torch.float32)
+    state, out = None, None
+    with torch.no_grad():
+        for value in x:
+            out, state = model(value.view(1, 1, 1), state)  # out (1, 1, 3, 1)
+        ahead = list(out[0, 0, :, 0])  # 3 years after the last one
+        while len(ahead) < steps:
+            for value in ahead[-3:]:
+                out, state = model(value.view(1, 1, 1), state)
+            ahead += list(out[0, 0, :, 0])
+    return np.array([float(v) for v in ahead[:steps]]) * STD + MEAN
+
+
+@pytest.mark.slow
+def test_forecast_continues_the_series_like_an_independent_rollout(sunspots_run, tmp_path):
+    run, _, _ = sunspots_run
+    result = bptt("forecast", str(run / "checkpoints/best.ckpt"), "--horizon", "8", "--out", "f.csv", "--plot",
+                  "f.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "f.csv")
+    assert list(table.columns) == ["series", "timestamp", "SUNACTIVITY"]
+    assert table["timestamp"].tolist() == list(range(2009, 2017))  # the years after 2008
+    expected = rollout(trained_model(run), RAW["SUNACTIVITY"].to_numpy(), 8)
+    np.testing.assert_allclose(table["SUNACTIVITY"], expected, rtol=1e-5, atol=1e-4)
+    assert (tmp_path / "f.png").stat().st_size > 10_000
+
+    # a file with the run's columns, here the series up to 1979: its own continuation, the run's normalization
+    RAW.iloc[:280].to_csv(tmp_path / "to1979.csv", index=False)
+    result = bptt("forecast", str(run / "checkpoints/best.ckpt"), "--series", "to1979.csv", "--horizon", "4",
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(io.StringIO(result.stdout))
+    assert table["timestamp"].tolist() == [1980, 1981, 1982, 1983]
+    np.testing.assert_allclose(table["SUNACTIVITY"], rollout(trained_model(run), RAW["SUNACTIVITY"][:280].to_numpy(), 4),
+                               rtol=1e-5, atol=1e-4)
+
+
+FORECAST_BAD = [
+    (["--horizon", "0"], "--horizon must be >= 1"),
+    (["--quantiles", "0.1,1.5"], "strictly between 0 and 1"),
+    (["--quantiles", "0.1,0.9"], "drop --quantiles"),
+    (["--out", "f.txt"], "does not end in .csv"),
+    (["--bogus", "1"], "unrecognized arguments: --bogus"),
+    (["--series", "cols.csv"], "trained on columns ['SUNACTIVITY']"),
+    (["--series", "unsorted.csv"], "not sorted"),
+    (["--series", "trailing_gap.csv"], "ends in 1 step(s) with missing values"),
+    (["--series", "absent.csv"], "not found"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("args", "message"), FORECAST_BAD, ids=["horizon-0", "quantile-1.5", "quantiles-of-a-point-model",
+                                                                 "out-not-csv", "unknown-flag", "other-columns",
+                                                                 "unsorted", "trailing-gap", "absent-file"])
+def test_forecast_bad_input_fails_in_one_line_and_writes_nothing(sunspots_run, args, message, tmp_path, capsys,
+                                                                  monkeypatch):
+    run, _, _ = sunspots_run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cols.csv").write_text("YEAR,SUNACTIVITY,extra\n1700,5,1\n1701,11,2\n")
+    (tmp_path / "unsorted.csv").write_text("YEAR,SUNACTIVITY\n1700,5\n1702,16\n1701,11\n")
+    (tmp_path / "trailing_gap.csv").write_text("YEAR,SUNACTIVITY\n1700,5\n1701,11\n1702,\n")
+    code = main(["forecast", str(run / "checkpoints/best.ckpt"), *args, "--out", "out.csv"] if "--out" not in args
+                else ["forecast", str(run / "checkpoints/best.ckpt"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("bptt: error: ") and message in err[0], err
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_forecast_of_a_language_model_checkpoint_fails_in_one_line(capsys, tmp_path):
+    code = main(["forecast", str(PROJECT / "tests/fixtures/lm-step3.ckpt"), "--out", str(tmp_path / "out.csv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "LanguageModelTask checkpoint; forecast needs a forecaster" in err[0], err
+    assert not (tmp_path / "out.csv").exists()
 
 
 @pytest.mark.parametrize(
@@ -97,3 +198,24 @@ def test_two_windows_per_batch_forecast_bit_for_bit_like_one(tmp_path):
     assert final[1]["global_step"] == final[2]["global_step"] == 8
     for key, value in final[1]["state_dict"].items():
         assert torch.equal(final[2]["state_dict"][key], value), key
+
+
+@pytest.mark.slow
+def test_forecast_past_the_horizon_of_a_model_with_other_inputs_fails_in_one_line(tmp_path, capsys, monkeypatch):
+    """Forecasts fed back in cannot stand for an input that is not forecast (here ``covariate``)."""
+    steps = np.arange(120)
+    pd.DataFrame({"timestamp": steps, "value": np.sin(steps / 5), "covariate": np.cos(steps / 7)}).to_csv(
+        tmp_path / "two.csv", index=False)
+    monkeypatch.setenv("BPTT_DATA_DIR", str(tmp_path))
+    run = tmp_path / "run"
+    assert main(["fit", "--config", SUNSPOTS, "--data.source", "two.csv", "--data.target_columns", '["value"]',
+                 "--data.batch_size", "1", "--data.bptt", "4", "--model.num_inputs", "2", "--trainer.max_steps", "1",
+                 "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run),
+                 "--tracking.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 0
+    capsys.readouterr()
+    assert main(["forecast", str(run / "checkpoints/last.ckpt"), "--horizon", "3", "--out", str(tmp_path / "ok.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "ok.csv")) == 3
+    code = main(["forecast", str(run / "checkpoints/last.ckpt"), "--horizon", "4", "--out", str(tmp_path / "out.csv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "ask for --horizon 3 or less" in err[0], err
+    assert not (tmp_path / "out.csv").exists()

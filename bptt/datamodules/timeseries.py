@@ -84,6 +84,40 @@ class ForecastData:
         return len(self.target_names)
 
 
+@dataclass(frozen=True, eq=False)
+class SeriesHistory:
+    """One series whole, ready to warm a forecaster's state up over it (``TimeSeriesDataModule.history``).
+
+    Args:
+        series: the series id.
+        timestamps: (N,) its timestamps, datetime64 or numeric, strictly increasing.
+        inputs: (N, C_in) normalized values, gaps filled by the run's ``data.gaps`` policy.
+        future: (H,) the timestamps of the next H steps, continuing the series' frequency.
+    """
+
+    series: str
+    timestamps: np.ndarray
+    inputs: Tensor
+    future: np.ndarray
+
+
+def continue_timestamps(stamps: np.ndarray, frequency: str | None, steps: int) -> np.ndarray:
+    """The ``steps`` timestamps after ``stamps[-1]``: ``frequency`` (a pandas offset alias) when the run
+    has one, else the one pandas infers from the last timestamps, else their median step.
+
+    Args:
+        stamps: (N,) strictly increasing datetime64 or numeric timestamps.
+    """
+    if np.issubdtype(stamps.dtype, np.datetime64):
+        offset = frequency
+        if offset is None and len(stamps) >= 3:
+            offset = pd.infer_freq(pd.DatetimeIndex(stamps[-min(len(stamps), 60):]))
+        if offset is not None:
+            return pd.date_range(stamps[-1], periods=steps + 1, freq=offset)[1:].to_numpy()
+    step = np.median(np.diff(stamps[-min(len(stamps), 60):])) if len(stamps) > 1 else 1
+    return stamps[-1] + step * np.arange(1, steps + 1)
+
+
 def fill_gaps(values: np.ndarray, times: np.ndarray, gaps: Literal["interpolate", "mask"],
               mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Fill the NaNs of one series (cut at a split's end).
@@ -142,6 +176,9 @@ class TimeSeriesDataModule(ResumableDataModule):
             interval counted in optimizer steps.
         data_dir: the data root; default ``$BPTT_DATA_DIR``, else ``./data``.
     """
+
+    # streams, window length and windows per batch: batch k of the training streams
+    READ_LAYOUT = ("batch_size", "bptt", "windows_per_batch")
 
     def __init__(
         self,
@@ -361,12 +398,14 @@ class TimeSeriesDataModule(ResumableDataModule):
 
     # ------------------------------------------------------------ streams and loaders
 
-    def _series_arrays(self, cut: list[int]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per series, cut at ``cut[s]``: normalized filled inputs (n, C_in), targets (n, C_out)
-        and which targets count (n, C_out)."""
-        assert self.table is not None
+    def _series_arrays(self, cut: list[int], table: SeriesTable | None = None
+                       ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per series of ``table`` (default: the run's), cut at ``cut[s]``: normalized filled inputs
+        (n, C_in), targets (n, C_out) and which targets count (n, C_out)."""
+        table = table if table is not None else self.table
+        assert table is not None
         out = []
-        for values, stamps, end in zip(self.table.values, self.table.timestamps, cut):
+        for values, stamps, end in zip(table.values, table.timestamps, cut):
             times = stamps[:end].astype(np.int64 if np.issubdtype(stamps.dtype, np.datetime64) else np.float64)
             filled, counted = fill_gaps(values[:end], times.astype(np.float64), self.gaps, self.mean)
             normalized = ((filled - self.mean) / self.std).astype(np.float32)  # (n, C_in)
@@ -432,16 +471,50 @@ class TimeSeriesDataModule(ResumableDataModule):
                 "validation": SplitReader(self._eval_windows("validation")),
                 "test": SplitReader(self._eval_windows("test"))}
 
+    def history(self, horizon: int) -> list[SeriesHistory]:
+        """Every series of ``data.source`` whole (a newer file with the run's columns: its later steps
+        too), normalized by the run's statistics (a checkpoint's, once ``load_state_dict`` gave them),
+        and the timestamps of the ``horizon`` steps after each one's end.
+
+        Raises:
+            CorpusError: the source fails a check, or a series ends in a gap (nothing to start from).
+            ConfigError: the source's columns are not the ones the checkpoint was trained on.
+        """
+        self.load_statistics()
+        table = self.table
+        assert table is not None
+        for sid, values in zip(table.ids, table.values):
+            missing = np.isnan(values).any(axis=1)
+            if missing[-1]:
+                last = len(missing) - int(np.argmin(missing[::-1]))  # steps up to the last fully observed one
+                where = f" (series {sid!r})" if len(table.ids) > 1 else ""
+                raise CorpusError(f"{table.origin}{where} ends in {len(missing) - last} step(s) with missing values; "
+                                  "a forecast starts after the last observed step: drop the trailing rows")
+        arrays = self._series_arrays([len(ts) for ts in table.timestamps], table)
+        return [SeriesHistory(sid, ts, torch.from_numpy(x), continue_timestamps(ts, self.frequency, horizon))
+                for sid, ts, (x, _, _) in zip(table.ids, table.timestamps, arrays)]
+
+    def load_statistics(self) -> None:
+        """The normalization: fitted on the train range of ``data.source``, or the checkpoint's; unlike
+        ``load``, the source need not hold whole split ranges (a forecast reads any length)."""
+        if self.table is not None:
+            return
+        if self._restored is None:
+            self.load()
+            return
+        self.table = load_series(self.source, data_dir=self.data_dir, timestamp_column=self.timestamp_column,
+                                 value_columns=self.value_columns, series_column=self.series_column,
+                                 frequency=self.frequency)
+        self._apply_restored()  # the checkpoint's columns: its target columns are among them
+        targets = self.target_columns if self.target_columns is not None else self.table.columns
+        self._targets = [self.table.columns.index(c) for c in targets]
+
     def data_state(self) -> dict[str, Any]:
         """The normalization and the MASE scale; the skeleton adds the read position (epoch, next window)."""
         self.load()
         assert self.table is not None
         return {"columns": list(self.table.columns), "mean": self.mean.tolist(), "std": self.std.tolist(),
                 "mase_scale": self.scale.tolist()}
-
-    def read_layout(self) -> dict[str, Any]:
-        """Streams, window length and windows per batch: batch k of the training streams."""
-        return {**super().read_layout(), "bptt": self.bptt, "windows_per_batch": self.windows_per_batch}
 
     def load_data_state(self, state: dict[str, Any]) -> None:
         self._restored = {k: state[k] for k in ("columns", "mean", "std", "mase_scale")}

@@ -64,6 +64,7 @@ class ForecastTask(StepLossModule):
             split: nn.ModuleDict({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False), "mase": MeanMetric()})
             for split in ("val", "test")
         })
+        self.mase_by_horizon = nn.ModuleList()  # test MASE of the forecasts h steps ahead, h = 1..H: from use_data
         self._test_curve: list[tuple[Tensor, Tensor, Tensor]] = []  # (positions, forecast, actual) of series 0
 
     def setup(self, stage: str) -> None:
@@ -88,6 +89,7 @@ class ForecastTask(StepLossModule):
                                   "inputs; add them to data.value_columns or set task.residual: false")
             self.target_inputs = [list(data.input_names).index(name) for name in data.target_names]
         self.forecast_data = data
+        self.mase_by_horizon = nn.ModuleList(MeanMetric() for _ in range(data.horizon)).to(self.device)
 
     def forecast(self, inputs: Tensor, state: State | None) -> tuple[Tensor, State]:
         """The model's forecasts (B, t, H', C_out), plus the last inputs of the targets when residual."""
@@ -110,6 +112,40 @@ class ForecastTask(StepLossModule):
         if evaluating:
             self._update_metrics(window, forecasts, targets, observed)
         return losses, state
+
+    def check_horizon(self, horizon: int) -> None:
+        """Raise unless ``forecast_ahead`` reaches ``horizon`` steps: beyond the model's own horizon only
+        when the targets are all of the inputs, so that forecasts can be fed back in as the next inputs.
+
+        Raises:
+            ConfigError: naming the most steps this model forecasts.
+        """
+        data = self._data()
+        if horizon > self.model.horizon and list(data.target_names) != list(data.input_names):
+            raise ConfigError(
+                f"the model forecasts {self.model.horizon} step(s) ahead and its inputs are not only its targets, so "
+                f"its forecasts cannot be fed back in for {horizon}; ask for --horizon {self.model.horizon} or less"
+            )
+
+    @torch.no_grad()
+    def forecast_ahead(self, history: Tensor, horizon: int) -> Tensor:
+        """The ``horizon`` values after the end of a series: the state warmed up over all of ``history``,
+        then, past the model's own horizon H', its forecasts fed back in as inputs, H' steps at a time.
+
+        Args:
+            history: (N, C_in) normalized inputs of one series.
+            horizon: steps ahead (``check_horizon``).
+
+        Returns:
+            (horizon, C_out) normalized forecasts.
+        """
+        self.check_horizon(horizon)
+        forecasts, state = self.forecast(history[None], None)  # (1, N, H', C_out)
+        ahead = [forecasts[0, -1]]  # (H', C_out): the steps after the last input
+        while sum(len(a) for a in ahead) < horizon:
+            forecasts, state = self.forecast(ahead[-1][None], state)  # the last H' forecasts as the next inputs
+            ahead.append(forecasts[0, -1])
+        return torch.cat(ahead)[:horizon]
 
     @torch.no_grad()
     def _recursive(self, inputs: Tensor, state: State | None, horizon: int) -> tuple[Tensor, State]:
@@ -136,7 +172,12 @@ class ForecastTask(StepLossModule):
         metrics["mae"].update(predicted[chosen], actual[chosen])
         metrics["rmse"].update(predicted[chosen], actual[chosen])
         scale = data.mase_scale.to(self.device).expand_as(predicted)  # (B, t, H, C_out)
-        metrics["mase"].update(((predicted - actual).abs() / scale)[chosen])
+        scaled = (predicted - actual).abs() / scale  # (B, t, H, C_out)
+        metrics["mase"].update(scaled[chosen])
+        if split == "test":
+            for h, mase in enumerate(self.mase_by_horizon):  # rolling origin: every origin whose target h ahead counts
+                if bool(chosen[:, :, h].any()):
+                    mase.update(scaled[:, :, h][chosen[:, :, h]])
         if split == "test" and self.trainer.is_global_zero:
             first = chosen[0, :, 0, 0]  # row 0 of the eval streams is series 0; one step ahead, first target
             self._test_curve.append((window["positions"][0, first].cpu(), predicted[0, first, 0, 0].cpu(),
@@ -163,8 +204,41 @@ class ForecastTask(StepLossModule):
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
         self._log_metrics("test")
-        if self._test_curve and self.trainer.is_global_zero:
-            self._log_forecast_png()
+        by_horizon = [float(mase.compute()) for mase in self.mase_by_horizon if mase.update_count]
+        for h, value in enumerate(by_horizon, start=1):
+            self.log(metric("test", f"mase_h{h}"), value)
+        for mase in self.mase_by_horizon:
+            mase.reset()
+        if self.trainer.is_global_zero:
+            if self._test_curve:
+                self._log_forecast_png()
+            if len(by_horizon) > 1:
+                self._log_horizon_png(by_horizon)
+
+    def _log_figure(self, fig: Any, name: str) -> None:
+        import matplotlib.pyplot as plt
+
+        for logger in self.loggers:
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.log_figure(logger.run_id, fig, name)
+        plt.close(fig)
+
+    def _log_horizon_png(self, by_horizon: list[float]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        steps = range(1, len(by_horizon) + 1)
+        ax.plot(steps, by_horizon, marker="o")
+        ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--", label="seasonal naive on the train range")
+        ax.set_xlabel("steps ahead (h)")
+        ax.set_ylabel("test MASE")
+        ax.set_title(f"{self._data().target_names[0]}: test MASE by horizon (every origin)")
+        ax.legend()
+        fig.tight_layout()
+        self._log_figure(fig, "mase_by_horizon.png")
 
     def _log_forecast_png(self) -> None:
         import matplotlib
@@ -181,7 +255,4 @@ class ForecastTask(StepLossModule):
         ax.set_title(f"{data.target_names[0]}: test range")
         ax.legend()
         fig.tight_layout()
-        for logger in self.loggers:
-            if isinstance(logger, MLFlowLogger):
-                logger.experiment.log_figure(logger.run_id, fig, "forecast_test.png")
-        plt.close(fig)
+        self._log_figure(fig, "forecast_test.png")

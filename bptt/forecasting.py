@@ -1,0 +1,147 @@
+"""``bptt forecast``: the next H values past the end of a series, from a forecasting checkpoint.
+
+The checkpoint's model warms its state up over the whole series (the one it was trained on, or a
+newer file with the same columns), then forecasts past the end: its own horizon at once, further
+by feeding its forecasts back in as inputs (``ForecastTask.forecast_ahead``). Values come out in
+the series' units, one row per future step and series, timestamps continuing its frequency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bptt.errors import CheckpointError, ConfigError
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """A forecast and the history it continues, in the series' units.
+
+    Attributes:
+        table: one row per series and future step: ``series``, ``timestamp``, one column per target.
+        history: the same columns over the series read (gaps filled by the run's ``data.gaps``).
+    """
+
+    table: pd.DataFrame
+    history: pd.DataFrame
+
+
+def parse_quantiles(text: str) -> list[float]:
+    """``0.1,0.5,0.9`` -> [0.1, 0.5, 0.9]: distinct levels strictly between 0 and 1."""
+    try:
+        levels = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--quantiles takes levels like 0.1,0.5,0.9, got {text!r}") from None
+    if any(not 0 < q < 1 for q in levels) or len(set(levels)) != len(levels):
+        raise ConfigError(f"--quantiles must be distinct levels strictly between 0 and 1, got {text!r}")
+    return sorted(levels)
+
+
+def forecast(
+    checkpoint_path: str | Path,
+    *,
+    series: str | None = None,
+    horizon: int | None = None,
+    quantiles: Sequence[float] = (),
+    overrides: Sequence[str] = (),
+    trusted: bool = False,
+) -> Forecast:
+    """Forecast past the end of every series of a forecasting checkpoint's data.
+
+    Args:
+        checkpoint_path: a ``.ckpt`` of a ``ForecastTask`` run.
+        series: a ``.csv``/``.parquet`` file with the run's columns to read instead of the run's
+            ``data.source`` (e.g. the same series with later steps appended).
+        horizon: steps ahead; default the model's horizon.
+        quantiles: levels of the predictive distribution to add (probabilistic models only).
+        overrides: dotted config overrides of the checkpoint's config (``--data.timestamp_column``).
+        trusted: the checkpoint's config may name code outside the allow-list.
+
+    Raises:
+        ConfigError, CheckpointError, CorpusError: one line naming the problem and the fix.
+    """
+    from bptt.lightning_modules import ForecastTask
+    from bptt.training import restore
+
+    if horizon is not None and horizon < 1:
+        raise ConfigError(f"--horizon must be >= 1, got {horizon}")
+    args = [*(_series_args(checkpoint_path, series, overrides) if series is not None else []), *overrides]
+    _, init, checkpoint = restore(checkpoint_path, args, trusted)
+    task = init.task
+    if not isinstance(task, ForecastTask):
+        raise CheckpointError(f"{checkpoint_path} is a {type(task).__name__} checkpoint; forecast needs a forecaster "
+                              "(task: bptt.lightning_modules.ForecastTask)")
+    if quantiles:
+        raise ConfigError("the checkpoint's model forecasts single values (it was trained on squared error), not "
+                          "quantiles; drop --quantiles")
+    task.load_state_dict(checkpoint["state_dict"])
+    task.eval()
+    data = init.data
+    data.load_statistics()  # the checkpoint's normalization, restored with its data state
+    described = data.forecast_data()
+    task.use_data(described)
+    steps = horizon if horizon is not None else task.model.horizon
+    task.check_horizon(steps)
+    columns = list(described.target_names)
+    in_inputs = [list(described.input_names).index(name) for name in columns]  # targets are value columns too
+    mean, std = described.target_mean.double(), described.target_std.double()
+    ahead, past = [], []
+    for history in data.history(steps):
+        normalized = task.forecast_ahead(history.inputs, steps)  # (H, C_out)
+        ahead.append(_frame(history.series, history.future, (normalized.double() * std + mean).numpy(), columns))
+        seen = history.inputs[:, in_inputs].double() * std + mean  # (N, C_out)
+        past.append(_frame(history.series, history.timestamps, seen.numpy(), columns))
+    return Forecast(pd.concat(ahead, ignore_index=True), pd.concat(past, ignore_index=True))
+
+
+def _frame(series: str, timestamps: np.ndarray, values: np.ndarray, columns: list[str]) -> pd.DataFrame:
+    if np.issubdtype(timestamps.dtype, np.floating) and np.all(timestamps == np.round(timestamps)):
+        timestamps = timestamps.astype(np.int64)  # years as 2009, not 2009.0
+    frame = pd.DataFrame(values, columns=columns)
+    frame.insert(0, "timestamp", timestamps)
+    frame.insert(0, "series", series)
+    return frame
+
+
+def _series_args(checkpoint_path: str | Path, series: str, overrides: Sequence[str]) -> list[str]:
+    """``--data.source FILE``, and the timestamp column a statsmodels dataset the run read brings with it."""
+    import yaml
+
+    from bptt.checkpointing import load_checkpoint
+    from bptt.datamodules.series_sources import STATSMODELS
+
+    config = yaml.safe_load(load_checkpoint(checkpoint_path)["bptt"]["config"]) or {}
+    trained_on = str(((config.get("data") or {}).get("init_args") or {}).get("source", ""))
+    args = ["--data.source", str(Path(series).resolve())]
+    name = trained_on.removeprefix("statsmodels:")
+    if trained_on.startswith("statsmodels:") and name in STATSMODELS and "--data.timestamp_column" not in overrides:
+        args += ["--data.timestamp_column", STATSMODELS[name][0]]
+    return args
+
+
+def plot(result: Forecast, path: Path) -> None:
+    """History and forecast of the first target column, one panel per series (at most 6)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    column = result.table.columns[2]
+    names = list(dict.fromkeys(result.table["series"]))[:6]
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 3.2 * len(names)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        ahead = result.table[result.table["series"] == name]
+        past = result.history[result.history["series"] == name].tail(max(5 * len(ahead), 200))  # the recent past
+        ax.plot(past["timestamp"], past[column], color="black", linewidth=1, label="history")
+        ax.plot(ahead["timestamp"], ahead[column], color="tab:red", linewidth=1.2, label=f"forecast ({len(ahead)} steps)")
+        ax.set_title(column if len(names) == 1 else f"{column}, series {name}")
+        ax.legend(loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
