@@ -10,7 +10,7 @@
     bptt test CHECKPOINT [...]
     bptt generate CHECKPOINT [--prompt TEXT] [--num-tokens N] [--temperature T] [--seed S]
     bptt transcribe CHECKPOINT AUDIO [AUDIO ...]
-    bptt forecast CHECKPOINT [--series FILE] [--horizon H] [--out forecast.csv] [--plot forecast.png] [overrides]
+    bptt forecast CHECKPOINT [--series FILE] [--horizon H] [--quantiles 0.1,0.5,0.9] [--out F.csv] [--plot F.png]
     bptt diagnose --config FILE | CHECKPOINT [--probe-steps K] [--eps E] [--probes N] [--out PATH] [overrides]
 
 ``--config`` takes a file or the name of a config that ships with bptt (``quickstart``,
@@ -22,7 +22,7 @@ configs you wrote yourself.
 
 fit, resume, validate and test end by printing their final metrics as one JSON line; sweep ends with
 its leaderboard and exits 1 when a trial failed; transcribe prints one ``AUDIO<tab>TRANSCRIPT`` line per file;
-forecast prints its CSV (``series,timestamp,TARGET...``) unless ``--out`` names a file. Bad input ends with one
+forecast prints its CSV (``series,timestamp,TARGET...[,TARGET_qLEVEL...]``) unless ``--out`` names a file. Bad input ends with one
 line ``bptt: error: ...`` and exit status 2.
 """
 

@@ -23,7 +23,8 @@ class Forecast:
     """A forecast and the history it continues, in the series' units.
 
     Attributes:
-        table: one row per series and future step: ``series``, ``timestamp``, one column per target.
+        table: one row per series and future step: ``series``, ``timestamp``, one column per target and,
+            with quantiles, ``TARGET_qLEVEL`` per target and level.
         history: the same columns over the series read (gaps filled by the run's ``data.gaps``).
     """
 
@@ -76,9 +77,9 @@ def forecast(
     if not isinstance(task, ForecastTask):
         raise CheckpointError(f"{checkpoint_path} is a {type(task).__name__} checkpoint; forecast needs a forecaster "
                               "(task: bptt.lightning_modules.ForecastTask)")
-    if quantiles:
-        raise ConfigError("the checkpoint's model forecasts single values (it was trained on squared error), not "
-                          "quantiles; drop --quantiles")
+    levels = list(quantiles)
+    if levels:
+        task.predictive.check_levels(levels)
     task.load_state_dict(checkpoint["state_dict"])
     task.eval()
     data = init.data
@@ -92,8 +93,12 @@ def forecast(
     mean, std = described.target_mean.double(), described.target_std.double()
     ahead, past = [], []
     for history in data.history(steps):
-        normalized = task.forecast_ahead(history.inputs, steps)  # (H, C_out)
-        ahead.append(_frame(history.series, history.future, (normalized.double() * std + mean).numpy(), columns))
+        normalized, spread = task.forecast_ahead(history.inputs, steps, levels)  # (H, C_out), (H, C_out, Q)
+        frame = _frame(history.series, history.future, (normalized.double() * std + mean).numpy(), columns)
+        for c, name in enumerate(columns):
+            for q, level in enumerate(levels):
+                frame[f"{name}_q{level:g}"] = (spread[:, c, q].double() * std[c] + mean[c]).numpy()
+        ahead.append(frame)
         seen = history.inputs[:, in_inputs].double() * std + mean  # (N, C_out)
         past.append(_frame(history.series, history.timestamps, seen.numpy(), columns))
     return Forecast(pd.concat(ahead, ignore_index=True), pd.concat(past, ignore_index=True))
@@ -125,7 +130,8 @@ def _series_args(checkpoint_path: str | Path, series: str, overrides: Sequence[s
 
 
 def plot(result: Forecast, path: Path) -> None:
-    """History and forecast of the first target column, one panel per series (at most 6)."""
+    """History, forecast and the band between its lowest and highest quantile (when asked for) of the
+    first target column, one panel per series (at most 6)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +144,12 @@ def plot(result: Forecast, path: Path) -> None:
         ahead = result.table[result.table["series"] == name]
         past = result.history[result.history["series"] == name].tail(max(5 * len(ahead), 200))  # the recent past
         ax.plot(past["timestamp"], past[column], color="black", linewidth=1, label="history")
-        ax.plot(ahead["timestamp"], ahead[column], color="tab:red", linewidth=1.2, label=f"forecast ({len(ahead)} steps)")
+        ax.plot(ahead["timestamp"], ahead[column], color="tab:red", linewidth=1.2,
+                label=f"forecast ({len(ahead)} steps)")
+        bands = [name for name in ahead.columns if name.startswith(f"{column}_q")]
+        if len(bands) >= 2:
+            ax.fill_between(ahead["timestamp"], ahead[bands[0]], ahead[bands[-1]], color="tab:red", alpha=0.2,
+                            label=f"{bands[0].rsplit('_q', 1)[1]}-{bands[-1].rsplit('_q', 1)[1]} quantiles")
         ax.set_title(column if len(names) == 1 else f"{column}, series {name}")
         ax.legend(loc="upper left")
     fig.tight_layout()

@@ -112,8 +112,8 @@ def test_forecast_continues_the_series_like_an_independent_rollout(sunspots_run,
     assert result.returncode == 0, result.stderr[-3000:]
     table = pd.read_csv(io.StringIO(result.stdout))
     assert table["timestamp"].tolist() == [1980, 1981, 1982, 1983]
-    np.testing.assert_allclose(table["SUNACTIVITY"], rollout(trained_model(run), RAW["SUNACTIVITY"][:280].to_numpy(), 4),
-                               rtol=1e-5, atol=1e-4)
+    expected = rollout(trained_model(run), RAW["SUNACTIVITY"][:280].to_numpy(), 4)
+    np.testing.assert_allclose(table["SUNACTIVITY"], expected, rtol=1e-5, atol=1e-4)
 
 
 FORECAST_BAD = [
@@ -130,9 +130,9 @@ FORECAST_BAD = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("args", "message"), FORECAST_BAD, ids=["horizon-0", "quantile-1.5", "quantiles-of-a-point-model",
-                                                                 "out-not-csv", "unknown-flag", "other-columns",
-                                                                 "unsorted", "trailing-gap", "absent-file"])
+@pytest.mark.parametrize(("args", "message"), FORECAST_BAD, ids=[
+    "horizon-0", "quantile-1.5", "quantiles-of-a-point-model", "out-not-csv", "unknown-flag", "other-columns",
+    "unsorted", "trailing-gap", "absent-file"])
 def test_forecast_bad_input_fails_in_one_line_and_writes_nothing(sunspots_run, args, message, tmp_path, capsys,
                                                                   monkeypatch):
     run, _, _ = sunspots_run
@@ -213,9 +213,64 @@ def test_forecast_past_the_horizon_of_a_model_with_other_inputs_fails_in_one_lin
                  "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run),
                  "--tracking.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 0
     capsys.readouterr()
-    assert main(["forecast", str(run / "checkpoints/last.ckpt"), "--horizon", "3", "--out", str(tmp_path / "ok.csv")]) == 0
+    checkpoint = str(run / "checkpoints/last.ckpt")
+    assert main(["forecast", checkpoint, "--horizon", "3", "--out", str(tmp_path / "ok.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "ok.csv")) == 3
-    code = main(["forecast", str(run / "checkpoints/last.ckpt"), "--horizon", "4", "--out", str(tmp_path / "out.csv")])
+    code = main(["forecast", checkpoint, "--horizon", "4", "--out", str(tmp_path / "out.csv")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "ask for --horizon 3 or less" in err[0], err
     assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.slow
+def test_quantile_forecaster_scores_and_forecasts_its_own_quantiles(tmp_path, capsys):
+    """task.loss: quantile on sunspots: test/pinball and test/coverage equal an independent evaluation of
+    the checkpoint; `bptt forecast --quantiles` gives its sorted quantiles within its horizon, sampled
+    paths past it (the same for the same seed)."""
+    levels = [0.1, 0.5, 0.9]
+    run = tmp_path / "run"
+    result = bptt("fit", "--config", SUNSPOTS, "--task.loss", "quantile", "--task.quantiles", json.dumps(levels),
+                  "--model.num_outputs", "3", "--trainer.max_epochs", "10", "--trainer.enable_progress_bar", "false",
+                  "--trainer.default_root_dir", str(run), "--tracking.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db",
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+
+    raw = RAW["SUNACTIVITY"].to_numpy()
+    n, test_start = len(raw), int(len(raw) * 0.85)
+    model = RNNForecaster(num_inputs=1, num_targets=1, horizon=3, num_outputs=3, hidden_size=64, num_layers=1)
+    state = torch.load(run / "checkpoints/best.ckpt", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    with torch.no_grad():
+        out, _ = model.eval()(torch.tensor((raw - MEAN) / STD, dtype=torch.float32).view(1, n, 1))  # (1, N, 3, 1, 3)
+    quantiles = np.sort(out[0, :, :, 0].double().numpy(), axis=-1) * STD + MEAN  # (N, H, Q) in units
+    pinball, inside = [], []
+    for t in range(n):
+        for h in range(3):
+            if test_start <= t + h + 1 < n:
+                y, q = raw[t + h + 1], quantiles[t, h]
+                pinball.append(np.mean([max(a * (y - v), (a - 1) * (y - v)) for a, v in zip(levels, q)]))
+                inside.append(q[0] <= y <= q[-1])
+    assert metrics["test/pinball"] == pytest.approx(np.mean(pinball), rel=1e-4)
+    assert metrics["test/coverage"] == pytest.approx(np.mean(inside), abs=1e-6)
+
+    checkpoint = str(run / "checkpoints/best.ckpt")
+    assert main(["forecast", checkpoint, "--quantiles", "0.1,0.5,0.9", "--horizon", "3"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(table.columns) == ["series", "timestamp", "SUNACTIVITY", "SUNACTIVITY_q0.1", "SUNACTIVITY_q0.5",
+                                   "SUNACTIVITY_q0.9"]
+    own = quantiles[-1]  # (H, Q): from the last year's state
+    np.testing.assert_allclose(table[["SUNACTIVITY_q0.1", "SUNACTIVITY_q0.5", "SUNACTIVITY_q0.9"]], own, rtol=1e-5)
+    np.testing.assert_allclose(table["SUNACTIVITY"], own[:, 1], rtol=1e-5)  # the point: the median
+
+    longer = []
+    for _ in range(2):
+        assert main(["forecast", checkpoint, "--quantiles", "0.1,0.9", "--horizon", "8"]) == 0
+        longer.append(capsys.readouterr().out)
+    assert longer[0] == longer[1]  # sampled paths: seeded
+    table = pd.read_csv(io.StringIO(longer[0]))
+    np.testing.assert_allclose(table[["SUNACTIVITY_q0.1", "SUNACTIVITY_q0.9"]][:3], own[:, [0, 2]], rtol=1e-5)
+    assert (table["SUNACTIVITY_q0.1"] < table["SUNACTIVITY_q0.9"]).all()
+
+    assert main(["forecast", checkpoint, "--quantiles", "0.2,0.5"]) == 2
+    assert "forecasts the quantiles [0.1, 0.5, 0.9] (task.quantiles); ask for some of them" in capsys.readouterr().err

@@ -8,6 +8,7 @@ and MASE, the mean absolute error divided by that of the seasonal-naive forecast
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -18,19 +19,22 @@ from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError
 from bptt.datamodules.timeseries import ForecastData
 from bptt.errors import ConfigError
 from bptt.lightning_modules.tbptt import State, StepLossModule
+from bptt.losses.predictive import predictive
 from bptt.metric_names import metric
 
 
 class ForecastTask(StepLossModule):
-    """Squared error on normalized values; MAE, RMSE and MASE on denormalized forecasts.
+    """Squared error (or a Gaussian's NLL, or the pinball loss of quantiles) on normalized values; MAE,
+    RMSE and MASE of the point forecasts in the series' units, and for probabilistic forecasts CRPS
+    (Gaussian) or the mean pinball loss (quantiles) and the coverage of the central interval.
 
     Batches (``bptt.datamodules.TimeSeriesDataModule``) hold ``inputs`` (B, T, C_in),
     ``targets`` (B, T, H, C_out), ``target_mask`` (B, T, H, C_out) (observed targets inside
     the range that counts), ``mask`` (B, T), ``positions`` (B, T), ``series`` (B,) and ``reset`` (B,).
 
     Args:
-        model: the network, ``(inputs (B, T, C_in), state) -> (forecasts (B, T, H', C_out), state)``,
-            e.g. ``bptt.models.RNNForecaster``.
+        model: the network, ``(inputs (B, T, C_in), state) -> (forecasts (B, T, H', C_out[, P]), state)``,
+            e.g. ``bptt.models.RNNForecaster``; P (``model.num_outputs``) values per forecast, as ``loss`` needs.
         horizon_mode: ``direct``: the model's head forecasts all H steps (H' = H);
             ``recursive``: the model forecasts one step (H' = 1, trained on the next value) and
             evaluation feeds each forecast back in as the next input, H times (needs the
@@ -38,6 +42,11 @@ class ForecastTask(StepLossModule):
         residual: forecast the change from the last observed value of each target column (which
             must be an input column too): forecast = input at t + the model's output. A trending
             series then leaves the range seen in training without the model having to extrapolate.
+        loss: ``mse`` (a point forecast, P = 1), ``gaussian_nll`` (mean and scale, P = 2) or ``quantile``
+            (the pinball loss averaged over ``quantiles``, P = their number); see ``bptt.losses.predictive``.
+        quantiles: the levels of ``loss: quantile`` (default 0.1, 0.5, 0.9); the reported interval runs
+            from the lowest to the highest.
+        interval: the central interval of ``loss: gaussian_nll`` whose coverage is reported (default 0.8).
         test_after_fit: ``bptt fit`` ends with the test split on the best checkpoint, logging
             ``test/*`` and ``forecast_test.png`` (forecast against actual) to MLflow.
         **engine: the ``StepLossModule`` arguments (optimizer, scheduler, k1/k2, clipping, ...).
@@ -47,21 +56,32 @@ class ForecastTask(StepLossModule):
 
     def __init__(
         self, *, model: nn.Module, horizon_mode: Literal["direct", "recursive"] = "direct", residual: bool = False,
-        test_after_fit: bool = True, **engine: Any,
+        loss: Literal["mse", "gaussian_nll", "quantile"] = "mse", quantiles: list[float] | None = None,
+        interval: float = 0.8, test_after_fit: bool = True, **engine: Any,
     ) -> None:
         super().__init__(**engine)
         if horizon_mode not in ("direct", "recursive"):
             raise ConfigError(f"task.horizon_mode must be 'direct' or 'recursive', got {horizon_mode!r}")
         if horizon_mode == "recursive" and getattr(model, "horizon", 1) != 1:
             raise ConfigError("task.horizon_mode: recursive forecasts one step at a time: set model.init_args.horizon: 1")
+        self.predictive = predictive(loss, quantiles, interval)
+        if horizon_mode == "recursive" and self.predictive.score_name is not None:
+            raise ConfigError(f"task.loss: {loss} needs task.horizon_mode: direct (a recursive evaluation feeds "
+                              "points back and would understate the spread of later steps)")
+        if getattr(model, "num_outputs", 1) != self.predictive.num_outputs:
+            raise ConfigError(f"task.loss: {loss} needs {self.predictive.num_outputs} values per forecast, but the "
+                              f"model gives {getattr(model, 'num_outputs', 1)}; set model.init_args.num_outputs: "
+                              f"{self.predictive.num_outputs}")
         self.model = model
         self.horizon_mode = horizon_mode
         self.residual = residual
         self.test_after_fit = test_after_fit
         self.target_inputs: list[int] = []  # the input column of each target column, for residual forecasts
         self.forecast_data: ForecastData | None = None  # from use_data
+        probabilistic = [self.predictive.score_name, "coverage"] if self.predictive.score_name else []
         self.metrics = nn.ModuleDict({
-            split: nn.ModuleDict({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False), "mase": MeanMetric()})
+            split: nn.ModuleDict({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False), "mase": MeanMetric(),
+                                  **{name: MeanMetric() for name in probabilistic}})
             for split in ("val", "test")
         })
         self.mase_by_horizon = nn.ModuleList()  # test MASE of the forecasts h steps ahead, h = 1..H: from use_data
@@ -92,10 +112,11 @@ class ForecastTask(StepLossModule):
         self.mase_by_horizon = nn.ModuleList(MeanMetric() for _ in range(data.horizon)).to(self.device)
 
     def forecast(self, inputs: Tensor, state: State | None) -> tuple[Tensor, State]:
-        """The model's forecasts (B, t, H', C_out), plus the last inputs of the targets when residual."""
-        forecasts, state = self.model(inputs, state)  # (B, t, H', C_out)
+        """The model's forecasts (B, t, H', C_out[, P]), their location moved by the last inputs of the
+        targets when residual."""
+        forecasts, state = self.model(inputs, state)  # (B, t, H', C_out[, P])
         if self.residual:
-            forecasts = forecasts + inputs[:, :, None, self.target_inputs]  # (B, t, 1, C_out) broadcast over H'
+            forecasts = self.predictive.shift(forecasts, inputs[:, :, None, self.target_inputs])  # (B, t, 1, C_out)
         return forecasts, state
 
     def window_step(self, window: dict[str, Tensor], state: State | None) -> tuple[Tensor, State]:
@@ -107,8 +128,8 @@ class ForecastTask(StepLossModule):
             forecasts, state = self.forecast(window["inputs"], state)  # (B, t, H', C_out)
         forecasts = forecasts.to(torch.promote_types(forecasts.dtype, torch.float32))  # the loss in >= fp32
         targets, observed = window["targets"][:, :, : forecasts.shape[2]], window["target_mask"][:, :, : forecasts.shape[2]]
-        squared = (forecasts - targets) ** 2 * observed  # (B, t, H', C_out)
-        losses = squared.sum(dim=(2, 3)) / observed.sum(dim=(2, 3)).clamp(min=1)  # (B, t): mean over observed targets
+        elementwise = self.predictive.loss(forecasts, targets) * observed  # (B, t, H', C_out)
+        losses = elementwise.sum(dim=(2, 3)) / observed.sum(dim=(2, 3)).clamp(min=1)  # (B, t): mean over observed targets
         if evaluating:
             self._update_metrics(window, forecasts, targets, observed)
         return losses, state
@@ -128,24 +149,46 @@ class ForecastTask(StepLossModule):
             )
 
     @torch.no_grad()
-    def forecast_ahead(self, history: Tensor, horizon: int) -> Tensor:
+    def forecast_ahead(
+        self, history: Tensor, horizon: int, levels: Sequence[float] = (), samples: int = 1000, seed: int = 0
+    ) -> tuple[Tensor, Tensor | None]:
         """The ``horizon`` values after the end of a series: the state warmed up over all of ``history``,
-        then, past the model's own horizon H', its forecasts fed back in as inputs, H' steps at a time.
+        then, past the model's own horizon H', its point forecasts fed back in as inputs, H' at a time.
+
+        Quantiles at ``levels`` come from the model's own distribution for its H' steps; past them from
+        ``samples`` paths, each fed back its own draws (ancestral sampling, seeded by ``seed``), so the
+        spread of the fed-back values carries into later steps.
 
         Args:
             history: (N, C_in) normalized inputs of one series.
             horizon: steps ahead (``check_horizon``).
+            levels: quantile levels (``predictive.check_levels``); none: no quantiles.
 
         Returns:
-            (horizon, C_out) normalized forecasts.
+            (horizon, C_out) normalized point forecasts, and (horizon, C_out, Q) quantiles or None.
         """
         self.check_horizon(horizon)
-        forecasts, state = self.forecast(history[None], None)  # (1, N, H', C_out)
-        ahead = [forecasts[0, -1]]  # (H', C_out): the steps after the last input
-        while sum(len(a) for a in ahead) < horizon:
-            forecasts, state = self.forecast(ahead[-1][None], state)  # the last H' forecasts as the next inputs
-            ahead.append(forecasts[0, -1])
-        return torch.cat(ahead)[:horizon]
+        raw, state = self.forecast(history[None], None)  # (1, N, H', C_out[, P])
+        first = raw[0, -1]  # (H', C_out[, P]): the steps after the last input
+        points, rolled = [self.predictive.point(first)], state
+        while sum(len(p) for p in points) < horizon:
+            raw, rolled = self.forecast(points[-1][None], rolled)  # the last H' forecasts as the next inputs
+            points.append(self.predictive.point(raw[0, -1]))
+        point = torch.cat(points)[:horizon]
+        if not levels:
+            return point, None
+        own = self.predictive.quantiles(first, list(levels))  # (H', C_out, Q)
+        if horizon <= len(own):
+            return point, own[:horizon]
+        generator = torch.Generator(device=history.device).manual_seed(seed)
+        paths_state = tuple(s.repeat(samples, *[1] * (s.dim() - 1)) for s in state)  # (S, ...) each
+        drawn = [self.predictive.sample(first.expand(samples, *first.shape), generator)]  # (S, H', C_out)
+        while sum(d.shape[1] for d in drawn) < horizon:
+            raw, paths_state = self.forecast(drawn[-1], paths_state)
+            drawn.append(self.predictive.sample(raw[:, -1], generator))
+        paths = torch.cat(drawn, dim=1)[:, :horizon]  # (S, horizon, C_out)
+        sampled = torch.quantile(paths, paths.new_tensor(list(levels)), dim=0).permute(1, 2, 0)
+        return point, torch.cat([own, sampled[len(own):]])  # (horizon, C_out, Q)
 
     @torch.no_grad()
     def _recursive(self, inputs: Tensor, state: State | None, horizon: int) -> tuple[Tensor, State]:
@@ -164,11 +207,17 @@ class ForecastTask(StepLossModule):
         split = "test" if self.trainer.testing else "val"
         data = self._data()
         mean, std = data.target_mean.to(self.device), data.target_std.to(self.device)  # (C_out,)
-        predicted, actual = forecasts * std + mean, targets * std + mean  # (B, t, H, C_out) in the series' units
+        predicted = self.predictive.point(forecasts) * std + mean  # (B, t, H, C_out) in the series' units
+        actual = targets * std + mean
         chosen = observed.bool()
         if not bool(chosen.any()):
             return
         metrics = self.metrics[split]
+        if self.predictive.score_name is not None:
+            units = self.predictive.to_units(forecasts, mean, std)  # (B, t, H, C_out, P)
+            metrics[self.predictive.score_name].update(self.predictive.score(units, actual)[chosen])
+            lower, upper = self.predictive.interval(units)
+            metrics["coverage"].update(((actual >= lower) & (actual <= upper)).to(actual.dtype)[chosen])
         metrics["mae"].update(predicted[chosen], actual[chosen])
         metrics["rmse"].update(predicted[chosen], actual[chosen])
         scale = data.mase_scale.to(self.device).expand_as(predicted)  # (B, t, H, C_out)

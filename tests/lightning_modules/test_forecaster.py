@@ -1,9 +1,11 @@
-"""The forecaster on the TBPTT engine against hand-written references: the masked squared-error
-step, residual forecasts, recursive multi-step rollout, and MAE/RMSE/MASE in the series' units."""
+"""The forecaster on the TBPTT engine against hand-written references: the masked squared-error,
+Gaussian-NLL and pinball steps, residual forecasts, recursive multi-step rollout, MAE/RMSE/MASE in the
+series' units and the interval coverage of probabilistic forecasts."""
 
 from __future__ import annotations
 
 import copy
+import math
 import types
 
 import numpy as np
@@ -19,10 +21,27 @@ from tests.engine_harness import ListDataModule, run, sgd
 LR = 0.5
 
 
-def _model(horizon: int = 2, inputs: int = 2, targets: int = 2) -> RNNForecaster:
+def _model(horizon: int = 2, inputs: int = 2, targets: int = 2, outputs: int = 1) -> RNNForecaster:
     torch.manual_seed(0)
-    return RNNForecaster(num_inputs=inputs, num_targets=targets, horizon=horizon, rnn_type="GRU", hidden_size=5,
-                         num_layers=2).double()
+    return RNNForecaster(num_inputs=inputs, num_targets=targets, horizon=horizon, num_outputs=outputs, rnn_type="GRU",
+                         hidden_size=5, num_layers=2).double()
+
+
+LEVELS = [0.1, 0.5, 0.9]
+OUTPUTS = {"mse": 1, "gaussian_nll": 2, "quantile": len(LEVELS)}
+
+
+def _elementwise(loss: str, forecasts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Written out: squared error; the Gaussian NLL with scale softplus(s) + 1e-4; the pinball loss
+    averaged over LEVELS."""
+    if loss == "mse":
+        return (forecasts - targets) ** 2
+    if loss == "gaussian_nll":
+        mean, scale = forecasts[..., 0], torch.log1p(torch.exp(forecasts[..., 1])) + 1e-4
+        return 0.5 * (math.log(2 * math.pi) + 2 * torch.log(scale) + ((targets - mean) / scale) ** 2)
+    diff = targets[..., None] - forecasts
+    levels = torch.tensor(LEVELS, dtype=forecasts.dtype)
+    return torch.where(diff >= 0, levels * diff, (levels - 1) * diff).mean(dim=-1)
 
 
 SERIES = ForecastData(input_names=("a", "b"), target_names=("a", "b"), horizon=2,
@@ -54,17 +73,23 @@ def _batches(horizon: int = 2) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def _reference(model, batches, *, residual: bool):
-    """Plain loop: carried detached state, per-step mean squared error over observed targets,
-    the step losses' mean over steps with any target, one SGD step per window."""
+def _reference(model, batches, *, residual: bool, kind: str = "mse"):
+    """Plain loop: carried detached state, per-step mean loss over observed targets, the step losses'
+    mean over steps with any target, one SGD step per window."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     state = None
     for batch in batches:
         forecasts, state = model(batch["inputs"], state)
         if residual:
-            forecasts = forecasts + batch["inputs"][:, :, None, :]
+            last = batch["inputs"][:, :, None, :]  # (B, T, 1, C): moves the mean, or every quantile
+            if kind == "mse":
+                forecasts = forecasts + last
+            elif kind == "gaussian_nll":
+                forecasts = torch.stack([forecasts[..., 0] + last, forecasts[..., 1]], dim=-1)
+            else:
+                forecasts = forecasts + last[..., None]
         state = tuple(s.detach() for s in state)
-        err = (forecasts - batch["targets"]) ** 2 * batch["target_mask"]
+        err = _elementwise(kind, forecasts, batch["targets"]) * batch["target_mask"]
         per_step = err.sum(dim=(2, 3)) / batch["target_mask"].sum(dim=(2, 3)).clamp(min=1)
         loss = per_step.sum() / batch["mask"].sum()
         opt.zero_grad()
@@ -73,11 +98,13 @@ def _reference(model, batches, *, residual: bool):
     return model
 
 
+@pytest.mark.parametrize("loss", ["mse", "gaussian_nll", "quantile"])
 @pytest.mark.parametrize("residual", [False, True])
-def test_training_step_equals_masked_squared_error_reference(residual):
-    model = _model()
-    reference = _reference(copy.deepcopy(model), _batches(), residual=residual)
-    task = ForecastTask(model=model, optimizer=sgd(LR), residual=residual, test_after_fit=False)
+def test_training_step_equals_the_written_out_loss_reference(residual, loss):
+    model = _model(outputs=OUTPUTS[loss])
+    reference = _reference(copy.deepcopy(model), _batches(), residual=residual, kind=loss)
+    task = ForecastTask(model=model, optimizer=sgd(LR), residual=residual, test_after_fit=False, loss=loss,
+                        quantiles=LEVELS if loss == "quantile" else None)
     run(task, _batches(), precision="64-true", data=_Data)
     for p, q in zip(task.model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, atol=1e-10, rtol=0)
@@ -112,9 +139,32 @@ def test_metrics_are_in_the_series_units_and_mase_divides_by_the_seasonal_naive_
     torch.testing.assert_close(metrics["mase"].compute(), scaled.mean())
 
 
+def test_probabilistic_metrics_are_in_the_series_units():
+    """Gaussian forecasts: CRPS in closed form in units (std x the normalized one) and coverage of the
+    central 80% interval, mean +- 1.2816 scale, counted over observed targets only."""
+    task = ForecastTask(model=_model(outputs=2), loss="gaussian_nll", test_after_fit=False)
+    task.use_data(SERIES)
+    task._trainer = types.SimpleNamespace(testing=False, is_global_zero=True)
+    s = math.log(math.expm1(1.0 - 1e-4))  # softplus(s) + 1e-4 = 1: a normalized scale of 1
+    forecasts = torch.tensor([[[[[0.0, s], [0.0, s]], [[1.0, s], [0.0, s]]]]])  # (1, 1, H=2, C=2, 2)
+    targets = torch.tensor([[[[1.0, 2.0], [1.0, 0.5]]]])
+    observed = torch.tensor([[[[True, True], [False, True]]]])
+    task._update_metrics({"positions": torch.zeros(1, 1, dtype=torch.long)}, forecasts, targets, observed)
+    z = torch.tensor([1.0, 2.0, 0.5])  # (target - mean) / scale of each observed target
+    phi, cdf = torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi), torch.special.ndtr(z)
+    crps = torch.tensor([2.0, 0.5, 0.5]) * (z * (2 * cdf - 1) + 2 * phi - 1 / math.sqrt(math.pi))  # x std (units)
+    metrics = task.metrics["val"]
+    torch.testing.assert_close(metrics["crps"].compute(), crps.mean())
+    torch.testing.assert_close(metrics["coverage"].compute(), torch.tensor(2 / 3))  # z = 2 lies outside 1.2816
+
+
 def test_task_rejects_settings_that_cannot_work():
     with pytest.raises(ConfigError, match="horizon: 1"):
         ForecastTask(model=_model(horizon=2), horizon_mode="recursive")
+    with pytest.raises(ConfigError, match="set model.init_args.num_outputs: 2"):
+        ForecastTask(model=_model(), loss="gaussian_nll")
+    with pytest.raises(ConfigError, match="needs task.horizon_mode: direct"):
+        ForecastTask(model=_model(horizon=1, outputs=3), loss="quantile", horizon_mode="recursive")
     task = ForecastTask(model=_model(horizon=3))
     task._trainer = types.SimpleNamespace(datamodule=_Data([]))
     with pytest.raises(ConfigError, match="model.horizon=3 but the data needs 2"):
