@@ -138,13 +138,13 @@ def measure(
             task, data = build()  # fresh: no state carried over from another precision
             timer = StepTimer(accelerator)
             device = torch.device("cuda", 0) if accelerator == "gpu" else torch.device("cpu")
-            trainer = pl.Trainer(
-                accelerator=accelerator, strategy=SingleDeviceStrategy(device), precision=precision,
-                max_steps=WARMUP_STEPS + TIMED_STEPS, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                use_distributed_sampler=False,
-            )
             with _quiet_lightning():
+                trainer = pl.Trainer(
+                    accelerator=accelerator, strategy=SingleDeviceStrategy(device), precision=precision,
+                    max_steps=WARMUP_STEPS + TIMED_STEPS, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    callbacks=[timer], use_distributed_sampler=False,
+                )
                 trainer.fit(task, datamodule=data)
             times[precision] += timer.step_times()[WARMUP_STEPS:]
     return {p: 1.0 / statistics.median(t) for p, t in times.items()}
@@ -178,7 +178,7 @@ class StepTimer(pl.Callback):
 
 @contextmanager
 def _quiet_lightning() -> Iterator[None]:
-    """The timing Trainers' start-up lines ("GPU available: ...") are not the run's."""
+    """The timing Trainers' start-up lines ("GPU available: ...", tips) are not the run's."""
     names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in ("pytorch_lightning", "lightning",
                                                                                 "lightning_fabric")]
     loggers = [logging.getLogger(name) for name in names]
