@@ -60,9 +60,12 @@ bench-scan: $(BIN)/bptt
 bench-asr-memory: $(BIN)/bptt
 	$(BIN)/python benchmarks/memory_asr.py
 
-# conf/forecast/co2.yaml's test MASE against seasonal naive and persistence: about 20 seconds
+# co2 and sunspots: the RNN recipe against persistence, seasonal naive, drift, ETS, SARIMA and Theta by horizon (rolling origin): about 20 minutes, the co2 SARIMA grid most of it
 bench-forecast: $(BIN)/bptt
-	$(BIN)/python benchmarks/quality_forecast.py
+	$(BIN)/python benchmarks/quality_forecast.py --config conf/forecast/co2.yaml --horizons 1,4,13,52 \
+		--task.horizon_mode recursive --trainer.check_val_every_n_epoch 50
+	$(BIN)/python benchmarks/quality_forecast.py --config conf/forecast/sunspots.yaml --horizons 1,3,11 \
+		--model.horizon 11 --data.batch_size 4
 
 # copy memory learnt with windows shorter and longer than its lag: about 4 minutes
 bench-truncation: $(BIN)/bptt
