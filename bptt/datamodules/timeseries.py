@@ -484,11 +484,11 @@ class TimeSeriesDataModule(ResumableDataModule):
         table = self.table
         assert table is not None
         for sid, values in zip(table.ids, table.values):
-            missing = np.isnan(values).any(axis=1)
+            missing = np.isnan(values).any(axis=1)  # (N,): a step with any column missing
             if missing[-1]:
-                last = len(missing) - int(np.argmin(missing[::-1]))  # steps up to the last fully observed one
+                trailing = len(missing) if missing.all() else int(np.argmin(missing[::-1]))
                 where = f" (series {sid!r})" if len(table.ids) > 1 else ""
-                raise CorpusError(f"{table.origin}{where} ends in {len(missing) - last} step(s) with missing values; "
+                raise CorpusError(f"{table.origin}{where} ends in {trailing} step(s) with missing values; "
                                   "a forecast starts after the last observed step: drop the trailing rows")
         arrays = self._series_arrays([len(ts) for ts in table.timestamps], table)
         return [SeriesHistory(sid, ts, torch.from_numpy(x), continue_timestamps(ts, self.frequency, horizon))

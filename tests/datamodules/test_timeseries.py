@@ -423,3 +423,15 @@ def test_bptt_fit_on_a_non_finite_value_stops_with_one_line_and_exit_2(cell, sho
                       "timestamp 2024-01-18: not a finite number of at most 3.4e+38 in magnitude; fix it, or empty "
                       "the cell to make it a gap")
     assert not run_dir.exists()
+
+
+def test_future_timestamps_continue_the_series_frequency():
+    from bptt.datamodules.timeseries import continue_timestamps
+
+    weekly = pd.date_range("2001-11-03", periods=10, freq="W-SAT").to_numpy()
+    assert list(continue_timestamps(weekly, None, 3)) == list(pd.date_range("2002-01-12", periods=3, freq="W-SAT"))
+    months = pd.date_range("2020-01-01", periods=5, freq="MS").to_numpy()  # 29 to 31 days apart: pandas infers MS
+    assert list(continue_timestamps(months, None, 2)) == list(pd.to_datetime(["2020-06-01", "2020-07-01"]))
+    assert list(continue_timestamps(months, "D", 2)) == list(pd.to_datetime(["2020-05-02", "2020-05-03"]))  # the run's
+    years = np.array([2005.0, 2006.0, 2007.0, 2008.0])
+    assert list(continue_timestamps(years, None, 3)) == [2009.0, 2010.0, 2011.0]
