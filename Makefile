@@ -60,10 +60,11 @@ bench-scan: $(BIN)/bptt
 bench-asr-memory: $(BIN)/bptt
 	$(BIN)/python benchmarks/memory_asr.py
 
-# co2 and sunspots: the RNN recipe against persistence, seasonal naive, drift, ETS, SARIMA and Theta by horizon (rolling origin): about 20 minutes, the co2 SARIMA grid most of it
+# co2 (two recipes) and sunspots against persistence, seasonal naive, drift, ETS, SARIMA and Theta by horizon (rolling origin): about 25 minutes, the co2 SARIMA grids most of it
 bench-forecast: $(BIN)/bptt
 	$(BIN)/python benchmarks/quality_forecast.py --config conf/forecast/co2.yaml --horizons 1,4,13,52 \
 		--task.horizon_mode recursive --trainer.check_val_every_n_epoch 50
+	$(BIN)/python benchmarks/quality_forecast.py --config conf/forecast/co2_year.yaml --horizons 1,4,13,52
 	$(BIN)/python benchmarks/quality_forecast.py --config conf/forecast/sunspots.yaml --horizons 1,3,11 \
 		--model.horizon 11 --data.batch_size 4
 

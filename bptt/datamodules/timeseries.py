@@ -165,6 +165,10 @@ class TimeSeriesDataModule(ResumableDataModule):
             input, never a target).
         split_fractions: train/validation/test fractions of each series, in time order.
         horizon: H, the steps ahead each step forecasts.
+        differences: lags L whose differences x_t - x_(t - L) of every value column are added as input
+            columns (``COLUMN_diffL``, after the value columns), each normalized by its own train mean and
+            std (0 before step L). [1, 52] gives weekly data its week-on-week and year-on-year changes,
+            which the levels' normalization squeezes to a sliver of the input range. Targets stay levels.
         season: the seasonal period of the MASE scale; default 52 for co2, 11 for sunspots,
             else 1 (the naive last-value forecast).
         batch_size: B_global, the number of training streams over all ranks; a multiple of
@@ -192,6 +196,7 @@ class TimeSeriesDataModule(ResumableDataModule):
         gaps: Literal["interpolate", "mask"] = "interpolate",
         split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
         horizon: int = 1,
+        differences: list[int] | None = None,
         season: int | None = None,
         batch_size: int = 8,
         bptt: int = 52,
@@ -205,6 +210,9 @@ class TimeSeriesDataModule(ResumableDataModule):
         if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
             raise ConfigError(f"data.split_fractions must be three positive numbers summing to 1 (train, validation, "
                               f"test), got {list(fractions)}")
+        lags = list(differences or [])
+        if any(isinstance(L, bool) or not isinstance(L, int) or L < 1 for L in lags) or len(set(lags)) != len(lags):
+            raise ConfigError(f"data.differences must be distinct lags >= 1 (e.g. [1, 52]), got {lags}")
         if gaps not in ("interpolate", "mask"):
             raise ConfigError(f"data.gaps must be interpolate or mask, got {gaps!r}")
         if frequency is not None:
@@ -222,6 +230,7 @@ class TimeSeriesDataModule(ResumableDataModule):
         self.gaps = gaps
         self.split_fractions = fractions
         self.horizon = horizon
+        self.differences = lags
         self.season = season if season is not None else default_season(source)
         self.batch_size = batch_size
         self.bptt = bptt
@@ -231,6 +240,7 @@ class TimeSeriesDataModule(ResumableDataModule):
         self._targets: list[int] = []  # the target columns' indices among the value columns
         self.bounds: list[tuple[int, int, int]] = []  # per series: (train end, validation end, length)
         self.mean = self.std = self.scale = np.zeros(0)
+        self.diff_mean = self.diff_std = np.zeros(0)  # (len(differences) * C,): lag-major, as the input columns
         self._restored: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ reading and fitting
@@ -306,8 +316,32 @@ class TimeSeriesDataModule(ResumableDataModule):
                 raise CorpusError(f"target column {name!r} has no two observed train values data.season="
                                   f"{self.season} steps apart, so the MASE scale is undefined; lower data.season")
         self.scale = np.nansum(pairs, axis=0) / counts
+        self._fit_differences()
         if self._restored is not None:
             self._apply_restored()
+
+    def _fit_differences(self) -> None:
+        """Mean and std of each ``differences`` lag of each value column, over observed train pairs."""
+        assert self.table is not None
+        means, stds = [], []
+        for lag in self.differences:
+            pairs = np.concatenate([v[lag:end] - v[: max(end - lag, 0)]  # (end - lag, C)
+                                    for v, (end, _, _) in zip(self.table.values, self.bounds)])
+            for name, count in zip(self.table.columns, (~np.isnan(pairs)).sum(axis=0)):
+                if count < 2:
+                    raise CorpusError(f"value column {name!r} has fewer than two observed train pairs {lag} steps "
+                                      f"apart, so its data.differences column is undefined; drop {lag} from "
+                                      "data.differences")
+            means.append(np.nanmean(pairs, axis=0))
+            std = np.nanstd(pairs, axis=0)
+            stds.append(np.where(std > 1e-12, std, 1.0))
+        self.diff_mean = np.concatenate(means) if means else np.zeros(0)
+        self.diff_std = np.concatenate(stds) if stds else np.zeros(0)
+
+    def input_names(self) -> list[str]:
+        """The input columns, C_in: the value columns, then ``COLUMN_diffL`` per lag of ``differences``."""
+        assert self.table is not None
+        return [*self.table.columns, *(f"{c}_diff{lag}" for lag in self.differences for c in self.table.columns)]
 
     def _apply_restored(self) -> None:
         assert self.table is not None and self._restored is not None
@@ -316,6 +350,12 @@ class TimeSeriesDataModule(ResumableDataModule):
                               f"{self.table.columns}; set data.value_columns to match the checkpoint")
         self.mean, self.std, self.scale = (np.asarray(self._restored[k], dtype=np.float64)
                                            for k in ("mean", "std", "mase_scale"))
+        if self.differences:
+            if self._restored.get("differences") != self.differences:
+                raise ConfigError(f"the checkpoint's inputs were built with data.differences="
+                                  f"{self._restored.get('differences') or []}; keep that setting")
+            self.diff_mean, self.diff_std = (np.asarray(self._restored[k], dtype=np.float64)
+                                             for k in ("diff_mean", "diff_std"))
 
     # ------------------------------------------------------------ public API
 
@@ -323,7 +363,7 @@ class TimeSeriesDataModule(ResumableDataModule):
         """What ``ForecastTask`` needs from the series; loads them first."""
         self.load()
         assert self.table is not None
-        return ForecastData(input_names=tuple(self.table.columns), target_names=tuple(self._target_names()),
+        return ForecastData(input_names=tuple(self.input_names()), target_names=tuple(self._target_names()),
                             horizon=self.horizon, target_mean=self.target_mean, target_std=self.target_std,
                             mase_scale=self.mase_scale, timestamps=self.table.timestamps[0])
 
@@ -386,6 +426,8 @@ class TimeSeriesDataModule(ResumableDataModule):
             "columns": {c: {"mean": float(m), "std": float(s)} for c, m, s in zip(self.table.columns, self.mean, self.std)},
             "targets": self._target_names(),
             "horizon": self.horizon,
+            "differences": {name: {"mean": float(m), "std": float(s)} for name, m, s in
+                            zip(self.input_names()[len(self.table.columns):], self.diff_mean, self.diff_std)},
             "season": self.season,
             "mase_scale": dict(zip(self._target_names(), map(float, self.scale))),
             "gaps": self.gaps,
@@ -408,8 +450,20 @@ class TimeSeriesDataModule(ResumableDataModule):
         for values, stamps, end in zip(table.values, table.timestamps, cut):
             times = stamps[:end].astype(np.int64 if np.issubdtype(stamps.dtype, np.datetime64) else np.float64)
             filled, counted = fill_gaps(values[:end], times.astype(np.float64), self.gaps, self.mean)
-            normalized = ((filled - self.mean) / self.std).astype(np.float32)  # (n, C_in)
-            out.append((normalized, normalized[:, self._targets], counted[:, self._targets]))
+            levels = ((filled - self.mean) / self.std).astype(np.float32)  # (n, C)
+            changes = []
+            for lag in self.differences:  # (n, C) each: x_t - x_(t - lag), 0 (the train mean) before step lag
+                change = np.zeros_like(filled)
+                change[lag:] = filled[lag:] - filled[:-lag]
+                changes.append(change)
+            if changes:
+                derived = (np.concatenate(changes, axis=1) - self.diff_mean) / self.diff_std  # (n, D * C)
+                first = np.arange(len(filled))[:, None] < np.repeat(self.differences, len(self.mean))[None, :]
+                derived[first] = 0.0
+                normalized = np.concatenate([levels, derived.astype(np.float32)], axis=1)  # (n, C_in)
+            else:
+                normalized = levels
+            out.append((normalized, levels[:, self._targets], counted[:, self._targets]))
         return out
 
     def _streams(self, rows: list[tuple[int, int, int, int, int]], length: int,
@@ -426,7 +480,7 @@ class TimeSeriesDataModule(ResumableDataModule):
             ``mask`` (B, L) (any target counts) and ``positions`` (B, L), -1 on padding.
         """
         assert self.table is not None
-        batch, horizon, c_in, c_out = len(rows), self.horizon, len(self.table.columns), len(self._targets)
+        batch, horizon, c_in, c_out = len(rows), self.horizon, len(self.input_names()), len(self._targets)
         inputs = np.zeros((batch, length, c_in), np.float32)
         targets = np.zeros((batch, length, horizon, c_out), np.float32)
         target_mask = np.zeros((batch, length, horizon, c_out), bool)
@@ -514,10 +568,12 @@ class TimeSeriesDataModule(ResumableDataModule):
         self.load()
         assert self.table is not None
         return {"columns": list(self.table.columns), "mean": self.mean.tolist(), "std": self.std.tolist(),
-                "mase_scale": self.scale.tolist()}
+                "mase_scale": self.scale.tolist(), "differences": self.differences,
+                "diff_mean": self.diff_mean.tolist(), "diff_std": self.diff_std.tolist()}
 
     def load_data_state(self, state: dict[str, Any]) -> None:
         self._restored = {k: state[k] for k in ("columns", "mean", "std", "mase_scale")}
+        self._restored.update({k: state.get(k) for k in ("differences", "diff_mean", "diff_std")})  # none before them
         if self.table is not None:
             self._apply_restored()
         if self._readers:

@@ -435,3 +435,37 @@ def test_future_timestamps_continue_the_series_frequency():
     assert list(continue_timestamps(months, "D", 2)) == list(pd.to_datetime(["2020-05-02", "2020-05-03"]))  # the run's
     years = np.array([2005.0, 2006.0, 2007.0, 2008.0])
     assert list(continue_timestamps(years, None, 3)) == [2009.0, 2010.0, 2011.0]
+
+
+def test_differences_are_added_as_inputs_normalized_by_their_train_pairs(tmp_path, co2):
+    """data.differences [1, 52] on co2: inputs (levels, 1-week change, 52-week change), each change
+    normalized by the mean and std of its observed train pairs, 0 before its lag; targets stay levels."""
+    dm = TimeSeriesDataModule(source="statsmodels:co2", gaps="interpolate", differences=[1, 52], bptt=52)
+    plain = TimeSeriesDataModule(source="statsmodels:co2", gaps="interpolate", bptt=52)
+    for m in (dm, plain):
+        m.setup("test")
+    assert dm.forecast_data().input_names == ("co2", "co2_diff1", "co2_diff52")
+    inputs = _joined(_windows(dm, "test"), "inputs")[0].double().numpy()  # (2284, 3): series 0, all of it
+    expected_levels = _joined(_windows(plain, "test"), "inputs")[0, :, 0].double().numpy()
+    np.testing.assert_array_equal(inputs[:, 0], expected_levels.astype(np.float32))
+    filled = expected_levels * float(plain.std[0]) + float(plain.mean[0])  # the series as the run fills it
+    for column, lag in ((1, 1), (2, 52)):
+        pairs = co2[lag:CO2_TRAIN_END] - co2[: CO2_TRAIN_END - lag]  # observed train pairs only
+        mean, std = np.nanmean(pairs), np.nanstd(pairs)
+        expected = np.zeros(len(filled))
+        expected[lag:] = (filled[lag:] - filled[:-lag] - mean) / std
+        np.testing.assert_allclose(inputs[:, column], expected, atol=2e-4)
+        assert np.all(inputs[:lag, column] == 0)
+    np.testing.assert_array_equal(_joined(_windows(dm, "test"), "targets"), _joined(_windows(plain, "test"), "targets"))
+
+    state = dm.state_dict()  # the checkpoint keeps the changes' statistics: a restored run builds the same inputs
+    again = TimeSeriesDataModule(source="statsmodels:co2", gaps="interpolate", differences=[1, 52], bptt=52)
+    again.load_state_dict(state)
+    again.setup("test")
+    assert torch.equal(_joined(_windows(again, "test"), "inputs"), _joined(_windows(dm, "test"), "inputs"))
+    other = TimeSeriesDataModule(source="statsmodels:co2", gaps="interpolate", differences=[52], bptt=52)
+    other.load_state_dict(state)
+    with pytest.raises(ConfigError, match=re.escape("data.differences=[1, 52]; keep that setting")):
+        other.setup("test")
+    with pytest.raises(ConfigError, match="distinct lags >= 1"):
+        TimeSeriesDataModule(differences=[0, 1])
