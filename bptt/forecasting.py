@@ -66,13 +66,15 @@ def forecast(
     Raises:
         ConfigError, CheckpointError, CorpusError: one line naming the problem and the fix.
     """
+    from bptt.checkpointing import load_checkpoint
     from bptt.lightning_modules import ForecastTask
     from bptt.training import restore
 
     if horizon is not None and horizon < 1:
         raise ConfigError(f"--horizon must be >= 1, got {horizon}")
-    args = [*(_series_args(checkpoint_path, series, overrides) if series is not None else []), *overrides]
-    _, init, checkpoint = restore(checkpoint_path, args, trusted)
+    loaded = load_checkpoint(checkpoint_path)  # read once: its config names the source, restore rebuilds the run
+    args = [*(_series_args(loaded["bptt"]["config"], series, overrides) if series is not None else []), *overrides]
+    _, init, checkpoint = restore(checkpoint_path, args, trusted, checkpoint=loaded)
     task = init.task
     if not isinstance(task, ForecastTask):
         raise CheckpointError(f"{checkpoint_path} is a {type(task).__name__} checkpoint; forecast needs a forecaster "
@@ -113,14 +115,14 @@ def _frame(series: str, timestamps: np.ndarray, values: np.ndarray, columns: lis
     return frame
 
 
-def _series_args(checkpoint_path: str | Path, series: str, overrides: Sequence[str]) -> list[str]:
-    """``--data.source FILE``, and the timestamp column a statsmodels dataset the run read brings with it."""
+def _series_args(config_text: str, series: str, overrides: Sequence[str]) -> list[str]:
+    """``--data.source FILE``, and the timestamp column a statsmodels dataset the run read (its config
+    ``config_text``) brings with it."""
     import yaml
 
-    from bptt.checkpointing import load_checkpoint
     from bptt.datamodules.series_sources import STATSMODELS
 
-    config = yaml.safe_load(load_checkpoint(checkpoint_path)["bptt"]["config"]) or {}
+    config = yaml.safe_load(config_text) or {}
     trained_on = str(((config.get("data") or {}).get("init_args") or {}).get("source", ""))
     args = ["--data.source", str(Path(series).resolve())]
     name = trained_on.removeprefix("statsmodels:")

@@ -412,12 +412,13 @@ def _log_network(task: pl.LightningModule, tracking_uri: str, run_id: str) -> No
 
 
 def restore(
-    checkpoint_path: str | Path, overrides: list[str], trusted: bool
+    checkpoint_path: str | Path, overrides: list[str], trusted: bool, checkpoint: dict[str, Any] | None = None
 ) -> tuple[Namespace, Namespace, dict[str, Any]]:
     """Rebuild a checkpoint's run: (config, instantiated objects, checkpoint); its config may name
-    code outside the allow-list only when ``trusted``."""
+    code outside the allow-list only when ``trusted``. ``checkpoint``: the file already loaded
+    (``load_checkpoint``), when the caller read it first."""
     _quiet_known_warnings()
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(checkpoint_path)
     datamodule_state = next((v for v in checkpoint.values() if isinstance(v, dict) and "vocab" in v), None)
     parser = build_parser()
     with tempfile.TemporaryDirectory() as tmp:

@@ -140,8 +140,8 @@ def test_forecast_bad_input_fails_in_one_line_and_writes_nothing(sunspots_run, a
     (tmp_path / "cols.csv").write_text("YEAR,SUNACTIVITY,extra\n1700,5,1\n1701,11,2\n")
     (tmp_path / "unsorted.csv").write_text("YEAR,SUNACTIVITY\n1700,5\n1702,16\n1701,11\n")
     (tmp_path / "trailing_gap.csv").write_text("YEAR,SUNACTIVITY\n1700,5\n1701,11\n1702,\n")
-    code = main(["forecast", str(run / "checkpoints/best.ckpt"), *args, "--out", "out.csv"] if "--out" not in args
-                else ["forecast", str(run / "checkpoints/best.ckpt"), *args])
+    out = [] if "--out" in args else ["--out", "out.csv"]
+    code = main(["forecast", str(run / "checkpoints/best.ckpt"), *args, *out])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("bptt: error: ") and message in err[0], err
     assert not (tmp_path / "out.csv").exists()

@@ -254,9 +254,7 @@ class TimeSeriesDataModule(ResumableDataModule):
         """
         if self.table is not None:
             return
-        table = load_series(self.source, data_dir=self.data_dir, timestamp_column=self.timestamp_column,
-                            value_columns=self.value_columns, series_column=self.series_column,
-                            frequency=self.frequency)
+        table = self._read()
         targets = self.target_columns if self.target_columns is not None else table.columns
         for column in targets:
             if column not in table.columns:
@@ -269,6 +267,12 @@ class TimeSeriesDataModule(ResumableDataModule):
         self.table = table
         self._check_lengths()
         self._fit()
+
+    def _read(self) -> SeriesTable:
+        """``data.source``, read and checked with this DataModule's column and frequency settings."""
+        return load_series(self.source, data_dir=self.data_dir, timestamp_column=self.timestamp_column,
+                           value_columns=self.value_columns, series_column=self.series_column,
+                           frequency=self.frequency)
 
     def _check_lengths(self) -> None:
         assert self.table is not None
@@ -556,9 +560,7 @@ class TimeSeriesDataModule(ResumableDataModule):
         if self._restored is None:
             self.load()
             return
-        self.table = load_series(self.source, data_dir=self.data_dir, timestamp_column=self.timestamp_column,
-                                 value_columns=self.value_columns, series_column=self.series_column,
-                                 frequency=self.frequency)
+        self.table = self._read()
         self._apply_restored()  # the checkpoint's columns: its target columns are among them
         targets = self.target_columns if self.target_columns is not None else self.table.columns
         self._targets = [self.table.columns.index(c) for c in targets]
