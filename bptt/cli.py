@@ -10,7 +10,7 @@
     bptt test CHECKPOINT [...]
     bptt generate CHECKPOINT [--prompt TEXT] [--num-tokens N] [--temperature T] [--seed S]
     bptt transcribe CHECKPOINT AUDIO [AUDIO ...]
-    bptt forecast CHECKPOINT [--series FILE] [--horizon H] [--quantiles 0.1,0.5,0.9] [--out F.csv] [--plot F.png]
+    bptt forecast CHECKPOINT [CHECKPOINT ...] [--series FILE] [--horizon H] [--quantiles 0.1,0.5,0.9] [--out F.csv] [--plot F.png]
     bptt diagnose --config FILE | CHECKPOINT [--probe-steps K] [--eps E] [--probes N] [--out PATH] [overrides]
 
 ``--config`` takes a file or the name of a config that ships with bptt (``quickstart``,
@@ -108,7 +108,7 @@ def _generate_args(args: list[str]) -> argparse.Namespace:
 
 def _forecast_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = _Parser(prog="bptt forecast", description="The next H values past the end of a series.")
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", nargs="+", help="a forecaster's .ckpt; several: their ensemble (the mean)")
     parser.add_argument("--series", help="a .csv/.parquet file with the run's columns (default: the run's data.source)")
     parser.add_argument("--horizon", type=int, default=None, help="steps ahead (default: the model's horizon)")
     parser.add_argument("--quantiles", default=None, help="levels, e.g. 0.1,0.5,0.9 (probabilistic models)")

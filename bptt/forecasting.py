@@ -44,7 +44,7 @@ def parse_quantiles(text: str) -> list[float]:
 
 
 def forecast(
-    checkpoint_path: str | Path,
+    checkpoints: str | Path | Sequence[str | Path],
     *,
     series: str | None = None,
     horizon: int | None = None,
@@ -52,10 +52,12 @@ def forecast(
     overrides: Sequence[str] = (),
     trusted: bool = False,
 ) -> Forecast:
-    """Forecast past the end of every series of a forecasting checkpoint's data.
+    """Forecast past the end of every series of a forecasting checkpoint's data; several checkpoints
+    (runs of one config with other seeds, say) forecast as an ensemble: the mean of their point
+    forecasts and, level by level, of their quantiles.
 
     Args:
-        checkpoint_path: a ``.ckpt`` of a ``ForecastTask`` run.
+        checkpoints: a ``.ckpt`` of a ``ForecastTask`` run, or several forecasting the same columns.
         series: a ``.csv``/``.parquet`` file with the run's columns to read instead of the run's
             ``data.source`` (e.g. the same series with later steps appended).
         horizon: steps ahead; default the model's horizon.
@@ -67,19 +69,40 @@ def forecast(
         ConfigError, CheckpointError, CorpusError: one line naming the problem and the fix.
     """
     from bptt.checkpointing import load_checkpoint
-    from bptt.lightning_modules import ForecastTask
-    from bptt.training import restore
 
     if horizon is not None and horizon < 1:
         raise ConfigError(f"--horizon must be >= 1, got {horizon}")
-    loaded = load_checkpoint(checkpoint_path)  # read once: its config names the source, restore rebuilds the run
+    paths = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+    loaded = [load_checkpoint(path) for path in paths]  # read once each, all before any forecast
+    members = [_forecast_one(path, checkpoint, series, horizon, list(quantiles), overrides, trusted)
+               for path, checkpoint in zip(paths, loaded)]
+    first = members[0]
+    keys = ["series", "timestamp"]
+    for path, member in zip(paths[1:], members[1:]):
+        if list(member.table.columns) != list(first.table.columns) or not member.table[keys].equals(first.table[keys]):
+            raise ConfigError(f"{path} forecasts {list(member.table.columns[2:])} over {len(member.table)} rows, "
+                              f"{paths[0]} {list(first.table.columns[2:])} over {len(first.table)}: an ensemble "
+                              "needs checkpoints of the same series, columns and horizon")
+    if len(members) == 1:
+        return first
+    table = first.table.copy()
+    values = list(table.columns[2:])
+    table[values] = np.mean([member.table[values].to_numpy() for member in members], axis=0)
+    return Forecast(table, first.history)
+
+
+def _forecast_one(path: str | Path, loaded: dict, series: str | None, horizon: int | None, levels: list[float],
+                  overrides: Sequence[str], trusted: bool) -> Forecast:
+    """``forecast`` of one checkpoint, read already (``loaded``)."""
+    from bptt.lightning_modules import ForecastTask
+    from bptt.training import restore
+
     args = [*(_series_args(loaded["bptt"]["config"], series, overrides) if series is not None else []), *overrides]
-    _, init, checkpoint = restore(checkpoint_path, args, trusted, checkpoint=loaded)
+    _, init, checkpoint = restore(path, args, trusted, checkpoint=loaded)
     task = init.task
     if not isinstance(task, ForecastTask):
-        raise CheckpointError(f"{checkpoint_path} is a {type(task).__name__} checkpoint; forecast needs a forecaster "
+        raise CheckpointError(f"{path} is a {type(task).__name__} checkpoint; forecast needs a forecaster "
                               "(task: bptt.lightning_modules.ForecastTask)")
-    levels = list(quantiles)
     if levels:
         task.predictive.check_levels(levels)
     task.load_state_dict(checkpoint["state_dict"])

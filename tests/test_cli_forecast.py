@@ -5,6 +5,7 @@ independent rollout; bad series, files and arguments stop in one line before tra
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 
@@ -15,6 +16,7 @@ import statsmodels.api as sm
 import torch
 from mlflow.tracking import MlflowClient
 
+from bptt.checkpointing import with_checksum
 from bptt.cli import main
 from bptt.models import RNNForecaster
 from tests.bptt_command import bptt
@@ -116,6 +118,28 @@ def test_forecast_continues_the_series_like_an_independent_rollout(sunspots_run,
     np.testing.assert_allclose(table["SUNACTIVITY"], expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_several_checkpoints_forecast_as_the_mean_of_their_forecasts(sunspots_run, tmp_path, capsys):
+    """An ensemble: the best checkpoint and a copy with other weights; the forecast is the mean of the two
+    independent rollouts, past the model's horizon too."""
+    run, _, _ = sunspots_run
+    checkpoint = torch.load(run / "checkpoints/best.ckpt", weights_only=True)
+    other = copy.deepcopy(checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    for key, value in other["state_dict"].items():
+        if key.startswith("model."):
+            value.add_(0.05 * torch.randn(value.shape, generator=generator))
+    torch.save(with_checksum(other), tmp_path / "other.ckpt")
+    models = [trained_model(run), trained_model(run)]
+    models[1].load_state_dict({k.removeprefix("model."): v for k, v in other["state_dict"].items()
+                               if k.startswith("model.")})
+    assert main(["forecast", str(run / "checkpoints/best.ckpt"), str(tmp_path / "other.ckpt"), "--horizon", "5"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    each = [rollout(model, RAW["SUNACTIVITY"].to_numpy(), 5) for model in models]
+    assert np.abs(each[0] - each[1]).min() > 0.1  # two members that differ
+    np.testing.assert_allclose(table["SUNACTIVITY"], (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-4)
+
+
 FORECAST_BAD = [
     (["--horizon", "0"], "--horizon must be >= 1"),
     (["--quantiles", "0.1,1.5"], "strictly between 0 and 1"),
@@ -201,8 +225,10 @@ def test_two_windows_per_batch_forecast_bit_for_bit_like_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_forecast_past_the_horizon_of_a_model_with_other_inputs_fails_in_one_line(tmp_path, capsys, monkeypatch):
-    """Forecasts fed back in cannot stand for an input that is not forecast (here ``covariate``)."""
+def test_forecast_past_the_horizon_of_a_model_with_other_inputs_fails_in_one_line(sunspots_run, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Forecasts fed back in cannot stand for an input that is not forecast (here ``covariate``); nor can
+    this model join an ensemble with the sunspots model."""
     steps = np.arange(120)
     pd.DataFrame({"timestamp": steps, "value": np.sin(steps / 5), "covariate": np.cos(steps / 7)}).to_csv(
         tmp_path / "two.csv", index=False)
@@ -219,6 +245,10 @@ def test_forecast_past_the_horizon_of_a_model_with_other_inputs_fails_in_one_lin
     code = main(["forecast", checkpoint, "--horizon", "4", "--out", str(tmp_path / "out.csv")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "ask for --horizon 3 or less" in err[0], err
+    assert not (tmp_path / "out.csv").exists()
+    code = main(["forecast", checkpoint, str(sunspots_run[0] / "checkpoints/best.ckpt"), "--out", str(tmp_path / "out.csv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "an ensemble needs checkpoints of the same series, columns" in err[0], err
     assert not (tmp_path / "out.csv").exists()
 
 

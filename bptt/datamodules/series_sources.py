@@ -119,9 +119,9 @@ def _statsmodels_frame(source: str) -> tuple[pd.DataFrame, str, None, str]:
     name = source.removeprefix("statsmodels:")
     if name not in STATSMODELS:
         raise CorpusError(f"unknown source {source!r}; use statsmodels:co2, statsmodels:sunspots or a .csv/.parquet path")
-    import statsmodels.api as sm  # 1 s to import: only when asked for
+    from importlib import import_module
 
-    data = getattr(sm.datasets, name).load_pandas().data
+    data = import_module(f"statsmodels.datasets.{name}").load_pandas().data  # not statsmodels.api: 1 s to import
     if name == "co2":
         data = data.rename_axis("date").reset_index()
     return data, source, None, STATSMODELS[name][0]

@@ -147,6 +147,20 @@ def fill_gaps(values: np.ndarray, times: np.ndarray, gaps: Literal["interpolate"
     return filled, counted
 
 
+CALENDAR_PERIODS = ("year", "week", "day")
+
+
+def calendar_phase(stamps: np.ndarray, period: str) -> np.ndarray:
+    """(n,) the fraction of ``period`` (one of ``CALENDAR_PERIODS``) gone at each datetime64 stamp, in [0, 1)."""
+    index = pd.DatetimeIndex(stamps)
+    day = (index - index.normalize()).total_seconds().to_numpy() / 86400.0  # the fraction of the day gone
+    if period == "day":
+        return day
+    if period == "week":
+        return (index.dayofweek.to_numpy() + day) / 7.0
+    return (index.dayofyear.to_numpy() - 1 + day) / np.where(index.is_leap_year, 366.0, 365.0)
+
+
 class TimeSeriesDataModule(ResumableDataModule):
     """Series as windows of contiguous streams with multi-step targets, for forecasting.
 
@@ -169,6 +183,10 @@ class TimeSeriesDataModule(ResumableDataModule):
             columns (``COLUMN_diffL``, after the value columns), each normalized by its own train mean and
             std (0 before step L). [1, 52] gives weekly data its week-on-week and year-on-year changes,
             which the levels' normalization squeezes to a sliver of the input range. Targets stay levels.
+        calendar: periods of the calendar whose phase at each timestamp is added as two input columns
+            (``calendar_P_sin``, ``calendar_P_cos``, after the differences): ``year`` (the fraction of the
+            year gone), ``week`` (of the week, from Monday) or ``day`` (of the day). ``[year]`` tells weekly
+            data where in the seasonal cycle each step lies, however the weeks fall; it needs dates.
         season: the seasonal period of the MASE scale; default 52 for co2, 11 for sunspots,
             else 1 (the naive last-value forecast).
         batch_size: B_global, the number of training streams over all ranks; a multiple of
@@ -197,6 +215,7 @@ class TimeSeriesDataModule(ResumableDataModule):
         split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
         horizon: int = 1,
         differences: list[int] | None = None,
+        calendar: list[str] | None = None,
         season: int | None = None,
         batch_size: int = 8,
         bptt: int = 52,
@@ -213,6 +232,10 @@ class TimeSeriesDataModule(ResumableDataModule):
         lags = list(differences or [])
         if any(isinstance(L, bool) or not isinstance(L, int) or L < 1 for L in lags) or len(set(lags)) != len(lags):
             raise ConfigError(f"data.differences must be distinct lags >= 1 (e.g. [1, 52]), got {lags}")
+        periods = list(calendar or [])
+        if any(p not in CALENDAR_PERIODS for p in periods) or len(set(periods)) != len(periods):
+            raise ConfigError(f"data.calendar must be distinct periods of {list(CALENDAR_PERIODS)} (e.g. [year]), "
+                              f"got {periods}")
         if gaps not in ("interpolate", "mask"):
             raise ConfigError(f"data.gaps must be interpolate or mask, got {gaps!r}")
         if frequency is not None:
@@ -231,6 +254,7 @@ class TimeSeriesDataModule(ResumableDataModule):
         self.split_fractions = fractions
         self.horizon = horizon
         self.differences = lags
+        self.calendar = periods
         self.season = season if season is not None else default_season(source)
         self.batch_size = batch_size
         self.bptt = bptt
@@ -270,9 +294,13 @@ class TimeSeriesDataModule(ResumableDataModule):
 
     def _read(self) -> SeriesTable:
         """``data.source``, read and checked with this DataModule's column and frequency settings."""
-        return load_series(self.source, data_dir=self.data_dir, timestamp_column=self.timestamp_column,
-                           value_columns=self.value_columns, series_column=self.series_column,
-                           frequency=self.frequency)
+        table = load_series(self.source, data_dir=self.data_dir, timestamp_column=self.timestamp_column,
+                            value_columns=self.value_columns, series_column=self.series_column,
+                            frequency=self.frequency)
+        if self.calendar and not all(np.issubdtype(ts.dtype, np.datetime64) for ts in table.timestamps):
+            raise ConfigError(f"data.calendar={self.calendar} needs dates, but the timestamps of {table.origin} are "
+                              "numbers; drop data.calendar or give data.timestamp_column dates")
+        return table
 
     def _check_lengths(self) -> None:
         assert self.table is not None
@@ -343,9 +371,11 @@ class TimeSeriesDataModule(ResumableDataModule):
         self.diff_std = np.concatenate(stds) if stds else np.zeros(0)
 
     def input_names(self) -> list[str]:
-        """The input columns, C_in: the value columns, then ``COLUMN_diffL`` per lag of ``differences``."""
+        """The input columns, C_in: the value columns, ``COLUMN_diffL`` per lag of ``differences``, then
+        ``calendar_P_sin`` and ``calendar_P_cos`` per period of ``calendar``."""
         assert self.table is not None
-        return [*self.table.columns, *(f"{c}_diff{lag}" for lag in self.differences for c in self.table.columns)]
+        return [*self.table.columns, *(f"{c}_diff{lag}" for lag in self.differences for c in self.table.columns),
+                *(f"calendar_{p}_{f}" for p in self.calendar for f in ("sin", "cos"))]
 
     def _apply_restored(self) -> None:
         assert self.table is not None and self._restored is not None
@@ -360,6 +390,9 @@ class TimeSeriesDataModule(ResumableDataModule):
                                   f"{self._restored.get('differences') or []}; keep that setting")
             self.diff_mean, self.diff_std = (np.asarray(self._restored[k], dtype=np.float64)
                                              for k in ("diff_mean", "diff_std"))
+        if (self._restored.get("calendar") or []) != self.calendar:
+            raise ConfigError(f"the checkpoint's inputs were built with data.calendar="
+                              f"{self._restored.get('calendar') or []}; keep that setting")
 
     # ------------------------------------------------------------ public API
 
@@ -460,13 +493,16 @@ class TimeSeriesDataModule(ResumableDataModule):
                 change = np.zeros_like(filled)
                 change[lag:] = filled[lag:] - filled[:-lag]
                 changes.append(change)
+            derived = []
             if changes:
-                derived = (np.concatenate(changes, axis=1) - self.diff_mean) / self.diff_std  # (n, D * C)
+                scaled = (np.concatenate(changes, axis=1) - self.diff_mean) / self.diff_std  # (n, D * C)
                 first = np.arange(len(filled))[:, None] < np.repeat(self.differences, len(self.mean))[None, :]
-                derived[first] = 0.0
-                normalized = np.concatenate([levels, derived.astype(np.float32)], axis=1)  # (n, C_in)
-            else:
-                normalized = levels
+                scaled[first] = 0.0
+                derived.append(scaled.astype(np.float32))
+            for period in self.calendar:  # (n, 2) each: where in the period each step lies
+                angle = 2 * np.pi * calendar_phase(stamps[:end], period)
+                derived.append(np.stack([np.sin(angle), np.cos(angle)], axis=1).astype(np.float32))
+            normalized = np.concatenate([levels, *derived], axis=1)  # (n, C_in)
             out.append((normalized, levels[:, self._targets], counted[:, self._targets]))
         return out
 
@@ -571,11 +607,11 @@ class TimeSeriesDataModule(ResumableDataModule):
         assert self.table is not None
         return {"columns": list(self.table.columns), "mean": self.mean.tolist(), "std": self.std.tolist(),
                 "mase_scale": self.scale.tolist(), "differences": self.differences,
-                "diff_mean": self.diff_mean.tolist(), "diff_std": self.diff_std.tolist()}
+                "diff_mean": self.diff_mean.tolist(), "diff_std": self.diff_std.tolist(), "calendar": self.calendar}
 
     def load_data_state(self, state: dict[str, Any]) -> None:
         self._restored = {k: state[k] for k in ("columns", "mean", "std", "mase_scale")}
-        self._restored.update({k: state.get(k) for k in ("differences", "diff_mean", "diff_std")})  # none before them
+        self._restored.update({k: state.get(k) for k in ("differences", "diff_mean", "diff_std", "calendar")})  # none before them
         if self.table is not None:
             self._apply_restored()
         if self._readers:

@@ -56,7 +56,7 @@ class ForecastTask(StepLossModule):
 
     def __init__(
         self, *, model: nn.Module, horizon_mode: Literal["direct", "recursive"] = "direct", residual: bool = False,
-        loss: Literal["mse", "gaussian_nll", "quantile"] = "mse", quantiles: list[float] | None = None,
+        level_inputs: bool = True, loss: Literal["mse", "gaussian_nll", "quantile"] = "mse", quantiles: list[float] | None = None,
         interval: float = 0.8, test_after_fit: bool = True, **engine: Any,
     ) -> None:
         super().__init__(**engine)
@@ -64,6 +64,9 @@ class ForecastTask(StepLossModule):
             raise ConfigError(f"task.horizon_mode must be 'direct' or 'recursive', got {horizon_mode!r}")
         if horizon_mode == "recursive" and getattr(model, "horizon", 1) != 1:
             raise ConfigError("task.horizon_mode: recursive forecasts one step at a time: set model.init_args.horizon: 1")
+        if not level_inputs and not residual:
+            raise ConfigError("task.level_inputs: false needs task.residual: true (the model forecasts changes; the "
+                              "residual adds the last level back)")
         self.predictive = predictive(loss, quantiles, interval)
         if horizon_mode == "recursive" and self.predictive.score_name is not None:
             raise ConfigError(f"task.loss: {loss} needs task.horizon_mode: direct (a recursive evaluation feeds "
@@ -75,8 +78,10 @@ class ForecastTask(StepLossModule):
         self.model = model
         self.horizon_mode = horizon_mode
         self.residual = residual
+        self.level_inputs = level_inputs
         self.test_after_fit = test_after_fit
         self.target_inputs: list[int] = []  # the input column of each target column, for residual forecasts
+        self.model_inputs: list[int] | None = None  # the input columns the model sees, if not all: from use_data
         self.forecast_data: ForecastData | None = None  # from use_data
         probabilistic = [self.predictive.score_name, "coverage"] if self.predictive.score_name else []
         self.metrics = nn.ModuleDict({
@@ -94,7 +99,13 @@ class ForecastTask(StepLossModule):
         """Keep what the data describes for the metrics and the plot; check the model against its
         columns and horizon; find the residual's input columns."""
         horizon = 1 if self.horizon_mode == "recursive" else data.horizon
-        expected = {"num_inputs": data.num_inputs, "num_targets": data.num_targets, "horizon": horizon}
+        seen = list(range(data.num_inputs))
+        if not self.level_inputs:
+            seen = [i for i, name in enumerate(data.input_names) if name not in data.target_names]
+            if not seen:
+                raise ConfigError("task.level_inputs: false leaves the model no input: add data.differences, "
+                                  "data.calendar or covariate columns, or set task.level_inputs: true")
+        expected = {"num_inputs": len(seen), "num_targets": data.num_targets, "horizon": horizon}
         for name, value in expected.items():
             if getattr(self.model, name, value) != value:
                 raise ConfigError(f"model.{name}={getattr(self.model, name)} but the data needs {value}; "
@@ -108,13 +119,15 @@ class ForecastTask(StepLossModule):
                 raise ConfigError(f"task.residual adds the last input value, but target columns {missing} are not "
                                   "inputs; add them to data.value_columns or set task.residual: false")
             self.target_inputs = [list(data.input_names).index(name) for name in data.target_names]
+        self.model_inputs = None if len(seen) == data.num_inputs else seen
         self.forecast_data = data
         self.mase_by_horizon = nn.ModuleList(MeanMetric() for _ in range(data.horizon)).to(self.device)
 
     def forecast(self, inputs: Tensor, state: State | None) -> tuple[Tensor, State]:
         """The model's forecasts (B, t, H', C_out[, P]), their location moved by the last inputs of the
         targets when residual."""
-        forecasts, state = self.model(inputs, state)  # (B, t, H', C_out[, P])
+        seen = inputs if self.model_inputs is None else inputs[..., self.model_inputs]  # (B, t, C_model)
+        forecasts, state = self.model(seen, state)  # (B, t, H', C_out[, P])
         if self.residual:
             forecasts = self.predictive.shift(forecasts, inputs[:, :, None, self.target_inputs])  # (B, t, 1, C_out)
         return forecasts, state
@@ -239,7 +252,8 @@ class ForecastTask(StepLossModule):
 
     def _log_metrics(self, split: str) -> None:
         for name, quantity in self.metrics[split].items():
-            self.log(metric(split, name), quantity.compute())
+            if quantity.update_count:  # none in Lightning's sanity check, whose windows only warm up
+                self.log(metric(split, name), quantity.compute())
             quantity.reset()
 
     def on_validation_epoch_end(self) -> None:

@@ -338,6 +338,8 @@ def test_bad_series_fail_with_one_line_before_training(tmp_path):
     ({"batch_size": 0}, "data.batch_size must be >= 1"),
     ({"season": 0}, "data.season must be >= 1"),
     ({"frequency": "fortnightly"}, "'fortnightly' is not a pandas offset alias"),
+    ({"calendar": ["month"]}, re.escape("data.calendar must be distinct periods of ['year', 'week', 'day']")),
+    ({"calendar": ["year", "year"]}, "data.calendar must be distinct periods"),
 ])
 def test_bad_settings_are_config_errors_at_construction(kwargs, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -469,3 +471,38 @@ def test_differences_are_added_as_inputs_normalized_by_their_train_pairs(tmp_pat
         other.setup("test")
     with pytest.raises(ConfigError, match="distinct lags >= 1"):
         TimeSeriesDataModule(differences=[0, 1])
+
+
+def test_calendar_phases_are_added_as_sine_and_cosine_inputs(tmp_path):
+    """data.calendar [year, week, day]: sin and cos of the fraction of each period gone at each timestamp,
+    against the fraction worked out with datetime (leap years, mid-day stamps, Monday-based weeks)."""
+    import datetime as dt
+
+    stamps = pd.date_range("2019-12-30 05:00", periods=400, freq="31h")  # across a year end and a leap year's Feb 29
+    pd.DataFrame({"timestamp": stamps, "y": np.arange(400.0)}).to_csv(tmp_path / "hours.csv", index=False)
+    dm = TimeSeriesDataModule(source="hours.csv", data_dir=str(tmp_path), calendar=["year", "week", "day"],
+                              batch_size=1, bptt=8)
+    dm.setup("test")
+    assert dm.forecast_data().input_names == ("y", "calendar_year_sin", "calendar_year_cos", "calendar_week_sin",
+                                              "calendar_week_cos", "calendar_day_sin", "calendar_day_cos")
+    inputs = _joined(_windows(dm, "test"), "inputs")[0].double().numpy()  # (400, 7)
+    for t, row in zip(stamps.to_pydatetime(), inputs):
+        year = dt.datetime(t.year, 1, 1)
+        midnight = dt.datetime(t.year, t.month, t.day)
+        monday = midnight - dt.timedelta(days=t.weekday())
+        phases = [(t - year) / (dt.datetime(t.year + 1, 1, 1) - year), (t - monday) / dt.timedelta(days=7),
+                  (t - midnight) / dt.timedelta(days=1)]
+        expected = [f(2 * np.pi * p) for p in phases for f in (np.sin, np.cos)]
+        np.testing.assert_allclose(row[1:], expected, atol=1e-6)
+
+    state = dm.state_dict()  # a restored run must build the same inputs
+    other = TimeSeriesDataModule(source="hours.csv", data_dir=str(tmp_path), calendar=["year"], batch_size=1, bptt=8)
+    other.load_state_dict(state)
+    with pytest.raises(ConfigError, match=re.escape("data.calendar=['year', 'week', 'day']; keep that setting")):
+        other.setup("test")
+
+
+def test_calendar_needs_dates():
+    dm = TimeSeriesDataModule(source="statsmodels:sunspots", calendar=["year"], bptt=11)  # years as numbers
+    with pytest.raises(ConfigError, match=r"data.calendar=\['year'\] needs dates, but the timestamps .* are numbers"):
+        dm.setup("fit")

@@ -110,6 +110,42 @@ def test_training_step_equals_the_written_out_loss_reference(residual, loss):
         torch.testing.assert_close(p, q, atol=1e-10, rtol=0)
 
 
+CHANGES = ForecastData(input_names=("a", "b", "a_diff1"), target_names=("a", "b"), horizon=2,
+                       target_mean=SERIES.target_mean, target_std=SERIES.target_std, mase_scale=SERIES.mase_scale,
+                       timestamps=SERIES.timestamps)
+
+
+class _ChangesData(ListDataModule):
+    def forecast_data(self) -> ForecastData:
+        return CHANGES
+
+
+def test_without_level_inputs_the_model_sees_the_other_columns_and_the_residual_adds_the_levels():
+    """task.level_inputs: false: forecast = model(inputs[..., a_diff1]) + inputs[..., (a, b)], trained by
+    the written-out loop on exactly that."""
+    model = _model(inputs=1)
+    batches = _batches()
+    gen = torch.Generator().manual_seed(5)
+    for batch in batches:  # a third input column, the one the model sees
+        batch["inputs"] = torch.cat([batch["inputs"], torch.randn(3, 5, 1, generator=gen, dtype=torch.float64)], 2)
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(reference.parameters(), lr=LR)
+    state = None
+    for batch in batches:
+        forecasts, state = reference(batch["inputs"][..., 2:], state)
+        forecasts = forecasts + batch["inputs"][:, :, None, :2]
+        state = tuple(s.detach() for s in state)
+        err = (forecasts - batch["targets"]) ** 2 * batch["target_mask"]
+        loss = (err.sum(dim=(2, 3)) / batch["target_mask"].sum(dim=(2, 3)).clamp(min=1)).sum() / batch["mask"].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    task = ForecastTask(model=model, optimizer=sgd(LR), residual=True, level_inputs=False, test_after_fit=False)
+    run(task, batches, precision="64-true", data=_ChangesData)
+    for p, q in zip(task.model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-10, rtol=0)
+
+
 def test_recursive_rollout_feeds_each_forecast_back_as_the_next_input():
     model = _model(horizon=1)
     task = ForecastTask(model=model, horizon_mode="recursive")
@@ -169,3 +205,11 @@ def test_task_rejects_settings_that_cannot_work():
     task._trainer = types.SimpleNamespace(datamodule=_Data([]))
     with pytest.raises(ConfigError, match="model.horizon=3 but the data needs 2"):
         task.setup("fit")
+    with pytest.raises(ConfigError, match="level_inputs: false needs task.residual: true"):
+        ForecastTask(model=_model(), level_inputs=False)
+    task = ForecastTask(model=_model(), residual=True, level_inputs=False)
+    with pytest.raises(ConfigError, match="leaves the model no input: add data.differences, data.calendar"):
+        task.use_data(SERIES)  # every input is a target
+    task = ForecastTask(model=_model(), residual=True, level_inputs=False)
+    with pytest.raises(ConfigError, match="model.num_inputs=2 but the data needs 1"):
+        task.use_data(CHANGES)
