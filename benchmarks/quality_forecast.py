@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default: benchmarks/results/quality_forecast_<config>.json")
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--seeds", default=None, help="e.g. 0,1,2: an ensemble of one run per seed")
+    parser.add_argument("--no-baselines", action="store_true", help="the RNN only (e.g. to read its intervals)")
     args, overrides = parser.parse_known_args()  # anything else goes to `bptt fit`
     name = Path(args.config).stem
     out_path = Path(args.out or PROJECT / f"benchmarks/results/quality_forecast_{name}.json")
@@ -224,17 +225,20 @@ def main() -> None:
     else:
         rnn = {f"h{h}": members[0][f"test/mase_h{h}"] for h in horizons}
     table = {"rnn": {"mase": rnn, "fit_seconds": round(sum(walls), 1)}}
-    for method, forecasts in naive_forecasts(y, ts, longest, season).items():
-        table[method] = {"mase": mase_by_horizon(forecasts, target, ts, horizons), "fit_seconds": 0.0}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # statsmodels' convergence and frequency notes
-        forecasts, seconds = ets_forecasts(y, train_end, ts, longest, season)
-        table["ets"] = {"mase": mase_by_horizon(forecasts, target, ts, horizons), "fit_seconds": round(seconds, 1)}
-        forecasts, seconds, order = sarima_forecasts(y, train_end, ts, longest, season)
-        table["sarima"] = {"mase": mase_by_horizon(forecasts, target, ts, horizons), "fit_seconds": round(seconds, 1),
-                           "order": order}
-        forecasts, seconds = theta_forecasts(y, train_end, ts, longest, season)
-        table["theta"] = {"mase": mase_by_horizon(forecasts, target, ts, horizons), "fit_seconds": round(seconds, 1)}
+    if not args.no_baselines:
+        for method, forecasts in naive_forecasts(y, ts, longest, season).items():
+            table[method] = {"mase": mase_by_horizon(forecasts, target, ts, horizons), "fit_seconds": 0.0}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # statsmodels' convergence and frequency notes
+            forecasts, seconds = ets_forecasts(y, train_end, ts, longest, season)
+            table["ets"] = {"mase": mase_by_horizon(forecasts, target, ts, horizons),
+                            "fit_seconds": round(seconds, 1)}
+            forecasts, seconds, order = sarima_forecasts(y, train_end, ts, longest, season)
+            table["sarima"] = {"mase": mase_by_horizon(forecasts, target, ts, horizons),
+                               "fit_seconds": round(seconds, 1), "order": order}
+            forecasts, seconds = theta_forecasts(y, train_end, ts, longest, season)
+            table["theta"] = {"mase": mase_by_horizon(forecasts, target, ts, horizons),
+                              "fit_seconds": round(seconds, 1)}
     out = {
         "config": str(Path(args.config).resolve().relative_to(PROJECT)), "overrides": overrides, "horizons": horizons,
         "test_targets": {f"h{h}": int(target["counted"][:, h - 1].sum()) for h in horizons},

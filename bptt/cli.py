@@ -10,7 +10,8 @@
     bptt test CHECKPOINT [...]
     bptt generate CHECKPOINT [--prompt TEXT] [--num-tokens N] [--temperature T] [--seed S]
     bptt transcribe CHECKPOINT AUDIO [AUDIO ...]
-    bptt forecast CHECKPOINT [CHECKPOINT ...] [--series FILE] [--horizon H] [--quantiles 0.1,0.5,0.9] [--out F.csv] [--plot F.png]
+    bptt forecast CHECKPOINT [CHECKPOINT ...] [--series FILE] [--horizon H] [--quantiles 0.1,0.5,0.9]
+                  [--out F.csv] [--plot F.png]
     bptt diagnose --config FILE | CHECKPOINT [--probe-steps K] [--eps E] [--probes N] [--out PATH] [overrides]
 
 ``--config`` takes a file or the name of a config that ships with bptt (``quickstart``,

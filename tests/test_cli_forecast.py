@@ -246,7 +246,8 @@ def test_forecast_past_the_horizon_of_a_model_with_other_inputs_fails_in_one_lin
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "ask for --horizon 3 or less" in err[0], err
     assert not (tmp_path / "out.csv").exists()
-    code = main(["forecast", checkpoint, str(sunspots_run[0] / "checkpoints/best.ckpt"), "--out", str(tmp_path / "out.csv")])
+    sunspots = str(sunspots_run[0] / "checkpoints/best.ckpt")
+    code = main(["forecast", checkpoint, sunspots, "--out", str(tmp_path / "out.csv")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "an ensemble needs checkpoints of the same series, columns" in err[0], err
     assert not (tmp_path / "out.csv").exists()
@@ -304,3 +305,49 @@ def test_quantile_forecaster_scores_and_forecasts_its_own_quantiles(tmp_path, ca
 
     assert main(["forecast", checkpoint, "--quantiles", "0.2,0.5"]) == 2
     assert "forecasts the quantiles [0.1, 0.5, 0.9] (task.quantiles); ask for some of them" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_conformal_intervals_are_calibrated_on_validation_and_used_by_test_and_forecast(tmp_path, capsys):
+    """task.conformal on a sunspots quantile run: the checkpoint's interval_shift equals an independent
+    split-conformal calibration of its own quantiles on the validation years; test/coverage and
+    `bptt forecast --quantiles` use the intervals widened by it."""
+    run = tmp_path / "run"
+    result = bptt("fit", "--config", SUNSPOTS, "--task.loss", "quantile", "--task.conformal", "true",
+                  "--model.num_outputs", "3", "--trainer.max_epochs", "10", "--trainer.enable_progress_bar", "false",
+                  "--trainer.default_root_dir", str(run), "--tracking.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db",
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+
+    raw = RAW["SUNACTIVITY"].to_numpy()
+    n, val_end = len(raw), int(len(raw) * 0.85)
+    model = RNNForecaster(num_inputs=1, num_targets=1, horizon=3, num_outputs=3, hidden_size=64, num_layers=1)
+    state = torch.load(run / "checkpoints/best.ckpt", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    normalized = (raw - MEAN) / STD
+    with torch.no_grad():
+        out, _ = model.eval()(torch.tensor(normalized, dtype=torch.float32).view(1, n, 1))  # (1, N, 3, 1, 3)
+    quantiles = np.sort(out[0, :, :, 0].double().numpy(), axis=-1)  # (N, H, Q), normalized
+    shifts = []
+    for h in range(3):
+        origins = [t for t in range(n) if TRAIN_END <= t + h + 1 < val_end]
+        y = normalized[[t + h + 1 for t in origins]]
+        scores = np.sort(np.maximum(quantiles[origins, h, 0] - y, y - quantiles[origins, h, -1]))
+        shifts.append(scores[int(np.ceil((len(scores) + 1) * 0.8)) - 1])
+    np.testing.assert_allclose(state["interval_shift"][:, 0].double().numpy(), shifts, atol=1e-5)
+    assert max(shifts) > 0.05  # ten epochs leave intervals too narrow: the calibration widens them
+
+    widened = quantiles + np.array(shifts)[None, :, None] * np.array([-1.0, 0.0, 1.0])  # (N, H, Q)
+    inside = [widened[t, h, 0] <= normalized[t + h + 1] <= widened[t, h, -1]
+              for t in range(n) for h in range(3) if val_end <= t + h + 1 < n]
+    assert metrics["test/coverage"] == pytest.approx(np.mean(inside), abs=1e-6)
+    for h in range(3):  # and per horizon, from every origin whose target h + 1 ahead lies in the test range
+        inside_h = [widened[t, h, 0] <= normalized[t + h + 1] <= widened[t, h, -1]
+                    for t in range(n) if val_end <= t + h + 1 < n]
+        assert metrics[f"test/coverage_h{h + 1}"] == pytest.approx(np.mean(inside_h), abs=1e-6)
+
+    assert main(["forecast", str(run / "checkpoints/best.ckpt"), "--quantiles", "0.1,0.5,0.9"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    own = widened[-1] * STD + MEAN  # (H, Q): from the last year's state, in units
+    np.testing.assert_allclose(table[["SUNACTIVITY_q0.1", "SUNACTIVITY_q0.5", "SUNACTIVITY_q0.9"]], own, rtol=1e-5)

@@ -611,7 +611,8 @@ class TimeSeriesDataModule(ResumableDataModule):
 
     def load_data_state(self, state: dict[str, Any]) -> None:
         self._restored = {k: state[k] for k in ("columns", "mean", "std", "mase_scale")}
-        self._restored.update({k: state.get(k) for k in ("differences", "diff_mean", "diff_std", "calendar")})  # none before them
+        later = ("differences", "diff_mean", "diff_std", "calendar")  # absent from checkpoints written before them
+        self._restored.update({k: state.get(k) for k in later})
         if self.table is not None:
             self._apply_restored()
         if self._readers:

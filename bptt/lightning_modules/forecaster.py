@@ -8,6 +8,8 @@ and MASE, the mean absolute error divided by that of the seasonal-naive forecast
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -47,6 +49,13 @@ class ForecastTask(StepLossModule):
         quantiles: the levels of ``loss: quantile`` (default 0.1, 0.5, 0.9); the reported interval runs
             from the lowest to the highest.
         interval: the central interval of ``loss: gaussian_nll`` whose coverage is reported (default 0.8).
+        conformal: calibrate the central interval of a probabilistic forecast on the validation range
+            (split conformal, CQR): after each validation, per horizon and target, the
+            ceil((n + 1) * level) / n empirical quantile Q of max(lower - y, y - upper) over the n
+            validation targets (all of them if fewer than that), in normalized units, kept with the
+            checkpoint (``interval_shift``); the test split and ``bptt forecast`` then widen the
+            interval by Q at both ends (``Predictive.widen``). Validation itself scores the model's own
+            intervals: it is the calibration set.
         test_after_fit: ``bptt fit`` ends with the test split on the best checkpoint, logging
             ``test/*`` and ``forecast_test.png`` (forecast against actual) to MLflow.
         **engine: the ``StepLossModule`` arguments (optimizer, scheduler, k1/k2, clipping, ...).
@@ -56,8 +65,9 @@ class ForecastTask(StepLossModule):
 
     def __init__(
         self, *, model: nn.Module, horizon_mode: Literal["direct", "recursive"] = "direct", residual: bool = False,
-        level_inputs: bool = True, loss: Literal["mse", "gaussian_nll", "quantile"] = "mse", quantiles: list[float] | None = None,
-        interval: float = 0.8, test_after_fit: bool = True, **engine: Any,
+        level_inputs: bool = True, loss: Literal["mse", "gaussian_nll", "quantile"] = "mse",
+        quantiles: list[float] | None = None, interval: float = 0.8, conformal: bool = False,
+        test_after_fit: bool = True, **engine: Any,
     ) -> None:
         super().__init__(**engine)
         if horizon_mode not in ("direct", "recursive"):
@@ -75,7 +85,15 @@ class ForecastTask(StepLossModule):
             raise ConfigError(f"task.loss: {loss} needs {self.predictive.num_outputs} values per forecast, but the "
                               f"model gives {getattr(model, 'num_outputs', 1)}; set model.init_args.num_outputs: "
                               f"{self.predictive.num_outputs}")
+        if conformal and self.predictive.score_name is None:
+            raise ConfigError("task.conformal calibrates intervals, and task.loss: mse forecasts none; set task.loss: "
+                              "gaussian_nll or quantile, or drop task.conformal")
         self.model = model
+        self.conformal = conformal
+        if conformal:  # (H', C_out): how much further out each interval end reaches, in normalized units
+            shape = (getattr(model, "horizon", 1), getattr(model, "num_targets", 1))
+            self.register_buffer("interval_shift", torch.zeros(shape))
+        self._scores: list[tuple[Tensor, Tensor]] = []  # validation (score, counted), each (n, H', C_out)
         self.horizon_mode = horizon_mode
         self.residual = residual
         self.level_inputs = level_inputs
@@ -90,6 +108,7 @@ class ForecastTask(StepLossModule):
             for split in ("val", "test")
         })
         self.mase_by_horizon = nn.ModuleList()  # test MASE of the forecasts h steps ahead, h = 1..H: from use_data
+        self.coverage_by_horizon = nn.ModuleList()  # test coverage of their intervals (probabilistic): from use_data
         self._test_curve: list[tuple[Tensor, Tensor, Tensor]] = []  # (positions, forecast, actual) of series 0
 
     def setup(self, stage: str) -> None:
@@ -122,6 +141,8 @@ class ForecastTask(StepLossModule):
         self.model_inputs = None if len(seen) == data.num_inputs else seen
         self.forecast_data = data
         self.mase_by_horizon = nn.ModuleList(MeanMetric() for _ in range(data.horizon)).to(self.device)
+        if self.predictive.score_name is not None:
+            self.coverage_by_horizon = nn.ModuleList(MeanMetric() for _ in range(data.horizon)).to(self.device)
 
     def forecast(self, inputs: Tensor, state: State | None) -> tuple[Tensor, State]:
         """The model's forecasts (B, t, H', C_out[, P]), their location moved by the last inputs of the
@@ -140,12 +161,18 @@ class ForecastTask(StepLossModule):
         else:
             forecasts, state = self.forecast(window["inputs"], state)  # (B, t, H', C_out)
         forecasts = forecasts.to(torch.promote_types(forecasts.dtype, torch.float32))  # the loss in >= fp32
+        if evaluating and self.trainer.testing:
+            forecasts = self.calibrated(forecasts)
         targets, observed = window["targets"][:, :, : forecasts.shape[2]], window["target_mask"][:, :, : forecasts.shape[2]]
         elementwise = self.predictive.loss(forecasts, targets) * observed  # (B, t, H', C_out)
         losses = elementwise.sum(dim=(2, 3)) / observed.sum(dim=(2, 3)).clamp(min=1)  # (B, t): mean over observed targets
         if evaluating:
             self._update_metrics(window, forecasts, targets, observed)
         return losses, state
+
+    def calibrated(self, raw: Tensor) -> Tensor:
+        """``raw`` (..., H', C_out[, P]) with its intervals widened by ``interval_shift`` (``conformal``)."""
+        return self.predictive.widen(raw, self.interval_shift.to(raw.dtype)) if self.conformal else raw
 
     def check_horizon(self, horizon: int) -> None:
         """Raise unless ``forecast_ahead`` reaches ``horizon`` steps: beyond the model's own horizon only
@@ -182,7 +209,7 @@ class ForecastTask(StepLossModule):
         """
         self.check_horizon(horizon)
         raw, state = self.forecast(history[None], None)  # (1, N, H', C_out[, P])
-        first = raw[0, -1]  # (H', C_out[, P]): the steps after the last input
+        first = self.calibrated(raw[0, -1])  # (H', C_out[, P]): the steps after the last input
         points, rolled = [self.predictive.point(first)], state
         while sum(len(p) for p in points) < horizon:
             raw, rolled = self.forecast(points[-1][None], rolled)  # the last H' forecasts as the next inputs
@@ -198,7 +225,7 @@ class ForecastTask(StepLossModule):
         drawn = [self.predictive.sample(first.expand(samples, *first.shape), generator)]  # (S, H', C_out)
         while sum(d.shape[1] for d in drawn) < horizon:
             raw, paths_state = self.forecast(drawn[-1], paths_state)
-            drawn.append(self.predictive.sample(raw[:, -1], generator))
+            drawn.append(self.predictive.sample(self.calibrated(raw[:, -1]), generator))
         paths = torch.cat(drawn, dim=1)[:, :horizon]  # (S, horizon, C_out)
         sampled = torch.quantile(paths, paths.new_tensor(list(levels)), dim=0).permute(1, 2, 0)
         return point, torch.cat([own, sampled[len(own):]])  # (horizon, C_out, Q)
@@ -226,11 +253,20 @@ class ForecastTask(StepLossModule):
         if not bool(chosen.any()):
             return
         metrics = self.metrics[split]
+        if self.conformal and split == "val":  # the calibration set: how far outside each target falls
+            lower, upper = self.predictive.normalized_interval(forecasts)  # (B, t, H, C_out) each
+            score = torch.maximum(lower - targets, targets - upper)
+            self._scores.append((score.flatten(0, 1).detach(), chosen.flatten(0, 1)))
         if self.predictive.score_name is not None:
             units = self.predictive.to_units(forecasts, mean, std)  # (B, t, H, C_out, P)
             metrics[self.predictive.score_name].update(self.predictive.score(units, actual)[chosen])
             lower, upper = self.predictive.interval(units)
-            metrics["coverage"].update(((actual >= lower) & (actual <= upper)).to(actual.dtype)[chosen])
+            inside = ((actual >= lower) & (actual <= upper)).to(actual.dtype)  # (B, t, H, C_out)
+            metrics["coverage"].update(inside[chosen])
+            if split == "test":
+                for h, coverage in enumerate(self.coverage_by_horizon):
+                    if bool(chosen[:, :, h].any()):
+                        coverage.update(inside[:, :, h][chosen[:, :, h]])
         metrics["mae"].update(predicted[chosen], actual[chosen])
         metrics["rmse"].update(predicted[chosen], actual[chosen])
         scale = data.mase_scale.to(self.device).expand_as(predicted)  # (B, t, H, C_out)
@@ -259,6 +295,21 @@ class ForecastTask(StepLossModule):
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         self._log_metrics("val")
+        if self._scores and not self.trainer.sanity_checking:
+            self._calibrate()
+        self._scores = []
+
+    def _calibrate(self) -> None:
+        """``interval_shift`` from this validation's scores (every rank holds the same eval streams)."""
+        score = torch.cat([s for s, _ in self._scores])  # (n, H', C_out)
+        counted = torch.cat([c for _, c in self._scores])
+        shift = torch.zeros_like(self.interval_shift)
+        for h, c in itertools.product(range(shift.shape[0]), range(shift.shape[1])):
+            values = score[:, h, c][counted[:, h, c]].sort().values
+            if len(values):
+                rank = min(math.ceil((len(values) + 1) * self.predictive.level), len(values))
+                shift[h, c] = values[rank - 1]
+        self.interval_shift.copy_(shift)
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
@@ -270,8 +321,11 @@ class ForecastTask(StepLossModule):
         by_horizon = [float(mase.compute()) for mase in self.mase_by_horizon if mase.update_count]
         for h, value in enumerate(by_horizon, start=1):
             self.log(metric("test", f"mase_h{h}"), value)
-        for mase in self.mase_by_horizon:
-            mase.reset()
+        for h, coverage in enumerate(self.coverage_by_horizon, start=1):
+            if coverage.update_count:
+                self.log(metric("test", f"coverage_h{h}"), coverage.compute())
+        for quantity in [*self.mase_by_horizon, *self.coverage_by_horizon]:
+            quantity.reset()
         if self.trainer.is_global_zero:
             if self._test_curve:
                 self._log_forecast_png()

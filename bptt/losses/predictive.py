@@ -65,6 +65,15 @@ class Predictive:
         """One draw (...) from the forecast distribution."""
         return raw
 
+    def normalized_interval(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        """The central interval (lower, upper), each (...), in the units of ``raw`` (normalized)."""
+        return self.interval(self.to_units(raw, raw.new_zeros(()), raw.new_ones(())))
+
+    def widen(self, raw: Tensor, by: Tensor) -> Tensor:
+        """``raw`` whose central interval reaches ``by`` (...) further out at both ends (narrower where
+        negative), the point forecast unchanged: conformal calibration (``task.conformal``)."""
+        raise NotImplementedError
+
 
 class Gaussian(Predictive):
     """Normal(mean, scale): outputs (mean, s) with scale = softplus(s) + ``MIN_SCALE``; Gaussian NLL; CRPS in
@@ -118,6 +127,14 @@ class Gaussian(Predictive):
         noise = torch.randn(loc.shape, generator=generator, dtype=loc.dtype, device=loc.device)
         return loc + scale * noise
 
+    def widen(self, raw: Tensor, by: Tensor) -> Tensor:
+        """The scale grown by ``by / z``, so that mean +- z * scale moves by ``by`` (floored at ``MIN_SCALE``):
+        still a Gaussian, every level's quantile consistent with the calibrated interval."""
+        loc, scale = self._params(raw)
+        softplus = (scale + by / self.z - MIN_SCALE).clamp(min=1e-12)  # softplus(s') of the new scale
+        s = torch.where(softplus > 20, softplus, torch.log(torch.expm1(softplus)))  # its inverse, exact to float
+        return torch.stack([loc, s], dim=-1)
+
 
 class Quantiles(Predictive):
     """Quantiles at ``levels`` (sorted, distinct, in (0, 1)), trained by the pinball loss averaged over
@@ -170,6 +187,13 @@ class Quantiles(Predictive):
 
     def quantiles(self, raw: Tensor, levels: list[float]) -> Tensor:
         return raw.sort(dim=-1).values[..., [self.levels.index(q) for q in levels]]
+
+    def widen(self, raw: Tensor, by: Tensor) -> Tensor:
+        """Sorted; the levels below the point's level moved down by ``by``, those above it up (conformalized
+        quantile regression, Romano et al. 2019), the point's level kept; sorted again should a negative
+        ``by`` cross them."""
+        sides = torch.sign(torch.arange(len(self.levels), device=raw.device) - self.middle).to(raw.dtype)  # (Q,)
+        return (raw.sort(dim=-1).values + by[..., None] * sides).sort(dim=-1).values
 
     def sample(self, raw: Tensor, generator: torch.Generator) -> Tensor:
         """Inverse-CDF sampling: a uniform level, the quantile function linear between the levels and

@@ -194,6 +194,36 @@ def test_probabilistic_metrics_are_in_the_series_units():
     torch.testing.assert_close(metrics["coverage"].compute(), torch.tensor(2 / 3))  # z = 2 lies outside 1.2816
 
 
+def test_conformal_calibration_is_the_split_conformal_quantile_of_the_validation_scores():
+    """task.conformal: after validation, per horizon and target, the ceil((n + 1) * 0.8)-th smallest of
+    max(lower - y, y - upper) over the n counted validation targets (normalized units), written out in
+    numpy; widened by it, the intervals cover at least 80% of those targets."""
+    task = ForecastTask(model=_model(outputs=3), loss="quantile", conformal=True, test_after_fit=False)
+    task.use_data(SERIES)
+    task._trainer = types.SimpleNamespace(testing=False, is_global_zero=True, sanity_checking=False)
+    gen = torch.Generator().manual_seed(3)
+    windows = []
+    for _ in range(3):  # three validation windows of 2 streams x 7 steps
+        forecasts = torch.randn(2, 7, 2, 2, 3, generator=gen, dtype=torch.float64)
+        targets = 2 * torch.randn(2, 7, 2, 2, generator=gen, dtype=torch.float64)
+        observed = torch.rand(2, 7, 2, 2, generator=gen) > 0.25
+        task._update_metrics({"positions": torch.zeros(2, 7, dtype=torch.long)}, forecasts, targets, observed)
+        windows.append((forecasts.numpy(), targets.numpy(), observed.numpy()))
+    task._calibrate()
+    quantiles = np.sort(np.concatenate([w[0].reshape(-1, 2, 2, 3) for w in windows]), axis=-1)
+    targets = np.concatenate([w[1].reshape(-1, 2, 2) for w in windows])
+    observed = np.concatenate([w[2].reshape(-1, 2, 2) for w in windows])
+    for h in range(2):
+        for c in range(2):
+            counted = observed[:, h, c]
+            lower, upper, y = quantiles[counted, h, c, 0], quantiles[counted, h, c, -1], targets[counted, h, c]
+            scores = np.sort(np.maximum(lower - y, y - upper))
+            expected = scores[math.ceil((len(scores) + 1) * 0.8) - 1]
+            assert float(task.interval_shift[h, c]) == pytest.approx(expected, abs=1e-6)
+            shift = expected + 1e-6  # the buffer holds it in float32
+            assert np.mean((lower - shift <= y) & (y <= upper + shift)) >= 0.8
+
+
 def test_task_rejects_settings_that_cannot_work():
     with pytest.raises(ConfigError, match="horizon: 1"):
         ForecastTask(model=_model(horizon=2), horizon_mode="recursive")
@@ -205,6 +235,8 @@ def test_task_rejects_settings_that_cannot_work():
     task._trainer = types.SimpleNamespace(datamodule=_Data([]))
     with pytest.raises(ConfigError, match="model.horizon=3 but the data needs 2"):
         task.setup("fit")
+    with pytest.raises(ConfigError, match="task.conformal calibrates intervals, and task.loss: mse forecasts none"):
+        ForecastTask(model=_model(), conformal=True)
     with pytest.raises(ConfigError, match="level_inputs: false needs task.residual: true"):
         ForecastTask(model=_model(), level_inputs=False)
     task = ForecastTask(model=_model(), residual=True, level_inputs=False)

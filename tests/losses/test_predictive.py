@@ -79,6 +79,32 @@ def test_samples_follow_the_forecast_distribution(kind):
         assert float((draws <= value).double().mean()) == pytest.approx(level, abs=5 * math.sqrt(0.25 / n))
 
 
+@pytest.mark.parametrize("kind", ["gaussian_nll", "quantile"])
+def test_widen_moves_both_interval_ends_by_the_shift_and_keeps_the_point(kind):
+    """Conformal calibration's widening, by positive and negative shifts per element: the interval ends
+    move out (in) by exactly that much; the point stays; a Gaussian stays a Gaussian (its 5% and 95%
+    quantiles against scipy's with the widened scale); quantiles other than the ends move with their side."""
+    gen = torch.Generator().manual_seed(2)
+    levels = [0.1, 0.3, 0.5, 0.9]
+    dist = predictive(kind, levels if kind == "quantile" else None, 0.8)
+    raw = torch.randn(5, 3, 2 if kind == "gaussian_nll" else 4, generator=gen, dtype=torch.float64)
+    by = torch.tensor([[0.3, -0.02, 0.0]], dtype=torch.float64).expand(5, 3)
+    widened = dist.widen(raw, by)
+    lower, upper = dist.normalized_interval(raw)
+    wide_lower, wide_upper = dist.normalized_interval(widened)
+    torch.testing.assert_close(wide_lower, lower - by, rtol=0, atol=1e-9)
+    torch.testing.assert_close(wide_upper, upper + by, rtol=0, atol=1e-9)
+    torch.testing.assert_close(dist.point(widened), dist.point(raw), rtol=0, atol=0)
+    if kind == "gaussian_nll":
+        mean = raw[..., 0].numpy()
+        scale = np.log1p(np.exp(raw[..., 1].numpy())) + 1e-4 + by.numpy() / stats.norm.ppf(0.9)
+        expected = np.stack([stats.norm.ppf(0.05, mean, scale), stats.norm.ppf(0.95, mean, scale)], axis=-1)
+        np.testing.assert_allclose(dist.quantiles(widened, [0.05, 0.95]).numpy(), expected, rtol=1e-9)
+    else:
+        before, after = raw.sort(dim=-1).values, widened.sort(dim=-1).values
+        torch.testing.assert_close(after[..., 1], before[..., 1] - by, rtol=0, atol=1e-9)  # 0.3: below the median
+
+
 def test_bad_settings_fail_in_one_line():
     assert type(predictive("mse", None, 0.8)) is Predictive
     for args, message in [
