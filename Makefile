@@ -69,9 +69,12 @@ bench-forecast: $(BIN)/bptt
 		--model.horizon 11 --data.batch_size 4
 	$(BIN)/python benchmarks/quality_forecast.py --config conf/forecast/sunspots_cycle.yaml --horizons 1,3,11 \
 		--seeds 0,1,2,3,4
-	$(BIN)/python benchmarks/quality_forecast.py --config conf/forecast/co2_year.yaml --horizons 1,4,13,52 \
-		--task.loss quantile --model.num_outputs 3 --task.conformal true --no-baselines \
-		--out benchmarks/results/quality_forecast_co2_year_intervals.json
+	for calibration in none validation rolling; do \
+		$(BIN)/python benchmarks/quality_forecast.py --config conf/forecast/co2_year.yaml --horizons 1,4,13,52 \
+			--task.loss quantile --model.num_outputs 3 --task.conformal $$calibration --no-baselines \
+			--run-dir runs/bench/quality_forecast_co2_year_$$calibration \
+			--out benchmarks/results/quality_forecast_co2_year_intervals_$$calibration.json || exit 1; \
+	done
 	$(BIN)/python benchmarks/forecast_latency.py --horizon 104
 
 # copy memory learnt with windows shorter and longer than its lag: about 4 minutes

@@ -313,7 +313,7 @@ def test_conformal_intervals_are_calibrated_on_validation_and_used_by_test_and_f
     split-conformal calibration of its own quantiles on the validation years; test/coverage and
     `bptt forecast --quantiles` use the intervals widened by it."""
     run = tmp_path / "run"
-    result = bptt("fit", "--config", SUNSPOTS, "--task.loss", "quantile", "--task.conformal", "true",
+    result = bptt("fit", "--config", SUNSPOTS, "--task.loss", "quantile", "--task.conformal", "validation",
                   "--model.num_outputs", "3", "--trainer.max_epochs", "10", "--trainer.enable_progress_bar", "false",
                   "--trainer.default_root_dir", str(run), "--tracking.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db",
                   cwd=tmp_path)
@@ -350,4 +350,49 @@ def test_conformal_intervals_are_calibrated_on_validation_and_used_by_test_and_f
     assert main(["forecast", str(run / "checkpoints/best.ckpt"), "--quantiles", "0.1,0.5,0.9"]) == 0
     table = pd.read_csv(io.StringIO(capsys.readouterr().out))
     own = widened[-1] * STD + MEAN  # (H, Q): from the last year's state, in units
+    np.testing.assert_allclose(table[["SUNACTIVITY_q0.1", "SUNACTIVITY_q0.5", "SUNACTIVITY_q0.9"]], own, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_rolling_conformal_intervals_follow_the_recent_errors_in_test_and_forecast(tmp_path, capsys):
+    """task.conformal: rolling (window of 20 years) on a sunspots quantile run: test/coverage_h{h} and the
+    forecast's quantiles equal an independent computation: at origin t and horizon h, the intervals
+    widened by the conformal quantile of the scores of origins t - h - 19 .. t - h against the series."""
+    run = tmp_path / "run"
+    result = bptt("fit", "--config", SUNSPOTS, "--task.loss", "quantile", "--task.conformal", "rolling",
+                  "--task.conformal_window", "20", "--model.num_outputs", "3", "--trainer.max_epochs", "10",
+                  "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run),
+                  "--tracking.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+
+    raw = RAW["SUNACTIVITY"].to_numpy()
+    n, val_end, window = len(raw), int(len(raw) * 0.85), 20
+    model = RNNForecaster(num_inputs=1, num_targets=1, horizon=3, num_outputs=3, hidden_size=64, num_layers=1)
+    state = torch.load(run / "checkpoints/best.ckpt", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    normalized = (raw - MEAN) / STD
+    with torch.no_grad():
+        out, _ = model.eval()(torch.tensor(normalized, dtype=torch.float32).view(1, n, 1))  # (1, N, 3, 1, 3)
+    quantiles = np.sort(out[0, :, :, 0].double().numpy(), axis=-1)  # (N, H, Q), normalized
+
+    def shift(t: int, h: int) -> float:  # horizon h + 1 from origin t
+        past = [u for u in range(max(0, t - h - window), t - h)]
+        y = normalized[[u + h + 1 for u in past]]
+        scores = np.sort(np.maximum(quantiles[past, h, 0] - y, y - quantiles[past, h, -1]))
+        return float(scores[min(int(np.ceil((len(scores) + 1) * 0.8)), len(scores)) - 1]) if len(scores) else 0.0
+
+    for h in range(3):
+        inside = []
+        for t in range(n):
+            if val_end <= t + h + 1 < n:
+                q = shift(t, h)
+                inside.append(quantiles[t, h, 0] - q <= normalized[t + h + 1] <= quantiles[t, h, -1] + q)
+        assert metrics[f"test/coverage_h{h + 1}"] == pytest.approx(np.mean(inside), abs=1e-6)
+
+    assert main(["forecast", str(run / "checkpoints/best.ckpt"), "--quantiles", "0.1,0.5,0.9"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    shifts = np.array([shift(n - 1, h) for h in range(3)])
+    assert shifts.max() > 0.05  # the recent errors widen the intervals
+    own = (quantiles[-1] + shifts[:, None] * np.array([-1.0, 0.0, 1.0])) * STD + MEAN  # (H, Q) in units
     np.testing.assert_allclose(table[["SUNACTIVITY_q0.1", "SUNACTIVITY_q0.5", "SUNACTIVITY_q0.9"]], own, rtol=1e-5)

@@ -8,7 +8,6 @@ and MASE, the mean absolute error divided by that of the seasonal-naive forecast
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -21,6 +20,7 @@ from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError
 from bptt.datamodules.timeseries import ForecastData
 from bptt.errors import ConfigError
 from bptt.lightning_modules.tbptt import State, StepLossModule
+from bptt.losses.conformal import conformal_quantile, rolling_shifts
 from bptt.losses.predictive import predictive
 from bptt.metric_names import metric
 
@@ -49,13 +49,14 @@ class ForecastTask(StepLossModule):
         quantiles: the levels of ``loss: quantile`` (default 0.1, 0.5, 0.9); the reported interval runs
             from the lowest to the highest.
         interval: the central interval of ``loss: gaussian_nll`` whose coverage is reported (default 0.8).
-        conformal: calibrate the central interval of a probabilistic forecast on the validation range
-            (split conformal, CQR): after each validation, per horizon and target, the
-            ceil((n + 1) * level) / n empirical quantile Q of max(lower - y, y - upper) over the n
-            validation targets (all of them if fewer than that), in normalized units, kept with the
-            checkpoint (``interval_shift``); the test split and ``bptt forecast`` then widen the
-            interval by Q at both ends (``Predictive.widen``). Validation itself scores the model's own
-            intervals: it is the calibration set.
+        conformal: calibrate the central interval of a probabilistic forecast (``bptt.losses.conformal``):
+            ``none``; ``validation``: after each validation, per horizon and target, the conformal quantile
+            of the validation targets' scores, kept with the checkpoint (``interval_shift``), widens the
+            test split's and ``bptt forecast``'s intervals (validation itself scores the model's own: it is
+            the calibration set); ``rolling``: at every origin, the conformal quantile of the scores of the
+            last ``conformal_window`` origins whose targets are known by then (test and ``bptt forecast``).
+        conformal_window: the origins a ``rolling`` calibration looks back over (default 156: three
+            years of weeks).
         test_after_fit: ``bptt fit`` ends with the test split on the best checkpoint, logging
             ``test/*`` and ``forecast_test.png`` (forecast against actual) to MLflow.
         **engine: the ``StepLossModule`` arguments (optimizer, scheduler, k1/k2, clipping, ...).
@@ -66,7 +67,8 @@ class ForecastTask(StepLossModule):
     def __init__(
         self, *, model: nn.Module, horizon_mode: Literal["direct", "recursive"] = "direct", residual: bool = False,
         level_inputs: bool = True, loss: Literal["mse", "gaussian_nll", "quantile"] = "mse",
-        quantiles: list[float] | None = None, interval: float = 0.8, conformal: bool = False,
+        quantiles: list[float] | None = None, interval: float = 0.8,
+        conformal: Literal["none", "validation", "rolling"] = "none", conformal_window: int = 156,
         test_after_fit: bool = True, **engine: Any,
     ) -> None:
         super().__init__(**engine)
@@ -85,15 +87,21 @@ class ForecastTask(StepLossModule):
             raise ConfigError(f"task.loss: {loss} needs {self.predictive.num_outputs} values per forecast, but the "
                               f"model gives {getattr(model, 'num_outputs', 1)}; set model.init_args.num_outputs: "
                               f"{self.predictive.num_outputs}")
-        if conformal and self.predictive.score_name is None:
+        if conformal not in ("none", "validation", "rolling"):
+            raise ConfigError(f"task.conformal must be none, validation or rolling, got {conformal!r}")
+        if conformal != "none" and self.predictive.score_name is None:
             raise ConfigError("task.conformal calibrates intervals, and task.loss: mse forecasts none; set task.loss: "
-                              "gaussian_nll or quantile, or drop task.conformal")
+                              "gaussian_nll or quantile, or task.conformal: none")
+        if isinstance(conformal_window, bool) or not isinstance(conformal_window, int) or conformal_window < 1:
+            raise ConfigError(f"task.conformal_window must be a number of origins >= 1, got {conformal_window!r}")
         self.model = model
         self.conformal = conformal
-        if conformal:  # (H', C_out): how much further out each interval end reaches, in normalized units
+        self.conformal_window = conformal_window
+        if conformal == "validation":  # (H', C_out): how much further out each interval end reaches, normalized
             shape = (getattr(model, "horizon", 1), getattr(model, "num_targets", 1))
             self.register_buffer("interval_shift", torch.zeros(shape))
         self._scores: list[tuple[Tensor, Tensor]] = []  # validation (score, counted), each (n, H', C_out)
+        self._rolling: Tensor | None = None  # rolling: the test stream's scores so far (B, L, H', C_out)
         self.horizon_mode = horizon_mode
         self.residual = residual
         self.level_inputs = level_inputs
@@ -161,18 +169,29 @@ class ForecastTask(StepLossModule):
         else:
             forecasts, state = self.forecast(window["inputs"], state)  # (B, t, H', C_out)
         forecasts = forecasts.to(torch.promote_types(forecasts.dtype, torch.float32))  # the loss in >= fp32
-        if evaluating and self.trainer.testing:
-            forecasts = self.calibrated(forecasts)
         targets, observed = window["targets"][:, :, : forecasts.shape[2]], window["target_mask"][:, :, : forecasts.shape[2]]
+        if evaluating and self.trainer.testing:
+            forecasts = self.calibrated(forecasts, targets, window["positions"] >= 0)
         elementwise = self.predictive.loss(forecasts, targets) * observed  # (B, t, H', C_out)
         losses = elementwise.sum(dim=(2, 3)) / observed.sum(dim=(2, 3)).clamp(min=1)  # (B, t): mean over observed targets
         if evaluating:
             self._update_metrics(window, forecasts, targets, observed)
         return losses, state
 
-    def calibrated(self, raw: Tensor) -> Tensor:
-        """``raw`` (..., H', C_out[, P]) with its intervals widened by ``interval_shift`` (``conformal``)."""
-        return self.predictive.widen(raw, self.interval_shift.to(raw.dtype)) if self.conformal else raw
+    def calibrated(self, raw: Tensor, targets: Tensor | None = None, real: Tensor | None = None) -> Tensor:
+        """``raw`` (B, t, H', C_out, P) with its intervals widened (``conformal``). ``rolling`` adds the
+        window's scores against its ``targets`` (B, t, H', C_out) at its ``real`` steps (B, t) (not padding) to
+        those of the stream so far: the warm-up's too, where no target counts, but every target is the
+        series' (filled) value; an origin t only uses targets up to t, which the series had reached."""
+        if self.conformal == "validation":
+            return self.predictive.widen(raw, self.interval_shift.to(raw.dtype))
+        if self.conformal == "rolling":
+            lower, upper = self.predictive.normalized_interval(raw)  # (B, t, H', C_out) each
+            scores = torch.maximum(lower - targets, targets - upper).masked_fill(~real[:, :, None, None], math.nan)
+            self._rolling = scores if self._rolling is None else torch.cat([self._rolling, scores], dim=1)
+            shifts = rolling_shifts(self._rolling, raw.shape[1], self.conformal_window, self.predictive.level)
+            return self.predictive.widen(raw, shifts)
+        return raw
 
     def check_horizon(self, horizon: int) -> None:
         """Raise unless ``forecast_ahead`` reaches ``horizon`` steps: beyond the model's own horizon only
@@ -209,7 +228,7 @@ class ForecastTask(StepLossModule):
         """
         self.check_horizon(horizon)
         raw, state = self.forecast(history[None], None)  # (1, N, H', C_out[, P])
-        first = self.calibrated(raw[0, -1])  # (H', C_out[, P]): the steps after the last input
+        first, shift = self._calibrated_last(raw, history)  # (H', C_out[, P]): the steps after the last input
         points, rolled = [self.predictive.point(first)], state
         while sum(len(p) for p in points) < horizon:
             raw, rolled = self.forecast(points[-1][None], rolled)  # the last H' forecasts as the next inputs
@@ -225,10 +244,32 @@ class ForecastTask(StepLossModule):
         drawn = [self.predictive.sample(first.expand(samples, *first.shape), generator)]  # (S, H', C_out)
         while sum(d.shape[1] for d in drawn) < horizon:
             raw, paths_state = self.forecast(drawn[-1], paths_state)
-            drawn.append(self.predictive.sample(self.calibrated(raw[:, -1]), generator))
+            later = raw[:, -1] if shift is None else self.predictive.widen(raw[:, -1], shift)  # the last origin's
+            drawn.append(self.predictive.sample(later, generator))
         paths = torch.cat(drawn, dim=1)[:, :horizon]  # (S, horizon, C_out)
         sampled = torch.quantile(paths, paths.new_tensor(list(levels)), dim=0).permute(1, 2, 0)
         return point, torch.cat([own, sampled[len(own):]])  # (horizon, C_out, Q)
+
+    def _calibrated_last(self, raw: Tensor, history: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The forecasts from the last step of ``history`` (H', C_out[, P]), calibrated, and the shift
+        (H', C_out) they were widened by (None: not calibrated). ``rolling`` scores every earlier origin
+        of the history against the history's own later values."""
+        last = raw[0, -1]
+        if self.conformal == "validation":
+            shift = self.interval_shift.to(last.dtype)
+        elif self.conformal == "rolling":
+            data = self._data()
+            levels = history[:, [list(data.input_names).index(name) for name in data.target_names]]  # (N, C_out)
+            length, horizon = history.shape[0], raw.shape[2]
+            ahead = torch.arange(length)[:, None] + torch.arange(1, horizon + 1)[None, :]  # (N, H'): target times
+            known = ahead < length
+            targets = levels[ahead.clamp(max=length - 1)].to(raw.dtype)  # (N, H', C_out)
+            lower, upper = self.predictive.normalized_interval(raw[0])
+            scores = torch.maximum(lower - targets, targets - upper).masked_fill(~known[:, :, None], math.nan)
+            shift = rolling_shifts(scores[None], 1, self.conformal_window, self.predictive.level)[0, 0]
+        else:
+            return last, None
+        return self.predictive.widen(last, shift), shift
 
     @torch.no_grad()
     def _recursive(self, inputs: Tensor, state: State | None, horizon: int) -> tuple[Tensor, State]:
@@ -253,7 +294,7 @@ class ForecastTask(StepLossModule):
         if not bool(chosen.any()):
             return
         metrics = self.metrics[split]
-        if self.conformal and split == "val":  # the calibration set: how far outside each target falls
+        if self.conformal == "validation" and split == "val":  # the calibration set: how far outside each target falls
             lower, upper = self.predictive.normalized_interval(forecasts)  # (B, t, H, C_out) each
             score = torch.maximum(lower - targets, targets - upper)
             self._scores.append((score.flatten(0, 1).detach(), chosen.flatten(0, 1)))
@@ -303,17 +344,14 @@ class ForecastTask(StepLossModule):
         """``interval_shift`` from this validation's scores (every rank holds the same eval streams)."""
         score = torch.cat([s for s, _ in self._scores])  # (n, H', C_out)
         counted = torch.cat([c for _, c in self._scores])
-        shift = torch.zeros_like(self.interval_shift)
-        for h, c in itertools.product(range(shift.shape[0]), range(shift.shape[1])):
-            values = score[:, h, c][counted[:, h, c]].sort().values
-            if len(values):
-                rank = min(math.ceil((len(values) + 1) * self.predictive.level), len(values))
-                shift[h, c] = values[rank - 1]
+        scores = score.masked_fill(~counted, math.nan).permute(1, 2, 0)  # (H', C_out, n)
+        shift = conformal_quantile(scores, self.predictive.level)
         self.interval_shift.copy_(shift)
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
         self._test_curve = []
+        self._rolling = None  # a new stream
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()

@@ -198,7 +198,7 @@ def test_conformal_calibration_is_the_split_conformal_quantile_of_the_validation
     """task.conformal: after validation, per horizon and target, the ceil((n + 1) * 0.8)-th smallest of
     max(lower - y, y - upper) over the n counted validation targets (normalized units), written out in
     numpy; widened by it, the intervals cover at least 80% of those targets."""
-    task = ForecastTask(model=_model(outputs=3), loss="quantile", conformal=True, test_after_fit=False)
+    task = ForecastTask(model=_model(outputs=3), loss="quantile", conformal="validation", test_after_fit=False)
     task.use_data(SERIES)
     task._trainer = types.SimpleNamespace(testing=False, is_global_zero=True, sanity_checking=False)
     gen = torch.Generator().manual_seed(3)
@@ -236,7 +236,7 @@ def test_task_rejects_settings_that_cannot_work():
     with pytest.raises(ConfigError, match="model.horizon=3 but the data needs 2"):
         task.setup("fit")
     with pytest.raises(ConfigError, match="task.conformal calibrates intervals, and task.loss: mse forecasts none"):
-        ForecastTask(model=_model(), conformal=True)
+        ForecastTask(model=_model(), conformal="validation")
     with pytest.raises(ConfigError, match="level_inputs: false needs task.residual: true"):
         ForecastTask(model=_model(), level_inputs=False)
     task = ForecastTask(model=_model(), residual=True, level_inputs=False)
