@@ -74,6 +74,10 @@ bench-forecast: $(BIN)/bptt
 			--task.loss quantile --model.num_outputs 3 --task.conformal $$calibration --no-baselines \
 			--run-dir runs/bench/quality_forecast_co2_year_$$calibration \
 			--out benchmarks/results/quality_forecast_co2_year_intervals_$$calibration.json || exit 1; \
+		$(BIN)/python benchmarks/quality_forecast.py --config conf/forecast/sunspots_cycle.yaml --horizons 1,3,11 \
+			--task.loss quantile --model.num_outputs 3 --task.conformal $$calibration --no-baselines \
+			--run-dir runs/bench/quality_forecast_sunspots_cycle_$$calibration \
+			--out benchmarks/results/quality_forecast_sunspots_cycle_intervals_$$calibration.json || exit 1; \
 	done
 	$(BIN)/python benchmarks/forecast_latency.py --horizon 104
 
