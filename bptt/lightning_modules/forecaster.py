@@ -261,7 +261,8 @@ class ForecastTask(StepLossModule):
             data = self._data()
             levels = history[:, [list(data.input_names).index(name) for name in data.target_names]]  # (N, C_out)
             length, horizon = history.shape[0], raw.shape[2]
-            ahead = torch.arange(length)[:, None] + torch.arange(1, horizon + 1)[None, :]  # (N, H'): target times
+            steps = torch.arange(length + horizon, device=history.device)
+            ahead = steps[:length, None] + steps[None, 1 : horizon + 1]  # (N, H'): the target times
             known = ahead < length
             targets = levels[ahead.clamp(max=length - 1)].to(raw.dtype)  # (N, H', C_out)
             lower, upper = self.predictive.normalized_interval(raw[0])
