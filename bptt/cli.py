@@ -119,6 +119,12 @@ def _forecast_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     unknown = [arg for arg in overrides if arg.startswith("-") and not arg.startswith("--data.")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (config overrides must be --data.*)")
+    position = 0
+    while position < len(overrides):  # --data.KEY VALUE or --data.KEY=VALUE pairs, nothing else
+        arg = overrides[position]
+        if not arg.startswith("--data."):
+            parser.error(f"{arg!r} follows the config overrides; name every checkpoint before the options")
+        position += 1 if "=" in arg else 2
     return opts, overrides
 
 

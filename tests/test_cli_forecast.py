@@ -150,13 +150,14 @@ FORECAST_BAD = [
     (["--series", "unsorted.csv"], "not sorted"),
     (["--series", "trailing_gap.csv"], "ends in 1 step(s) with missing values"),
     (["--series", "absent.csv"], "not found"),
+    (["--data.gaps", "mask", "second.ckpt"], "'second.ckpt' follows the config overrides; name every checkpoint"),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("args", "message"), FORECAST_BAD, ids=[
     "horizon-0", "quantile-1.5", "quantiles-of-a-point-model", "out-not-csv", "unknown-flag", "other-columns",
-    "unsorted", "trailing-gap", "absent-file"])
+    "unsorted", "trailing-gap", "absent-file", "checkpoint-after-overrides"])
 def test_forecast_bad_input_fails_in_one_line_and_writes_nothing(sunspots_run, args, message, tmp_path, capsys,
                                                                   monkeypatch):
     run, _, _ = sunspots_run
