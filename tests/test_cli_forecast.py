@@ -254,6 +254,18 @@ def test_forecast_past_the_horizon_of_a_model_with_other_inputs_fails_in_one_lin
     assert not (tmp_path / "out.csv").exists()
 
 
+def checkpoint_quantiles(run) -> tuple[np.ndarray, dict]:
+    """The quantile run's best checkpoint (sunspots.yaml's sizes, 3 levels) over the whole series at once:
+    its sorted quantiles (N, H, Q), normalized, and its state dict."""
+    model = RNNForecaster(num_inputs=1, num_targets=1, horizon=3, num_outputs=3, hidden_size=64, num_layers=1)
+    state = torch.load(run / "checkpoints/best.ckpt", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    normalized = (RAW["SUNACTIVITY"].to_numpy() - MEAN) / STD
+    with torch.no_grad():
+        out, _ = model.eval()(torch.tensor(normalized, dtype=torch.float32).view(1, -1, 1))  # (1, N, 3, 1, 3)
+    return np.sort(out[0, :, :, 0].double().numpy(), axis=-1), state
+
+
 @pytest.mark.slow
 def test_quantile_forecaster_scores_and_forecasts_its_own_quantiles(tmp_path, capsys):
     """task.loss: quantile on sunspots: test/pinball and test/coverage equal an independent evaluation of
@@ -270,12 +282,7 @@ def test_quantile_forecaster_scores_and_forecasts_its_own_quantiles(tmp_path, ca
 
     raw = RAW["SUNACTIVITY"].to_numpy()
     n, test_start = len(raw), int(len(raw) * 0.85)
-    model = RNNForecaster(num_inputs=1, num_targets=1, horizon=3, num_outputs=3, hidden_size=64, num_layers=1)
-    state = torch.load(run / "checkpoints/best.ckpt", weights_only=True)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    with torch.no_grad():
-        out, _ = model.eval()(torch.tensor((raw - MEAN) / STD, dtype=torch.float32).view(1, n, 1))  # (1, N, 3, 1, 3)
-    quantiles = np.sort(out[0, :, :, 0].double().numpy(), axis=-1) * STD + MEAN  # (N, H, Q) in units
+    quantiles = checkpoint_quantiles(run)[0] * STD + MEAN  # (N, H, Q) in units
     pinball, inside = [], []
     for t in range(n):
         for h in range(3):
@@ -323,13 +330,8 @@ def test_conformal_intervals_are_calibrated_on_validation_and_used_by_test_and_f
 
     raw = RAW["SUNACTIVITY"].to_numpy()
     n, val_end = len(raw), int(len(raw) * 0.85)
-    model = RNNForecaster(num_inputs=1, num_targets=1, horizon=3, num_outputs=3, hidden_size=64, num_layers=1)
-    state = torch.load(run / "checkpoints/best.ckpt", weights_only=True)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    quantiles, state = checkpoint_quantiles(run)  # (N, H, Q), normalized
     normalized = (raw - MEAN) / STD
-    with torch.no_grad():
-        out, _ = model.eval()(torch.tensor(normalized, dtype=torch.float32).view(1, n, 1))  # (1, N, 3, 1, 3)
-    quantiles = np.sort(out[0, :, :, 0].double().numpy(), axis=-1)  # (N, H, Q), normalized
     shifts = []
     for h in range(3):
         origins = [t for t in range(n) if TRAIN_END <= t + h + 1 < val_end]
@@ -369,13 +371,8 @@ def test_rolling_conformal_intervals_follow_the_recent_errors_in_test_and_foreca
 
     raw = RAW["SUNACTIVITY"].to_numpy()
     n, val_end, window = len(raw), int(len(raw) * 0.85), 20
-    model = RNNForecaster(num_inputs=1, num_targets=1, horizon=3, num_outputs=3, hidden_size=64, num_layers=1)
-    state = torch.load(run / "checkpoints/best.ckpt", weights_only=True)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    quantiles, state = checkpoint_quantiles(run)  # (N, H, Q), normalized
     normalized = (raw - MEAN) / STD
-    with torch.no_grad():
-        out, _ = model.eval()(torch.tensor(normalized, dtype=torch.float32).view(1, n, 1))  # (1, N, 3, 1, 3)
-    quantiles = np.sort(out[0, :, :, 0].double().numpy(), axis=-1)  # (N, H, Q), normalized
 
     def shift(t: int, h: int) -> float:  # horizon h + 1 from origin t
         past = [u for u in range(max(0, t - h - window), t - h)]

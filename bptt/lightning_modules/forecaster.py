@@ -186,12 +186,17 @@ class ForecastTask(StepLossModule):
         if self.conformal == "validation":
             return self.predictive.widen(raw, self.interval_shift.to(raw.dtype))
         if self.conformal == "rolling":
-            lower, upper = self.predictive.normalized_interval(raw)  # (B, t, H', C_out) each
-            scores = torch.maximum(lower - targets, targets - upper).masked_fill(~real[:, :, None, None], math.nan)
+            scores = self._outside(raw, targets).masked_fill(~real[:, :, None, None], math.nan)
             self._rolling = scores if self._rolling is None else torch.cat([self._rolling, scores], dim=1)
             shifts = rolling_shifts(self._rolling, raw.shape[1], self.conformal_window, self.predictive.level)
             return self.predictive.widen(raw, shifts)
         return raw
+
+    def _outside(self, raw: Tensor, targets: Tensor) -> Tensor:
+        """The conformal score of each forecast (...): how far its target lies outside its central interval,
+        max(lower - y, y - upper), in normalized units (negative inside)."""
+        lower, upper = self.predictive.normalized_interval(raw)
+        return torch.maximum(lower - targets, targets - upper)
 
     def check_horizon(self, horizon: int) -> None:
         """Raise unless ``forecast_ahead`` reaches ``horizon`` steps: beyond the model's own horizon only
@@ -265,8 +270,7 @@ class ForecastTask(StepLossModule):
             ahead = steps[:length, None] + steps[None, 1 : horizon + 1]  # (N, H'): the target times
             known = ahead < length
             targets = levels[ahead.clamp(max=length - 1)].to(raw.dtype)  # (N, H', C_out)
-            lower, upper = self.predictive.normalized_interval(raw[0])
-            scores = torch.maximum(lower - targets, targets - upper).masked_fill(~known[:, :, None], math.nan)
+            scores = self._outside(raw[0], targets).masked_fill(~known[:, :, None], math.nan)
             shift = rolling_shifts(scores[None], 1, self.conformal_window, self.predictive.level)[0, 0]
         else:
             return last, None
@@ -296,9 +300,7 @@ class ForecastTask(StepLossModule):
             return
         metrics = self.metrics[split]
         if self.conformal == "validation" and split == "val":  # the calibration set: how far outside each target falls
-            lower, upper = self.predictive.normalized_interval(forecasts)  # (B, t, H, C_out) each
-            score = torch.maximum(lower - targets, targets - upper)
-            self._scores.append((score.flatten(0, 1).detach(), chosen.flatten(0, 1)))
+            self._scores.append((self._outside(forecasts, targets).flatten(0, 1).detach(), chosen.flatten(0, 1)))
         if self.predictive.score_name is not None:
             units = self.predictive.to_units(forecasts, mean, std)  # (B, t, H, C_out, P)
             metrics[self.predictive.score_name].update(self.predictive.score(units, actual)[chosen])
