@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench bench-quality bench-quality-scan bench-scan bench-sweep bench-asr bench-asr-scan bench-asr-memory bench-forecast bench-truncation clean
+.PHONY: setup demo test bench bench-gpu bench-quality bench-quality-scan bench-scan bench-sweep bench-asr bench-asr-scan bench-asr-memory bench-forecast bench-truncation clean
 
 $(BIN)/bptt: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -80,6 +80,16 @@ bench-forecast: $(BIN)/bptt
 			--out benchmarks/results/quality_forecast_sunspots_cycle_intervals_$$calibration.json || exit 1; \
 	done
 	$(BIN)/python benchmarks/forecast_latency.py --horizon 104
+
+# on a machine with a CUDA GPU (python3 there must have the project's dependencies): the GPU tests (host waits per
+# step under task.host_reads, cuDNN, bf16/16-mixed) and throughput of the two benchmark models with every variant;
+# OUT (default benchmarks/results) receives gpu_tests.log and throughput_gpu.json. About 8 minutes on an H200
+OUT ?= benchmarks/results
+bench-gpu:
+	python3 -m pytest -p no:cacheprovider -q -m gpu tests > $(OUT)/gpu_tests.log 2>&1 || { cat $(OUT)/gpu_tests.log; exit 1; }
+	tail -3 $(OUT)/gpu_tests.log
+	python3 benchmarks/throughput.py --accelerator gpu --skip-memory --steps 100 --rounds 1 \
+		--setups word_2x650 char_2x512 --out $(OUT)/throughput_gpu.json
 
 # copy memory learnt with windows shorter and longer than its lag: about 4 minutes
 bench-truncation: $(BIN)/bptt

@@ -9,7 +9,8 @@ carries whatever else this shared machine ran meanwhile.
   (b) plain loop: pytorch/examples word_language_model's TBPTT loop (streams, carried and
       detached state, clip_grad_norm_, SGD, loss.item() per step);
   (c) `bptt fit`: bptt.training.fit on the same model, data, optimizer and clipping; also with
-      ``data.windows_per_batch: 4`` (c_m4: four optimizer steps per Lightning batch), and with
+      ``data.windows_per_batch: 4`` (c_m4: four optimizer steps per Lightning batch), deciding skip
+      and clip on the device (c_device: ``task.host_reads: logging_steps`` with fused SGD), and with
       ``trainer.precision: auto`` (measured afresh each round) beside fp32 and bf16-mixed.
 
 Models (``--setups``), on the standard library's source code: 2 x 650 word LSTM (tied, dropout 0.5,
@@ -150,7 +151,8 @@ def _fit_args(setup: dict, precision: str, root: str, max_steps: int) -> list[st
 CHOSEN: dict[str, list[str]] = {}  # setup name -> what trainer.precision: auto chose, each round
 
 
-def bptt_fit(setup: dict, data: TextStreamDataModule, precision: str, windows_per_batch: int = 1) -> list[float]:
+def bptt_fit(setup: dict, data: TextStreamDataModule, precision: str, windows_per_batch: int = 1,
+             extra: tuple[str, ...] = ()) -> list[float]:
     """Seconds of each optimizer step after the warm-up; with ``windows_per_batch`` m a timed batch
     holds m optimizer steps, each counted as a batch's time / m. ``precision`` auto measures afresh
     each time (an empty cache; the measuring steps are not timed) and records its choice in ``CHOSEN``."""
@@ -158,7 +160,7 @@ def bptt_fit(setup: dict, data: TextStreamDataModule, precision: str, windows_pe
     timer = StepTimer("gpu" if DEVICE.type == "cuda" else "cpu")
     batches = -(-setup["warmup"] // m) + -(-setup["steps"] // m)
     with tempfile.TemporaryDirectory() as root:
-        args = [*_fit_args(setup, precision, root, batches * m), "--data.windows_per_batch", str(m)]
+        args = [*_fit_args(setup, precision, root, batches * m), "--data.windows_per_batch", str(m), *extra]
         with _environ(BPTT_CACHE_DIR=str(Path(root) / "cache")) if precision == "auto" else contextlib.nullcontext():
             fit(parse_config(args), callbacks=[timer])
         if precision == "auto":
@@ -183,11 +185,19 @@ def bptt_fit_m4(setup: dict, data: TextStreamDataModule, precision: str) -> list
     return bptt_fit(setup, data, precision, windows_per_batch=4)
 
 
+def bptt_fit_device(setup: dict, data: TextStreamDataModule, precision: str) -> list[float]:
+    """`bptt fit` deciding skip and clip on the device (``task.host_reads: logging_steps``, SGD with
+    ``fused: true``): no host read between logging steps, the setting that keeps a GPU busy."""
+    return bptt_fit(setup, data, precision, extra=("--task.host_reads", "logging_steps",
+                                                   "--task.optimizer.init_args.fused", "true"))
+
+
 VARIANTS = {
     "a_bare_fp32": (bare_kernel, "32-true"),
     "b_plain_fp32": (plain_loop, "32-true"),
     "c_bptt_fp32": (bptt_fit, "32-true"),
     "c_bptt_m4_fp32": (bptt_fit_m4, "32-true"),
+    "c_bptt_device_fp32": (bptt_fit_device, "32-true"),
     "a_bare_bf16": (bare_kernel, "bf16-mixed"),
     "c_bptt_bf16": (bptt_fit, "bf16-mixed"),
     "c_bptt_auto": (bptt_fit, "auto"),
@@ -218,6 +228,7 @@ def throughput(rounds: int, names: list[str]) -> dict:
             "c_over_a": med["c_bptt_fp32"] / med["a_bare_fp32"],
             "c_over_b": med["c_bptt_fp32"] / med["b_plain_fp32"],
             "c_m4_over_b": med["c_bptt_m4_fp32"] / med["b_plain_fp32"],
+            "c_device_over_b": med["c_bptt_device_fp32"] / med["b_plain_fp32"],
             "c_bf16_over_b_fp32": med["c_bptt_bf16"] / med["b_plain_fp32"],
             "bare_bf16_over_bare_fp32": med["a_bare_bf16"] / med["a_bare_fp32"],
             "c_bf16_over_c_fp32": med["c_bptt_bf16"] / med["c_bptt_fp32"],
@@ -316,7 +327,9 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     for name, r in result.get("throughput", {}).items():
-        print(f"{name}: c/a {r['c_over_a']:.3f}  c/b {r['c_over_b']:.3f}  c_m4/b {r['c_m4_over_b']:.3f}  auto/best {r['auto_over_best']:.3f} ({r['auto_chose']})  c_bf16/b_fp32 {r['c_bf16_over_b_fp32']:.3f}")
+        print(f"{name}: c/a {r['c_over_a']:.3f}  c/b {r['c_over_b']:.3f}  c_m4/b {r['c_m4_over_b']:.3f}  "
+              f"c_device/b {r['c_device_over_b']:.3f}  auto/best {r['auto_over_best']:.3f} ({r['auto_chose']})  "
+              f"c_bf16/b_fp32 {r['c_bf16_over_b_fp32']:.3f}")
     if "memory" in result:
         print(f"memory: max peak / 1x peak = {result['memory']['max_over_1x']:.3f}")
 

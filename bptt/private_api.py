@@ -21,7 +21,7 @@ def pending_train_step_metrics(trainer: pl.Trainer) -> tuple[dict[str, float], i
     logged it. Reads ``trainer._logger_connector`` (``should_update_logs``, ``metrics``) and
     ``fit_loop.epoch_loop._batches_that_stepped``, and mirrors ``_LoggerConnector.log_metrics``.
     """
-    if not (logs_this_step(trainer) or trainer.fast_dev_run):
+    if not logs_this_step(trainer):
         return None
     metrics: dict[str, Any] = convert_tensors_to_scalars(dict(trainer._logger_connector.metrics["log"]))
     if not metrics:
@@ -100,11 +100,39 @@ def write_last_checkpoint(callback: Any, trainer: pl.Trainer) -> None:
 
 def logs_this_step(trainer: Any) -> bool:
     """Whether Lightning sends this training step's ``self.log`` values to the loggers
-    (every ``trainer.log_every_n_steps`` batches, counted over optimizer-stepping batches).
+    (every ``trainer.log_every_n_steps`` batches, counted over optimizer-stepping batches; every batch
+    under ``fast_dev_run``).
 
     The engine logs its diagnostics (throughput, gradient norm, clip and skip counts) only on
     those steps: a ``self.log`` costs about 1 ms, and the throughput clock must run between the
     steps that are logged. Reads ``trainer._logger_connector.should_update_logs``; without it the
     engine would log every step (slower) or guess the count Lightning keeps (wrong after a resume).
     """
-    return bool(trainer._logger_connector.should_update_logs)
+    return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+
+
+def step_unless(optimizer: Any, skip: Any) -> None:
+    """``optimizer.step()`` that the device skips where the 0-dim tensor ``skip`` is non-zero: no host
+    read decides it. Only for optimizers that take GradScaler's ``found_inf`` (``fused=True`` Adam,
+    AdamW, SGD, ...: ``supports_device_skip``); parameters, moments and step counts stay as they were.
+
+    Sets the attributes ``found_inf`` and ``grad_scale`` that ``torch.amp.GradScaler`` sets on such an
+    optimizer for one ``step()`` (torch.optim's fused step functions read them); without them a
+    skipped step would need the host to read the non-finite flag every step.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` or Lightning's ``LightningOptimizer`` around one.
+        skip: 0-dim tensor on the parameters' device; non-zero: leave everything unchanged.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.found_inf, inner.grad_scale = skip.float(), None
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf, inner.grad_scale
+
+
+def supports_device_skip(optimizer: Any) -> bool:
+    """Whether ``step_unless`` can skip this optimizer's steps on the device (torch marks the
+    optimizers whose step takes ``found_inf`` with ``_step_supports_amp_scaling``)."""
+    return bool(getattr(getattr(optimizer, "optimizer", optimizer), "_step_supports_amp_scaling", False))

@@ -22,7 +22,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.accelerators import CPUAccelerator
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, ProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -42,6 +42,7 @@ from bptt.lightning_modules.language_model import LanguageModelTask
 from bptt.lightning_modules.speech_recognizer import CTCSpeechTask
 from bptt.lightning_modules.tbptt import StepLossModule
 from bptt.metric_names import VAL_LOSS
+from bptt.progress_bar import TimedProgressBar
 from bptt.run_logger import LogStepBeforeCheckpoint, RunLogger
 from bptt.tracking import CHECKPOINT_DIR_TAG, DataInput, MlflowTracking, curves_png
 
@@ -69,6 +70,8 @@ def _trainer(
     """
     args = dict(vars(trainer_args))
     callbacks = list(args.pop("callbacks") or []) + callbacks  # the engine logs the learning rate itself
+    if args.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(TimedProgressBar())  # Lightning's default bar redrawn at most 4 times a second
     if args.get("logger") is None:
         args["logger"] = [CSVLogger(save_dir=args["default_root_dir"], name="logs")]
     placement = dict(placement or {})
@@ -274,9 +277,11 @@ def _preflight(trainer: pl.Trainer, init: Namespace) -> None:
     over the ranks).
 
     Raises:
-        ConfigError: the optimizer or scheduler refuses its settings, or the data cannot be split.
+        ConfigError: the optimizer or scheduler refuses its settings, the task's settings do not work
+            under the trainer's precision, or the data cannot be split.
     """
     _check_optimizer(init)
+    init.task.check_precision(trainer.precision_plugin)
     init.data.trainer = trainer  # rank and world size, as Lightning attaches it in fit
     try:
         init.data.setup("fit")

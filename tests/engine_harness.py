@@ -53,9 +53,9 @@ def run(task: LanguageModelTask, batches: list[dict[str, Any]], *, precision: st
     ``devices`` > 1 (and e.g. ``strategy="ddp_spawn"``) each process trains on its rows of the batches."""
     trainer_ = pl.Trainer(
         accelerator=accelerator, devices=devices, precision=precision, max_epochs=max_epochs,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=len(val_batches or []), use_distributed_sampler=False,
-        **{"log_every_n_steps": 1, "logger": False, **trainer},
+        **{"log_every_n_steps": 1, "logger": False, "enable_progress_bar": False, **trainer},
     )
     trainer_.fit(task, datamodule=data(batches, val_batches))
     return trainer_

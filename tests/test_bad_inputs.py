@@ -58,9 +58,15 @@ FIT_CASES = [
     (["--data.windows_per_batch", "3", "--trainer.max_steps", "10"], "trainer.max_steps=10 counts optimizer steps"),
     (["--task.optimizer.class_path", "os.system"], "names code outside the allow-list"),
     (["--trainer.callbacks", '[{"class_path": "this.Zen"}]'], "names code outside the allow-list"),
+    (["--task.host_reads", "logging_steps"], "host_reads=logging_steps skips non-finite steps on the device"),
+    (["--task.host_reads", "sometimes"],
+     "\"host_reads\": Expected a typing.Literal['auto', 'every_step', 'logging_steps']"),
 ]
 if not torch.cuda.is_available():
     FIT_CASES.append((["--trainer.accelerator", "gpu"], "trainer settings do not work here"))
+else:
+    FIT_CASES.append((["--task.host_reads", "logging_steps", "--task.optimizer.init_args.fused", "true",
+                       "--trainer.precision", "16-mixed", "--trainer.accelerator", "gpu"], "cannot skip fp16 overflow"))
 
 
 @pytest.mark.parametrize(("args", "message"), FIT_CASES, ids=[" ".join(a)[:60] for a, _ in FIT_CASES])

@@ -132,3 +132,28 @@ def _tiny_fit(*, val_check_interval: int, max_steps: int = 4, dirpath=None):
                          enable_checkpointing=dirpath is not None, callbacks=callbacks, accelerator="cpu")
     trainer.fit(Linear(), data, data)
     return trainer
+
+
+def test_torch_fused_optimizers_still_skip_a_step_on_gradscalers_flag():
+    from functools import partial
+
+    import torch
+
+    from bptt.private_api import step_unless, supports_device_skip
+
+    for kind in (torch.optim.Adam, torch.optim.SGD):
+        make = partial(kind, lr=0.1, fused=True)
+        skipped, taken, plain = (torch.nn.Parameter(torch.arange(4.0)) for _ in range(3))
+        optimizers = [make([p]) for p in (skipped, taken, plain)]
+        assert all(supports_device_skip(o) for o in optimizers), (
+            "torch.optim's fused optimizers lost _step_supports_amp_scaling: see bptt.private_api.step_unless")
+        for p in (skipped, taken, plain):
+            p.grad = torch.ones(4)
+        step_unless(optimizers[0], torch.tensor(True))
+        step_unless(optimizers[1], torch.tensor(False))
+        optimizers[2].step()
+        assert torch.equal(skipped.detach(), torch.arange(4.0)), (
+            "a fused optimizer ignored found_inf (GradScaler's flag): see bptt.private_api.step_unless")
+        assert torch.equal(taken.detach(), plain.detach()) and not torch.equal(plain.detach(), torch.arange(4.0))
+        assert not hasattr(optimizers[0], "found_inf")
+    assert not supports_device_skip(torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]))

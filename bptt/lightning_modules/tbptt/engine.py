@@ -1,12 +1,17 @@
 """``TBPTTModule``: what every task shares, whatever its loss: the optimizer step with its one
-all-reduce and its one host wait, the non-finite guard, clipping, schedulers, the logged
+all-reduce and at most one host wait, the non-finite guard, clipping, schedulers, the logged
 metrics, and the carried state with its checkpoint format.
 
 One optimizer step, as ``StepLossModule`` and ``SequenceLossModule`` run it::
 
     forward (the subclass)  ->  totals = _sum_over_ranks(...)        one all-reduce, on the device
                             ->  backward of loss * totals.loss_factor  (the subclass)
-                            ->  _optimizer_step(totals, ...)          one host read: skip, clip, step
+                            ->  _optimizer_step(totals, ...)          skip, clip, step
+
+``task.host_reads`` says where ``_optimizer_step`` decides: ``every_step``, the host reads the
+gradient norm and the non-finite flag (one wait for the device per step); ``logging_steps``, the
+device decides (a fused optimizer skips a non-finite step by itself) and keeps the counters, which
+the host reads only on the steps that log (``trainer.log_every_n_steps``).
 """
 
 from __future__ import annotations
@@ -142,6 +147,14 @@ class TBPTTModule(pl.LightningModule):
         grad_clip_algorithm: ``norm`` (global 2-norm) or ``value``.
         max_consecutive_nonfinite: stop training with an error after this many
             consecutive steps skipped for a NaN/Inf loss or gradient.
+        host_reads: when the host reads a step's outcome from the device. ``every_step``: it reads
+            the gradient norm and the non-finite flag to decide skip and clip (a host wait per step).
+            ``logging_steps``: the device decides (clipping by a device-side factor, a non-finite step
+            skipped by the optimizer itself, which must take GradScaler's skip flag: ``fused: true``
+            Adam, AdamW or SGD); the counters and the gradient norm stay on the device until a logging
+            step, where the consecutive-skip limit is checked too; a skipped step still counts as an
+            optimizer step (``trainer.global_step``, step schedulers). ``auto``: ``logging_steps`` on a
+            CUDA device with such an optimizer and without an fp16 loss scaler, else ``every_step``.
     """
 
     time_keys: tuple[str, ...] = ("inputs", "targets", "mask")
@@ -157,6 +170,7 @@ class TBPTTModule(pl.LightningModule):
         grad_clip: float | None = None,
         grad_clip_algorithm: Literal["norm", "value"] = "norm",
         max_consecutive_nonfinite: int = 10,
+        host_reads: Literal["auto", "every_step", "logging_steps"] = "auto",
     ) -> None:
         super().__init__()
         if k2 is not None and k1 is None:
@@ -170,6 +184,15 @@ class TBPTTModule(pl.LightningModule):
             )
         if grad_clip is not None and grad_clip <= 0:
             raise ConfigError(f"task.grad_clip must be > 0 or null, got {grad_clip}")
+        if host_reads not in ("auto", "every_step", "logging_steps"):
+            raise ConfigError(f"task.host_reads must be auto, every_step or logging_steps, got {host_reads!r}")
+        if host_reads == "logging_steps" and not private_api.supports_device_skip(
+                optimizer([torch.nn.Parameter(torch.zeros(1))])):
+            raise ConfigError(
+                "task.host_reads=logging_steps skips non-finite steps on the device, which needs an optimizer "
+                "that takes a skip flag (torch.optim.Adam, AdamW or SGD with fused: true); set "
+                "task.optimizer.init_args.fused: true, or task.host_reads: every_step"
+            )
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -179,6 +202,10 @@ class TBPTTModule(pl.LightningModule):
         self.grad_clip = grad_clip
         self.grad_clip_algorithm = grad_clip_algorithm
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.host_reads = host_reads
+        # host_reads on the device (on_train_start decides): (taken, clipped, skipped, consecutive skipped,
+        # longest run of consecutive skips since the host last read them), int64 on the device
+        self._device_counts: Tensor | None = None
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.carried = CarriedState()  # training streams, across batches (stream mode)
@@ -189,7 +216,8 @@ class TBPTTModule(pl.LightningModule):
         self.steps_clipped = 0
         self.steps_skipped = 0
         self.consecutive_skipped = 0
-        self.last_grad_norm = 0.0  # of the latest step taken (unscaled)
+        self.last_grad_norm: float | Tensor = 0.0  # of the latest step taken (unscaled); a device scalar
+        # while the device keeps the counters
         self.last_lr: float | None = None  # the learning rate the latest step taken used
         self._last_log_time: float | None = None
         self._tokens_since_log = 0.0
@@ -267,9 +295,13 @@ class TBPTTModule(pl.LightningModule):
             loss_sum: this rank's loss sum, for the error message.
 
         Returns:
-            whether the step was taken: False when skipped for a non-finite loss on some rank.
+            whether the step was taken: False when skipped for a non-finite loss on some rank; None
+            when the device decided (``host_reads`` on the device): the host does not know.
         """
         opt = self.optimizers()
+        if self._device_counts is not None:
+            self._step_on_device(opt, totals.nonfinite)
+            return None
         size = self._gradient_size(totals.nonfinite)
         if size.nonfinite_loss:
             here = bool(row_bad.any())
@@ -290,11 +322,80 @@ class TBPTTModule(pl.LightningModule):
         opt.step()
         opt.zero_grad(set_to_none=True)
         self.steps_taken += 1
+        self._step_scheduler()
+        return True
+
+    def _step_scheduler(self) -> None:
+        """Step an LR scheduler that counts optimizer steps."""
         if self.lr_scheduler_factory is not None and self.lr_scheduler_interval == "step":
             scheduler = self._scheduler()
             if not isinstance(scheduler, ReduceLROnPlateau):
                 scheduler.step()
-        return True
+
+    def _step_on_device(self, opt: Any, nonfinite: Tensor) -> None:
+        """``_optimizer_step`` without a host read: the same clipping (by a factor of at most 1,
+        computed on the device), the optimizer step skipped on the device where some rank's loss or
+        the gradients are not finite, and the counters kept on the device."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        device = nonfinite.device
+        zero = torch.zeros((), device=device)
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0).to(device) if grads else zero
+        norm = norm.to(torch.promote_types(norm.dtype, torch.float32))  # float64 runs clip in float64
+        bad = (nonfinite > 0) | ~torch.isfinite(norm)
+        clipped = torch.zeros((), dtype=torch.bool, device=device)
+        if grads and self.grad_clip is not None:
+            params = [p for p in self.parameters() if p.grad is not None]
+            if self.grad_clip_algorithm == "value":
+                largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf).to(device)
+                bad |= ~torch.isfinite(largest)
+                clipped = largest > self.grad_clip
+                torch.nn.utils.clip_grad_value_(params, self.grad_clip)  # the identity below the limit
+            else:
+                clipped = norm > self.grad_clip
+                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)  # times min(1, clip / norm)
+        self.last_lr = opt.param_groups[0]["lr"]
+        private_api.step_unless(opt, bad)
+        opt.zero_grad(set_to_none=True)
+        counts = self._device_counts
+        consecutive = (counts[3] + 1) * bad
+        taken = ~bad
+        self._device_counts = torch.stack([counts[0] + taken, counts[1] + (clipped & taken), counts[2] + bad,
+                                           consecutive, torch.maximum(counts[4], consecutive)])
+        self.last_grad_norm = torch.where(bad, torch.as_tensor(self.last_grad_norm, dtype=norm.dtype, device=device),
+                                          norm)
+        self._step_scheduler()
+
+    def check_precision(self, precision_plugin: Any) -> None:
+        """Raises ConfigError: ``host_reads: logging_steps`` under an fp16 loss scaler, which reads its
+        overflow flag every step (checked before training starts, and again when it starts)."""
+        scaler = getattr(precision_plugin, "scaler", None)
+        if self.host_reads == "logging_steps" and scaler is not None and scaler.is_enabled():
+            raise ConfigError("task.host_reads=logging_steps cannot skip fp16 overflow steps on the device (the "
+                              "loss scaler reads its flag every step); use trainer.precision bf16-mixed or 32-true, "
+                              "or task.host_reads: every_step")
+
+    def _reads_on_device(self) -> bool:
+        """Whether the device decides each step (``host_reads``), now that device, optimizer and precision are known."""
+        self.check_precision(self.trainer.precision_plugin)
+        if self.host_reads == "every_step" or self._scaler() is not None:
+            return False
+        return self.host_reads == "logging_steps" or (
+            self.device.type == "cuda" and private_api.supports_device_skip(self.optimizers()))
+
+    def _read_counts(self) -> None:
+        """Bring the counters the device keeps to the host (one wait), and stop training after too many
+        consecutive skipped steps since the last read."""
+        if self._device_counts is None:
+            return
+        taken, clipped, skipped, consecutive, longest = self._device_counts.tolist()
+        self.steps_taken, self.steps_clipped, self.steps_skipped, self.consecutive_skipped = (
+            taken, clipped, skipped, consecutive)
+        self._device_counts[4] = consecutive
+        if longest >= self.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{longest} consecutive steps skipped for non-finite values (the device decided; read at step "
+                f"{self.trainer.global_step}); lower the learning rate, set task.grad_clip, or use precision 32"
+            )
 
     def _gradient_size(self, nonfinite: Tensor) -> GradientSize:
         """The gradients' size and the non-finite flag, read from the device at once: the step's one host wait."""
@@ -353,17 +454,20 @@ class TBPTTModule(pl.LightningModule):
         """Log a batch's training metrics from its loss sum and target count over all ranks (device
         scalars): every rank logs the same, global values. The gradient norm and the clip and skip
         counters are global already: DDP averaged the gradients before the engine read their norm."""
-        loss = loss_sum / count.clamp(min=1.0)
-        self.log(TRAIN_LOSS, loss, on_step=True, on_epoch=False, prog_bar=True)  # the progress bar shows it
         self._tokens_since_log += count
-        # Lightning keeps step values only every trainer.log_every_n_steps; a self.log costs ~1 ms
+        # Lightning keeps step values only every trainer.log_every_n_steps, and a self.log costs ~1 ms (a
+        # tenth of a small model's step on a CPU): the other steps log nothing, and the progress bar shows
+        # the loss of the latest logged step
         if not private_api.logs_this_step(self.trainer):
             return
+        loss = loss_sum / count.clamp(min=1.0)
+        self.log(TRAIN_LOSS, loss, on_step=True, on_epoch=False, prog_bar=True)
         now = time.perf_counter()
         if self._last_log_time is not None:
             self.log(TOKENS_PER_SEC, self._tokens_since_log / max(now - self._last_log_time, 1e-9),
                      on_step=True, on_epoch=False)
         self._last_log_time, self._tokens_since_log = now, 0.0
+        self._read_counts()
         for name, value in self.derived_metrics(TRAIN, loss).items():
             self.log(name, value, on_step=True, on_epoch=False)
         attempted = max(self.steps_taken + self.steps_skipped, 1)
@@ -383,6 +487,7 @@ class TBPTTModule(pl.LightningModule):
         return self.all_gather(tensor.detach()).flatten(0, 1).cpu()  # (W, B_local, ...) -> (B_global, ...)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._read_counts()
         checkpoint["tbptt"] = {
             **self.carried.to_checkpoint(self._gather_rows),
             "counters": [self.steps_taken, self.steps_clipped, self.steps_skipped, self.consecutive_skipped],
@@ -397,10 +502,18 @@ class TBPTTModule(pl.LightningModule):
     def on_train_start(self) -> None:
         """Start the throughput clock; after a resume, take this rank's rows of the saved streams."""
         self._last_log_time, self._tokens_since_log = time.perf_counter(), 0.0
+        self._device_counts = None
+        if self._reads_on_device():
+            counts = [self.steps_taken, self.steps_clipped, self.steps_skipped, self.consecutive_skipped,
+                      self.consecutive_skipped]
+            self._device_counts = torch.tensor(counts, dtype=torch.int64, device=self.device)
         saved, self._restored = self._restored, None
         if saved is not None:
             self.carried = CarriedState.from_checkpoint(saved, self.trainer.global_rank, self.trainer.world_size,
                                                         self.device)
+
+    def on_train_end(self) -> None:
+        self._read_counts()
 
     # ---- evaluation ---------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -131,9 +131,12 @@ class StepLossModule(TBPTTModule):
 
         totals = self._sum_over_ranks(loss_sum, count, row_bad)
         self.manual_backward(loss_sum * totals.loss_factor)
-        if not self._optimizer_step(totals, row_bad, loss_sum):
+        taken = self._optimizer_step(totals, row_bad, loss_sum)
+        if taken is False:
             end = zero_rows(end, row_bad)  # no update; streams that went non-finite start again from zeros
             return CarriedState(start=end, end=end), totals
+        if taken is None:  # the device decided: streams that went non-finite start again from zeros either way
+            end, next_start = zero_rows(end, row_bad), zero_rows(next_start, row_bad)
         return CarriedState(start=end if split == total else next_start, history=next_history, end=end), totals
 
     # ---- evaluation ---------------------------------------------------------------------------
