@@ -22,5 +22,7 @@ TOKENS_PER_SEC = metric(TRAIN, "tokens_per_sec")
 GRAD_NORM = metric(TRAIN, "grad_norm")
 CLIP_FRACTION = metric(TRAIN, "clip_fraction")
 SKIPPED_STEPS = metric(TRAIN, "skipped_steps")
+# a core's own (bptt.models.DiagonalGRU): Newton iterations per layer in the latest training window
+NEWTON_ITERATIONS = metric(TRAIN, "newton_iterations")
 # derived from a split's loss by the language-model task: perplexity (word level) or bits per character
 PPL, BPC = "ppl", "bpc"

@@ -14,6 +14,10 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 
+# the training bar's shortest time between redraws; the engine logs train/loss for it as often
+REDRAW_SECONDS = 0.25
+
+
 class TimedProgressBar(TQDMProgressBar):
     """The training bar redraws when ``min_interval`` seconds have passed since it last did, and at
     an epoch's last batch; validation and test bars as Lightning draws them.
@@ -23,7 +27,7 @@ class TimedProgressBar(TQDMProgressBar):
         **kwargs: ``TQDMProgressBar``'s (``refresh_rate``, ``process_position``, ``leave``).
     """
 
-    def __init__(self, min_interval: float = 0.25, **kwargs: Any) -> None:
+    def __init__(self, min_interval: float = REDRAW_SECONDS, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.min_interval = min_interval
         self._drawn_at = -float("inf")

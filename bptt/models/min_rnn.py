@@ -63,7 +63,8 @@ LOG_SCAN_CHUNK = 32
 
 
 class _MinRNNCore(RecurrentCore):
-    """The stack shared by minGRU and minLSTM; a subclass gives the cell's coefficients a and b.
+    """The stack shared by minGRU and minLSTM (and ``bptt.models.newton_rnn.DiagonalGRU``); a subclass
+    gives the cell's coefficients a and b, or its own ``recurrence``.
 
     Args:
         input_size: E.
@@ -74,12 +75,13 @@ class _MinRNNCore(RecurrentCore):
     """
 
     gates: int  # pre-activations per hidden unit: k_z, k_h (minGRU) or k_f, k_i, k_h (minLSTM)
+    evaluations: tuple[str, ...] = EVALUATIONS  # what ``evaluation`` may be
 
     def __init__(self, *, input_size: int, hidden_size: int = 256, num_layers: int = 2, dropout: float = 0.0,
                  evaluation: MinRNNEvaluation = "scan") -> None:
         check_sizes(prefix="model.core", input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         check_dropout(dropout, key="model.core.dropout")
-        check_choice(evaluation, EVALUATIONS, key="model.core.evaluation")
+        check_choice(evaluation, self.evaluations, key="model.core.evaluation")
         super().__init__()
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.evaluation = evaluation
@@ -96,6 +98,14 @@ class _MinRNNCore(RecurrentCore):
     def log_coefficients(self, k: Tensor) -> tuple[Tensor, Tensor]:
         """(log a, log b), each (B, T, H), computed stably from k (B, T, gates * H)."""
         raise NotImplementedError
+
+    def recurrence(self, layer: int, k: Tensor, h0: Tensor) -> Tensor:
+        """One layer's states h (B, T, H) from its pre-activations k (B, T, gates * H) and h0 (B, H), float32+."""
+        if self.evaluation == "scan":
+            return linear_scan(*self.coefficients(k), h0)
+        if self.evaluation == "log_scan":
+            return chunked_log_scan(*self.log_coefficients(k), h0)
+        return sequential_scan(*self.coefficients(k), h0)
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """Run the stack over one window.
@@ -118,12 +128,7 @@ class _MinRNNCore(RecurrentCore):
                 h0 = k.new_zeros(k.shape[0], self.hidden_size)
             else:
                 h0 = state[0][:, layer].to(k.dtype)  # (B, H)
-            if self.evaluation == "scan":
-                h = linear_scan(*self.coefficients(k), h0)  # (B, T, H)
-            elif self.evaluation == "log_scan":
-                h = chunked_log_scan(*self.log_coefficients(k), h0)
-            else:
-                h = sequential_scan(*self.coefficients(k), h0)
+            h = self.recurrence(layer, k, h0)  # (B, T, H)
             last.append(h[:, -1])
             x = x + self.dropout(h)
         return x.to(dtype), (torch.stack(last, dim=1).to(dtype),)

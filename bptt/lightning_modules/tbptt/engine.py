@@ -34,6 +34,7 @@ from bptt.errors import BpttError, ConfigError
 from bptt.metric_names import (CLIP_FRACTION, GRAD_NORM, SKIPPED_STEPS, TEST, TOKENS_PER_SEC, TRAIN, TRAIN_LOSS, VAL,
                                metric)
 from bptt.models.cores import State
+from bptt.progress_bar import REDRAW_SECONDS
 from bptt.sharding import shard
 
 
@@ -221,6 +222,7 @@ class TBPTTModule(pl.LightningModule):
         self.last_lr: float | None = None  # the learning rate the latest step taken used
         self._last_log_time: float | None = None
         self._tokens_since_log = 0.0
+        self._bar_loss_at = -math.inf  # when train/loss was last logged for the progress bar (time.monotonic)
 
     # ---- what a loss kind supplies ----------------------------------------------------------
     def evaluate_batch(self, batch: dict[str, Any], metric: MeanMetric) -> Tensor | None:
@@ -456,12 +458,16 @@ class TBPTTModule(pl.LightningModule):
         counters are global already: DDP averaged the gradients before the engine read their norm."""
         self._tokens_since_log += count
         # Lightning keeps step values only every trainer.log_every_n_steps, and a self.log costs ~1 ms (a
-        # tenth of a small model's step on a CPU): the other steps log nothing, and the progress bar shows
-        # the loss of the latest logged step
-        if not private_api.logs_this_step(self.trainer):
-            return
+        # tenth of a small model's step on a CPU): the other steps log the loss only as often as the
+        # progress bar redraws (for it to show), and nothing else
+        logs = private_api.logs_this_step(self.trainer)
         loss = loss_sum / count.clamp(min=1.0)
-        self.log(TRAIN_LOSS, loss, on_step=True, on_epoch=False, prog_bar=True)
+        now = time.monotonic()
+        if logs or now - self._bar_loss_at >= REDRAW_SECONDS:
+            self._bar_loss_at = now
+            self.log(TRAIN_LOSS, loss, on_step=True, on_epoch=False, prog_bar=True)
+        if not logs:
+            return
         now = time.perf_counter()
         if self._last_log_time is not None:
             self.log(TOKENS_PER_SEC, self._tokens_since_log / max(now - self._last_log_time, 1e-9),
@@ -478,6 +484,18 @@ class TBPTTModule(pl.LightningModule):
         self.log(GRAD_NORM, self.last_grad_norm, on_step=True, on_epoch=False)
         self.log(CLIP_FRACTION, self.steps_clipped / attempted, on_step=True, on_epoch=False)
         self.log(SKIPPED_STEPS, float(self.steps_skipped), on_step=True, on_epoch=False)
+        for name, value in self._module_metrics().items():
+            self.log(name, value, on_step=True, on_epoch=False)
+
+    def _module_metrics(self) -> dict[str, float]:
+        """What the network's modules report about their latest training step (a module with a
+        ``training_metrics()`` method, e.g. a core's Newton iterations), logged on logging steps."""
+        metrics: dict[str, float] = {}
+        for module in self.modules():
+            report = getattr(module, "training_metrics", None)
+            if module is not self and callable(report):
+                metrics.update(report())
+        return metrics
 
     # ---- checkpoints: the carried state keyed by global stream index -----------------------
     def _gather_rows(self, tensor: Tensor) -> Tensor:
