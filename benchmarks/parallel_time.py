@@ -11,6 +11,8 @@ median step time over every round's steps after a warm-up step. Per window lengt
               generation and streaming inference run it): an RNN's step-by-step evaluation
   lstm        torch's nn.LSTM (oneDNN on a CPU, cuDNN on a GPU) at the same hidden size, and
   lstm_eq     torch's nn.LSTM whose hidden size gives the minGRU stack's parameter count
+  newton      the diagonal GRU (bptt.models.DiagonalGRU, a nonlinear cell) by parallel Newton iterations,
+              beside its sequential and step variants, with the iterations each layer took
 
 The model is the core alone (input E = H, a squared-output loss), 2 layers of H = 256 by default.
 Per variant and T it also records the activations the step saves for its backward (bytes of every
@@ -20,7 +22,7 @@ them on free, so a step touches them again; run with MALLOC_MMAP_THRESHOLD_ and 
 set to compare, see docs/parallel-in-time.md).
 
     python benchmarks/parallel_time.py [--rounds 2] [--windows 64 256 1024] [--accelerator gpu]
-        [--out benchmarks/results/parallel_time.json]
+        [--cores MinGRU MinLSTM DiagonalGRU] [--out benchmarks/results/parallel_time.json]
 """
 
 from __future__ import annotations
@@ -38,9 +40,13 @@ import torch
 from torch import nn
 
 from bptt.hardware import hardware
-from bptt.models import MinGRU, MinLSTM
+from bptt.models import DiagonalGRU, MinGRU, MinLSTM
 
 PROJECT = Path(__file__).resolve().parents[1]
+# each core's evaluations, its parallel one first
+EVALUATIONS = {"MinGRU": ("scan", "log_scan", "sequential"), "MinLSTM": ("scan", "log_scan", "sequential"),
+               "DiagonalGRU": ("newton", "sequential")}
+CLASSES = {"MinGRU": MinGRU, "MinLSTM": MinLSTM, "DiagonalGRU": DiagonalGRU}
 
 
 class LSTMCore(nn.Module):
@@ -97,6 +103,7 @@ def main() -> None:
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--step-max-window", type=int, default=4096,
                         help="the step-by-step variant only up to this T (it is T core calls)")
+    parser.add_argument("--cores", nargs="+", choices=list(EVALUATIONS), default=list(EVALUATIONS))
     parser.add_argument("--out", default=str(PROJECT / "benchmarks/results/parallel_time.json"))
     args = parser.parse_args()
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
@@ -105,10 +112,11 @@ def main() -> None:
     H, L = args.hidden, args.layers
 
     cores: dict[str, nn.Module] = {}
-    for cls in (MinGRU, MinLSTM):
-        for evaluation in ("scan", "log_scan", "sequential"):
+    classes = [CLASSES[name] for name in args.cores]
+    for cls in classes:
+        for evaluation in EVALUATIONS[cls.__name__]:
             cores[f"{cls.__name__}/{evaluation}"] = cls(input_size=H, hidden_size=H, num_layers=L, evaluation=evaluation)
-    min_gru_params = sum(p.numel() for p in cores["MinGRU/scan"].parameters())
+    min_gru_params = sum(p.numel() for p in MinGRU(input_size=H, hidden_size=H, num_layers=L).parameters())
     lstm_eq_width = equal_parameter_lstm_width(min_gru_params, L, H)
     cores["lstm"] = LSTMCore(H, L, H)
     cores["lstm_eq"] = LSTMCore(lstm_eq_width, L, H)
@@ -116,7 +124,7 @@ def main() -> None:
     for core in cores.values():
         core.to(device)
     variants = {name: core for name, core in cores.items()}
-    variants |= {f"{cls.__name__}/step": cores[f"{cls.__name__}/sequential"] for cls in (MinGRU, MinLSTM)}
+    variants |= {f"{cls.__name__}/step": cores[f"{cls.__name__}/sequential"] for cls in classes}
     optimizers = {name: torch.optim.SGD(core.parameters(), lr=1e-4) for name, core in cores.items()}
 
     results = []
@@ -163,6 +171,8 @@ def main() -> None:
                    "minor_page_faults_per_step": int(statistics.median(faults[name]))}
             if device.type == "cuda":
                 row["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            if name.endswith("/newton"):
+                row["newton_iterations_per_layer"] = list(core.iterations)  # the latest step's
             results.append(row)
             print(json.dumps(row), flush=True)
         write(args, results, lstm_eq_width, min_gru_params)
@@ -181,8 +191,8 @@ def write(args: argparse.Namespace, results: list[dict], lstm_eq_width: int, min
 
     ratios = []
     for T in sorted({r["T"] for r in results}):
-        for cls in ("MinGRU", "MinLSTM"):
-            scan = speed(f"{cls}/scan", T)
+        for cls in args.cores:  # "scan": the core's parallel evaluation (Newton's for the diagonal GRU)
+            scan = speed(f"{cls}/{EVALUATIONS[cls][0]}", T)
             ratios.append({
                 "core": cls, "T": T,
                 "scan_over_step": ratio(scan, speed(f"{cls}/step", T)),

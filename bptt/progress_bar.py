@@ -13,7 +13,6 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-
 # the training bar's shortest time between redraws; the engine logs train/loss for it as often
 REDRAW_SECONDS = 0.25
 

@@ -7,5 +7,5 @@ from bptt.models.rnn_acoustic_model import RNNAcousticModel
 from bptt.models.rnn_forecaster import RNNForecaster
 from bptt.models.rnn_language_model import RNNLanguageModel
 
-__all__ = ["CoreFactory", "DiagonalGRU", "MinGRU", "MinLSTM", "RNNAcousticModel", "RNNForecaster", "RNNLanguageModel", "RecurrentCore",
-           "State", "TorchRNNCore"]
+__all__ = ["CoreFactory", "DiagonalGRU", "MinGRU", "MinLSTM", "RNNAcousticModel", "RNNForecaster", "RNNLanguageModel",
+           "RecurrentCore", "State", "TorchRNNCore"]
