@@ -1,4 +1,4 @@
-"""Every use of a private attribute of Lightning, Ray or datasets that bptt cannot avoid, in one place.
+"""Every use of a private attribute of Lightning, Ray, torch or datasets that bptt cannot avoid, in one place.
 
 Each function says what it reads and what breaks without it; tests/test_private_api.py fails
 loudly (not silently) when an upgrade removes one.

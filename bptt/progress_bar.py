@@ -17,6 +17,21 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 REDRAW_SECONDS = 0.25
 
 
+class RedrawClock:
+    """Says when ``interval`` seconds have passed since it last said so (first: at once)."""
+
+    def __init__(self, interval: float = REDRAW_SECONDS) -> None:
+        self.interval = interval
+        self._at = -float("inf")
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._at < self.interval:
+            return False
+        self._at = now
+        return True
+
+
 class TimedProgressBar(TQDMProgressBar):
     """The training bar redraws when ``min_interval`` seconds have passed since it last did, and at
     an epoch's last batch; validation and test bars as Lightning draws them.
@@ -28,15 +43,13 @@ class TimedProgressBar(TQDMProgressBar):
 
     def __init__(self, min_interval: float = REDRAW_SECONDS, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.min_interval = min_interval
-        self._drawn_at = -float("inf")
+        self.clock = RedrawClock(min_interval)
         self._undrawn: tuple[Any, Any, int] | None = None  # the latest batch not drawn yet
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        now = time.monotonic()
-        if now - self._drawn_at >= self.min_interval or batch_idx + 1 == self.total_train_batches:
-            self._drawn_at, self._undrawn = now, None
+        if self.clock.due() or batch_idx + 1 == self.total_train_batches:
+            self._undrawn = None
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         else:
             self._undrawn = (outputs, batch, batch_idx)

@@ -17,7 +17,8 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -217,6 +218,21 @@ class MlflowTracking:
             tags[PARENT_RUN_TAG] = self.parent_run_id
         return resolve_tags(tags)
 
+
+
+@contextmanager
+def tracking_uri_env_kept() -> Iterator[None]:
+    """Leave ``$MLFLOW_TRACKING_URI`` as it was: ``mlflow.set_tracking_uri`` (which Lightning's MLflow
+    logger and ``mlflow.start_run`` users call) sets it for the whole process, and a later command in the
+    same process (``bptt runs``, another ``fit``) would take that store for the user's default."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 @dataclass(frozen=True)
 class DataInput:

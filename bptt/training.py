@@ -44,7 +44,7 @@ from bptt.lightning_modules.tbptt import StepLossModule
 from bptt.metric_names import VAL_LOSS
 from bptt.progress_bar import TimedProgressBar
 from bptt.run_logger import LogStepBeforeCheckpoint, RunLogger
-from bptt.tracking import CHECKPOINT_DIR_TAG, DataInput, MlflowTracking, curves_png
+from bptt.tracking import CHECKPOINT_DIR_TAG, DataInput, MlflowTracking, curves_png, tracking_uri_env_kept
 
 
 def _quiet_known_warnings() -> None:
@@ -143,7 +143,8 @@ def fit(cfg: Namespace, callbacks: list[Callback] | None = None) -> dict[str, fl
     Returns:
         the last logged metrics (``train/loss``, ``val/loss``, ...).
     """
-    return train(cfg, callbacks=callbacks or [])
+    with tracking_uri_env_kept():
+        return train(cfg, callbacks=callbacks or [])
 
 
 def resume(
@@ -165,7 +166,8 @@ def resume(
     checkpoint = load_checkpoint(path)
     cfg = parse_config(["--config", checkpoint["bptt"]["config"], *overrides], trusted=trusted,
                        source=f"the config inside checkpoint {path}")
-    return train(cfg, callbacks=callbacks or [], checkpoint=(path, checkpoint), trusted=trusted)
+    with tracking_uri_env_kept():
+        return train(cfg, callbacks=callbacks or [], checkpoint=(path, checkpoint), trusted=trusted)
 
 
 def _checkpoint_dir_of_run(run_id: str, overrides: list[str]) -> Path:

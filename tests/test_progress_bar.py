@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import pytorch_lightning as pl
 
@@ -41,9 +43,12 @@ class RecordBar(pl.Callback):
 
 
 @pytest.mark.parametrize(("flag", "expected"), [("true", TimedProgressBar), ("false", None)])
-def test_bptt_fit_trains_with_the_timed_bar_unless_the_bar_is_off(tmp_path, flag, expected):
+def test_bptt_fit_trains_with_the_timed_bar_unless_the_bar_is_off(tmp_path, flag, expected, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     record = RecordBar()
     args = [*SMALL, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
             "--tracking.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db", "--trainer.enable_progress_bar", flag]
     fit(parse_config(args), callbacks=[record])
     assert record.bar is None if expected is None else isinstance(record.bar, expected)
+    # Lightning's MLflow logger set the process's $MLFLOW_TRACKING_URI; fit leaves it as it was
+    assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from ray.tune import Callback
 
-from bptt.tracking import EXPERIMENT_KIND, MlflowTracking, TrackingError, flatten
+from bptt.tracking import EXPERIMENT_KIND, MlflowTracking, TrackingError, flatten, tracking_uri_env_kept
 
 if TYPE_CHECKING:
     from bptt.ray_jobs.sweep_config import SweepSpec
@@ -251,16 +251,12 @@ class SweepRuns:
         if self.has_model(run_id):
             return True
         client = self.client()
-        status, user_uri = client.get_run(run_id).info.status, os.environ.get("MLFLOW_TRACKING_URI")
+        status = client.get_run(run_id).info.status
         try:
-            return log_model(checkpoint_file, tracking_uri=self.tracking_uri, run_id=run_id, trusted=trusted)
+            with tracking_uri_env_kept():  # the user's store is not the served one
+                return log_model(checkpoint_file, tracking_uri=self.tracking_uri, run_id=run_id, trusted=trusted)
         finally:
             client.set_terminated(run_id, status)  # logging reopens the run; it ends as the trial ended
-            # mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI: the user's store is not the served one
-            if user_uri is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = user_uri
 
 
 class ChildRunStatus(Callback):

@@ -31,10 +31,19 @@ from torchmetrics import MeanMetric
 
 from bptt import private_api
 from bptt.errors import BpttError, ConfigError
-from bptt.metric_names import (CLIP_FRACTION, GRAD_NORM, SKIPPED_STEPS, TEST, TOKENS_PER_SEC, TRAIN, TRAIN_LOSS, VAL,
-                               metric)
+from bptt.metric_names import (
+    CLIP_FRACTION,
+    GRAD_NORM,
+    SKIPPED_STEPS,
+    TEST,
+    TOKENS_PER_SEC,
+    TRAIN,
+    TRAIN_LOSS,
+    VAL,
+    metric,
+)
 from bptt.models.cores import State
-from bptt.progress_bar import REDRAW_SECONDS
+from bptt.progress_bar import RedrawClock
 from bptt.sharding import shard
 
 
@@ -222,7 +231,7 @@ class TBPTTModule(pl.LightningModule):
         self.last_lr: float | None = None  # the learning rate the latest step taken used
         self._last_log_time: float | None = None
         self._tokens_since_log = 0.0
-        self._bar_loss_at = -math.inf  # when train/loss was last logged for the progress bar (time.monotonic)
+        self._bar_clock = RedrawClock()  # when to log train/loss for the progress bar
 
     # ---- what a loss kind supplies ----------------------------------------------------------
     def evaluate_batch(self, batch: dict[str, Any], metric: MeanMetric) -> Tensor | None:
@@ -462,9 +471,7 @@ class TBPTTModule(pl.LightningModule):
         # progress bar redraws (for it to show), and nothing else
         logs = private_api.logs_this_step(self.trainer)
         loss = loss_sum / count.clamp(min=1.0)
-        now = time.monotonic()
-        if logs or now - self._bar_loss_at >= REDRAW_SECONDS:
-            self._bar_loss_at = now
+        if logs or self._bar_clock.due():
             self.log(TRAIN_LOSS, loss, on_step=True, on_epoch=False, prog_bar=True)
         if not logs:
             return
