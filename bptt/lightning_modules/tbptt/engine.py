@@ -62,6 +62,16 @@ def zero_rows(state: State | None, rows: Tensor) -> State | None:
     return tuple(torch.where(rows.to(s.device).view(-1, *([1] * (s.dim() - 1))), torch.zeros_like(s), s) for s in state)
 
 
+def _check_device_skip(optimizer: Any) -> None:
+    """Raises ConfigError: ``task.host_reads: logging_steps`` with an optimizer that cannot skip on the device."""
+    if not private_api.supports_device_skip(optimizer):
+        raise ConfigError(
+            "task.host_reads=logging_steps skips non-finite steps on the device, which needs an optimizer that takes "
+            "a skip flag (torch.optim.Adam, AdamW or SGD with fused: true); set task.optimizer.init_args.fused: true, "
+            "or task.host_reads: every_step"
+        )
+
+
 @dataclass
 class CarriedState:
     """What stream mode carries from one batch to the next; every tensor is (B, ...), detached.
@@ -196,13 +206,13 @@ class TBPTTModule(pl.LightningModule):
             raise ConfigError(f"task.grad_clip must be > 0 or null, got {grad_clip}")
         if host_reads not in ("auto", "every_step", "logging_steps"):
             raise ConfigError(f"task.host_reads must be auto, every_step or logging_steps, got {host_reads!r}")
-        if host_reads == "logging_steps" and not private_api.supports_device_skip(
-                optimizer([torch.nn.Parameter(torch.zeros(1))])):
-            raise ConfigError(
-                "task.host_reads=logging_steps skips non-finite steps on the device, which needs an optimizer "
-                "that takes a skip flag (torch.optim.Adam, AdamW or SGD with fused: true); set "
-                "task.optimizer.init_args.fused: true, or task.host_reads: every_step"
-            )
+        if host_reads == "logging_steps":
+            try:
+                probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
+            except (ValueError, TypeError):
+                probe = None  # a bad optimizer setting: the optimizer check before training names it
+            if probe is not None:
+                _check_device_skip(probe)
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -390,8 +400,10 @@ class TBPTTModule(pl.LightningModule):
         self.check_precision(self.trainer.precision_plugin)
         if self.host_reads == "every_step" or self._scaler() is not None:
             return False
-        return self.host_reads == "logging_steps" or (
-            self.device.type == "cuda" and private_api.supports_device_skip(self.optimizers()))
+        if self.host_reads == "logging_steps":
+            _check_device_skip(self.optimizers())  # an unfused optimizer would step on a non-finite gradient
+            return True
+        return self.device.type == "cuda" and private_api.supports_device_skip(self.optimizers())
 
     def _read_counts(self) -> None:
         """Bring the counters the device keeps to the host (one wait), and stop training after too many
