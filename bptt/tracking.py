@@ -219,7 +219,6 @@ class MlflowTracking:
         return resolve_tags(tags)
 
 
-
 @contextmanager
 def tracking_uri_env_kept() -> Iterator[None]:
     """Leave ``$MLFLOW_TRACKING_URI`` as it was: ``mlflow.set_tracking_uri`` (which Lightning's MLflow
@@ -233,6 +232,7 @@ def tracking_uri_env_kept() -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = before
+
 
 @dataclass(frozen=True)
 class DataInput:

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from bptt.config import parse_config
 from bptt.lightning_modules import LanguageModelTask
 from bptt.progress_bar import TimedProgressBar
-from bptt.training import fit
+from bptt.training import _trainer, fit
 from tests.bptt_command import SMALL
 from tests.engine_harness import run, sgd, stream_batches, tiny_model
 from tests.lightning_modules.test_tbptt import _tokens
@@ -42,13 +42,17 @@ class RecordBar(pl.Callback):
         self.bar = trainer.progress_bar_callback
 
 
-@pytest.mark.parametrize(("flag", "expected"), [("true", TimedProgressBar), ("false", None)])
-def test_bptt_fit_trains_with_the_timed_bar_unless_the_bar_is_off(tmp_path, flag, expected, monkeypatch):
+def test_bptt_fit_trains_with_the_timed_bar(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     record = RecordBar()
     args = [*SMALL, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
-            "--tracking.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db", "--trainer.enable_progress_bar", flag]
+            "--tracking.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db", "--trainer.enable_progress_bar", "true"]
     fit(parse_config(args), callbacks=[record])
-    assert record.bar is None if expected is None else isinstance(record.bar, expected)
+    assert isinstance(record.bar, TimedProgressBar)
     # Lightning's MLflow logger set the process's $MLFLOW_TRACKING_URI; fit leaves it as it was
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_no_bar_is_added_when_the_bar_is_off(tmp_path):
+    cfg = parse_config([*SMALL, "--trainer.default_root_dir", str(tmp_path)])  # SMALL turns the bar off
+    assert _trainer(cfg.trainer, callbacks=[]).progress_bar_callback is None
