@@ -21,6 +21,7 @@ from bptt.models import (
     RNNLanguageModel,
     min_rnn,
 )
+from tests.models.core_windows import assert_same_windows
 
 B, T, E, H, L = 3, 7, 5, 4, 2
 CORES = [MinGRU, MinLSTM]
@@ -60,32 +61,8 @@ def test_scan_equals_sequential_in_values_states_and_gradients_window_after_wind
     scan.evaluation = evaluation
     sequential = copy.deepcopy(scan)
     sequential.evaluation = "sequential"
-    gen = torch.Generator().manual_seed(2)
-    state = _start(start)
-    for window in range(3):
-        x = torch.randn(B, T, E, generator=gen, dtype=torch.float64)
-        y_weight = torch.randn(B, T, H, generator=gen, dtype=torch.float64)  # a loss that weighs every output
-        h_weight = torch.randn(B, L, H, generator=gen, dtype=torch.float64)  # and the state handed on
-        got = []
-        for core in (scan, sequential):
-            core.zero_grad()
-            h0 = state.clone().requires_grad_()
-            torch.manual_seed(10 + window)
-            y, (h,) = core(x, (h0,))
-            ((y * y_weight).sum() + (h * h_weight).sum()).backward()
-            got.append((y, h, h0.grad, {n: p.grad for n, p in core.named_parameters()}))
-        (y, h, h0_grad, grads), (y_ref, h_ref, h0_grad_ref, grads_ref) = got
-        assert y.shape == (B, T, H) and h.shape == (B, L, H)
-        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
-        torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-10)
-        torch.testing.assert_close(h0_grad, h0_grad_ref, rtol=0, atol=1e-10)
-        assert h0_grad.abs().sum() > 0  # the gradient reaches the start state
-        assert grads.keys() == grads_ref.keys() and len(grads) == 2 + 4 * L  # projection; per layer norm + cell
-        for name in grads:
-            assert grads[name] is not None and grads[name].abs().sum() > 0, name
-            torch.testing.assert_close(grads[name], grads_ref[name], rtol=0, atol=1e-10, msg=name)
-        state = h.detach().clone()  # what TBPTT carries: detached, and a reset stream's row zeroed
-        state[window % B] = 0
+    # parameters: the projection's two; per layer a norm's two and the cell's two
+    assert_same_windows(scan, sequential, _start(start), steps=T, parameters=2 + 4 * L)
 
 
 @pytest.mark.parametrize("evaluation", ["scan", "log_scan"])

@@ -16,6 +16,7 @@ from bptt.metric_names import NEWTON_ITERATIONS
 from bptt.models import DiagonalGRU, RNNLanguageModel
 from bptt.models.newton_rnn import diagonal_gru_step
 from tests.engine_harness import run, sgd, stream_batches
+from tests.models.core_windows import assert_same_windows
 
 B, T, E, H, L = 3, 9, 5, 4, 2
 
@@ -52,32 +53,13 @@ def test_newton_equals_sequential_in_values_states_and_gradients_window_after_wi
     newton = _core(scale=scale, dropout=0.25)  # training mode: dropout on, the same masks by seed
     sequential = copy.deepcopy(newton)
     sequential.evaluation = "sequential"
-    gen = torch.Generator().manual_seed(2)
-    state = torch.randn(B, L, H, generator=gen, dtype=torch.float64)
-    for window in range(3):
-        x = torch.randn(B, T, E, generator=gen, dtype=torch.float64)
-        y_weight = torch.randn(B, T, H, generator=gen, dtype=torch.float64)
-        h_weight = torch.randn(B, L, H, generator=gen, dtype=torch.float64)
-        got = []
-        for core in (newton, sequential):
-            core.zero_grad()
-            h0 = state.clone().requires_grad_()
-            torch.manual_seed(10 + window)
-            y, (h,) = core(x, (h0,))
-            ((y * y_weight).sum() + (h * h_weight).sum()).backward()
-            got.append((y, h, h0.grad, {n: p.grad for n, p in core.named_parameters()}))
-        (y, h, h0_grad, grads), (y_ref, h_ref, h0_grad_ref, grads_ref) = got
-        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
-        torch.testing.assert_close(h, h_ref, rtol=0, atol=1e-10)
-        torch.testing.assert_close(h0_grad, h0_grad_ref, rtol=0, atol=1e-10)
-        assert h0_grad.abs().sum() > 0
-        assert grads.keys() == grads_ref.keys() and len(grads) == 2 + 5 * L  # projection; norm, cell, u per layer
-        for name in grads:
-            assert grads[name].abs().sum() > 0, name
-            torch.testing.assert_close(grads[name], grads_ref[name], rtol=0, atol=1e-10, msg=name)
+    state = torch.randn(B, L, H, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def iterations_within_t():
         assert len(newton.iterations) == L and all(1 <= i <= T for i in newton.iterations)
-        state = h.detach().clone()  # what TBPTT carries: detached, and a reset stream's row zeroed
-        state[window % B] = 0
+
+    # parameters: the projection; per layer a norm's two, the cell's two and u
+    assert_same_windows(newton, sequential, state, steps=T, parameters=2 + 5 * L, after_window=iterations_within_t)
 
 
 def test_newton_needs_few_iterations_at_initialization_and_stops_at_its_limit():

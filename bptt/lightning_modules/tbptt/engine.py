@@ -357,18 +357,14 @@ class TBPTTModule(pl.LightningModule):
         """``_optimizer_step`` without a host read: the same clipping (by a factor of at most 1,
         computed on the device), the optimizer step skipped on the device where some rank's loss or
         the gradients are not finite, and the counters kept on the device."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
         device = nonfinite.device
-        zero = torch.zeros((), device=device)
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0).to(device) if grads else zero
+        norm, largest = self._gradient_norms(device)
         norm = norm.to(torch.promote_types(norm.dtype, torch.float32))  # float64 runs clip in float64
-        bad = (nonfinite > 0) | ~torch.isfinite(norm)
+        bad = (nonfinite > 0) | ~torch.isfinite(norm) | ~torch.isfinite(largest)
         clipped = torch.zeros((), dtype=torch.bool, device=device)
-        if grads and self.grad_clip is not None:
-            params = [p for p in self.parameters() if p.grad is not None]
+        params = [p for p in self.parameters() if p.grad is not None]
+        if params and self.grad_clip is not None:
             if self.grad_clip_algorithm == "value":
-                largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf).to(device)
-                bad |= ~torch.isfinite(largest)
                 clipped = largest > self.grad_clip
                 torch.nn.utils.clip_grad_value_(params, self.grad_clip)  # the identity below the limit
             else:
@@ -420,15 +416,21 @@ class TBPTTModule(pl.LightningModule):
                 f"{self.trainer.global_step}); lower the learning rate, set task.grad_clip, or use precision 32"
             )
 
-    def _gradient_size(self, nonfinite: Tensor) -> GradientSize:
-        """The gradients' size and the non-finite flag, read from the device at once: the step's one host wait."""
+    def _gradient_norms(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The gradients' global 2-norm and, for value clipping only, their largest absolute value (else 0),
+        as device scalars (0 without gradients)."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        device = nonfinite.device
         zero = torch.zeros((), device=device)
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0).to(device) if grads else zero
         largest = zero
         if grads and self.grad_clip is not None and self.grad_clip_algorithm == "value":
             largest = torch.nn.utils.get_total_norm(grads, norm_type=math.inf).to(device)
+        return norm, largest
+
+    def _gradient_size(self, nonfinite: Tensor) -> GradientSize:
+        """The gradients' size and the non-finite flag, read from the device at once: the step's one host wait."""
+        device = nonfinite.device
+        norm, largest = self._gradient_norms(device)
         dtype = torch.promote_types(norm.dtype, torch.float32)  # float64 runs clip in float64
         values = torch.stack([v.to(device, dtype) for v in (norm, largest, nonfinite, self._loss_scale(device))])
         norm_on_device = values[0] / values[3]
