@@ -16,16 +16,20 @@ carries whatever else this shared machine ran meanwhile.
 Models (``--setups``), on the standard library's source code: 2 x 650 word LSTM (tied, dropout 0.5,
 batch 20, bptt 35; vocabulary min count 3, about WikiText-2's 33k words), 2 x 512 char LSTM (batch 64,
 bptt 128), the quick start's 1 x 256 char LSTM (embedding 64, batch 32, bptt 64) and pytorch/examples'
-default word model (2 x 200, tied, dropout 0.2, batch 20, bptt 35; min count 5, about 25k words). Then the peak memory of stream mode on a corpus 1x, 10x
-and 100x as long: each size trains in a fresh process from the token cache.
+default word model (2 x 200, tied, dropout 0.2, batch 20, bptt 35, SGD lr 20, clip 0.25; min count 5,
+about 18.6k words on Python 3.11's library). With ``--examples-main DIR`` (e) runs pytorch/examples'
+own, unmodified ``main.py`` beside them on the same token stream. Then the peak memory of stream mode
+on a corpus 1x, 10x and 100x as long: each size trains in a fresh process from the token cache.
 
     python benchmarks/throughput.py [--rounds 2] [--out benchmarks/results/throughput.json]
+    python benchmarks/throughput.py --skip-memory --setups word_2x200 --examples-main ../examples/word_language_model
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import statistics
@@ -181,7 +185,8 @@ def _environ(**values: str):
 
 
 def bptt_fit_m4(setup: dict, data: TextStreamDataModule, precision: str) -> list[float]:
-    """`bptt fit` with 4 windows (optimizer steps) per Lightning batch: Lightning's per-batch work paid once per 4 steps."""
+    """`bptt fit` with 4 windows (optimizer steps) per Lightning batch: Lightning's per-batch work paid once
+    per 4 steps."""
     return bptt_fit(setup, data, precision, windows_per_batch=4)
 
 
@@ -190,6 +195,40 @@ def bptt_fit_device(setup: dict, data: TextStreamDataModule, precision: str) -> 
     ``fused: true``): no host read between logging steps, the setting that keeps a GPU busy."""
     return bptt_fit(setup, data, precision, extra=("--task.host_reads", "logging_steps",
                                                    "--task.optimizer.init_args.fused", "true"))
+
+
+EXAMPLES: Path | None = None  # --examples-main: pytorch/examples' word_language_model directory
+LOG_INTERVAL = 10  # main.py's --log-interval: it prints the mean ms/batch of each 10 batches
+
+
+def examples_main(setup: dict, data: TextStreamDataModule, precision: str) -> list[float]:
+    """(e) pytorch/examples' own ``main.py``, unmodified, in a subprocess on the same token stream: the
+    benchmark writes the first (warm-up + steps) windows of the training streams as words ``w<id>``
+    (one line, so main.py's ``batchify`` lays out the same streams) and every id once in valid.txt, so
+    its vocabulary, and with it the softmax, has the same size. Returns the mean seconds per batch of
+    each 10-batch interval main.py prints (the first, which holds the warm-up, left out), each counted
+    for its 10 batches."""
+    assert precision == "32-true", "main.py trains in fp32 only"
+    n = (setup["warmup"] + setup["steps"]) // LOG_INTERVAL * LOG_INTERVAL + 1  # batches: prints at 10, 20, ..
+    ids = stream_layout(data.ids["train"], setup["batch"])[:, : n * setup["bptt"] + 1]  # (B, L): the streams (b) reads
+    with tempfile.TemporaryDirectory() as root:
+        corpus = Path(root) / "corpus"
+        corpus.mkdir()
+        (corpus / "train.txt").write_text(" ".join(f"w{i}" for i in ids.flatten().tolist()) + "\n")
+        everything = " ".join(f"w{i}" for i in range(data.vocab_size)) + "\n"
+        (corpus / "valid.txt").write_text(everything)
+        (corpus / "test.txt").write_text(everything)
+        args = ["--data", str(corpus), "--emsize", str(setup["embedding"]), "--nhid", str(setup["hidden"]),
+                "--nlayers", str(setup["layers"]), "--dropout", str(setup["dropout"]), "--lr", str(setup["lr"]),
+                "--clip", str(setup["clip"]), "--batch_size", str(setup["batch"]), "--bptt", str(setup["bptt"]),
+                "--epochs", "1", "--log-interval", str(LOG_INTERVAL), "--save", str(Path(root) / "model.pt"),
+                *(["--tied"] if setup["tie"] else []), *(["--accel"] if DEVICE.type == "cuda" else [])]
+        out = subprocess.run([sys.executable, "main.py", *args], cwd=EXAMPLES, check=True, capture_output=True,
+                             text=True).stdout
+    per_batch = [float(line.split("ms/batch")[1].split("|")[0]) / 1000
+                 for line in out.splitlines() if "ms/batch" in line]
+    assert len(per_batch) == n // LOG_INTERVAL, out[-2000:]
+    return [t for t in per_batch[1:] for _ in range(LOG_INTERVAL)]
 
 
 VARIANTS = {
@@ -212,10 +251,11 @@ def throughput(rounds: int, names: list[str]) -> dict:
                                     min_count=setup["min_count"], batch_size=setup["batch"], bptt=setup["bptt"])
         data.load()
         tokens = setup["batch"] * setup["bptt"]
-        steps: dict[str, list[float]] = {v: [] for v in VARIANTS}  # seconds per step, every round
-        runs: dict[str, list[float]] = {v: [] for v in VARIANTS}  # tokens/s of each round's median step
+        variants = {**VARIANTS, **({"e_examples_main_fp32": (examples_main, "32-true")} if EXAMPLES else {})}
+        steps: dict[str, list[float]] = {v: [] for v in variants}  # seconds per step, every round
+        runs: dict[str, list[float]] = {v: [] for v in variants}  # tokens/s of each round's median step
         for round_ in range(rounds):
-            order = list(VARIANTS.items())
+            order = list(variants.items())
             for variant, (measure, precision) in order if round_ % 2 == 0 else order[::-1]:  # no position favoured
                 times = measure(setup, data, precision)
                 steps[variant] += times
@@ -236,6 +276,11 @@ def throughput(rounds: int, names: list[str]) -> dict:
             "auto_chose": CHOSEN.get(name, []),
             "auto_over_best": med["c_bptt_auto"] / max(med["c_bptt_fp32"], med["c_bptt_bf16"]),
         }
+        if EXAMPLES:  # main.py prints means of 10 batches, not steps: compared by the mean step, all three
+            b, c, e = (tokens / statistics.fmean(steps[v])
+                       for v in ("b_plain_fp32", "c_bptt_fp32", "e_examples_main_fp32"))
+            results[name].update(tokens_per_sec_mean={"b_plain_fp32": b, "c_bptt_fp32": c, "e_examples_main_fp32": e},
+                                 c_over_e_mean=c / e, b_over_e_mean=b / e, c_over_b_mean=c / b)
     return results
 
 
@@ -300,12 +345,20 @@ def main() -> None:
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
                         help="gpu: every variant on CUDA (the memory part is CPU-only: use --skip-memory)")
     parser.add_argument("--steps", type=int, help="timed steps per measure (default: 30 word, 20 char)")
+    parser.add_argument("--examples-main", type=Path, metavar="DIR",
+                        help="pytorch/examples' word_language_model directory (a checkout's): its main.py runs beside "
+                             "the other variants (e)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     parser.add_argument("--probe-steps", type=int, default=30, help=argparse.SUPPRESS)
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global DEVICE
+    global DEVICE, EXAMPLES
     DEVICE = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    if args.examples_main is not None:
+        if not (args.examples_main / "main.py").is_file():
+            parser.error(f"--examples-main {args.examples_main}: no main.py there; give pytorch/examples' "
+                         "word_language_model directory")
+        EXAMPLES = args.examples_main.resolve()
     if args.steps is not None:
         for setup in SETUPS.values():
             setup["steps"] = args.steps
@@ -320,6 +373,9 @@ def main() -> None:
         "hardware": hardware(),
         "date": time.strftime("%Y-%m-%d"),
     }
+    if EXAMPLES:
+        main_py = (EXAMPLES / "main.py").read_bytes()
+        result["examples_main"] = {"dir": str(EXAMPLES), "main_py_sha256": hashlib.sha256(main_py).hexdigest()}
     if not args.skip_throughput:
         result["throughput"] = throughput(args.rounds, args.setups)
     if not args.skip_memory:
@@ -330,6 +386,9 @@ def main() -> None:
         print(f"{name}: c/a {r['c_over_a']:.3f}  c/b {r['c_over_b']:.3f}  c_m4/b {r['c_m4_over_b']:.3f}  "
               f"c_device/b {r['c_device_over_b']:.3f}  auto/best {r['auto_over_best']:.3f} ({r['auto_chose']})  "
               f"c_bf16/b_fp32 {r['c_bf16_over_b_fp32']:.3f}")
+        if "c_over_e_mean" in r:
+            print(f"{name}, mean steps: c/e {r['c_over_e_mean']:.3f}  b/e {r['b_over_e_mean']:.3f}  "
+                  f"c/b {r['c_over_b_mean']:.3f}")
     if "memory" in result:
         print(f"memory: max peak / 1x peak = {result['memory']['max_over_1x']:.3f}")
 
