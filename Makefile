@@ -52,9 +52,12 @@ bench-asr-scan: $(BIN)/bptt
 		--out benchmarks/results/quality_asr_scan.json --model.rnn_type null --model.hidden_size null \
 		--model.num_layers null --model.conv_channels 192 --model.core '$(SCAN_CORE)'
 
-# windows T = 64, 256, 1024 (about 6 minutes): minGRU / minLSTM by scan, log-space scan, loop and step by step, and torch's LSTM
+# windows T = 64, 256, 1024 (about 6 minutes): minGRU / minLSTM by scan, log-space scan, loop and step by step, and torch's LSTM;
+# then T = 4096 one core per process (about 12 minutes, 15 GB at the peak)
 bench-scan: $(BIN)/bptt
 	$(BIN)/python benchmarks/parallel_time.py
+	$(BIN)/python benchmarks/parallel_time.py --windows 4096 --cores MinGRU --out benchmarks/results/parallel_time_4096_mingru.json
+	$(BIN)/python benchmarks/parallel_time.py --windows 4096 --cores MinLSTM --out benchmarks/results/parallel_time_4096_minlstm.json
 
 # peak memory of CTC training on a 10-second and a 10-minute utterance: about 2 minutes
 bench-asr-memory: $(BIN)/bptt

@@ -96,7 +96,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant and round")
     parser.add_argument("--windows", type=int, nargs="+", default=[64, 256, 1024],
-                        help="T = 4096 too needs more than 24 GB: after all variants one process held 24 GB there")
+                        help="T = 4096 too: run it in a process of its own per core (--windows 4096 --cores MinGRU); "
+                             "with every core in one process it ran out of 24 GB")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
@@ -115,7 +116,8 @@ def main() -> None:
     classes = [CLASSES[name] for name in args.cores]
     for cls in classes:
         for evaluation in EVALUATIONS[cls.__name__]:
-            cores[f"{cls.__name__}/{evaluation}"] = cls(input_size=H, hidden_size=H, num_layers=L, evaluation=evaluation)
+            cores[f"{cls.__name__}/{evaluation}"] = cls(input_size=H, hidden_size=H, num_layers=L,
+                                                        evaluation=evaluation)
     min_gru_params = sum(p.numel() for p in MinGRU(input_size=H, hidden_size=H, num_layers=L).parameters())
     lstm_eq_width = equal_parameter_lstm_width(min_gru_params, L, H)
     cores["lstm"] = LSTMCore(H, L, H)
@@ -164,8 +166,9 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             saved = saved_bytes(forward)
             median = statistics.median(times[name])
-            row = {"variant": name, "T": T, "batch": args.batch, "hidden_size": lstm_eq_width if name == "lstm_eq" else H,
-                   "layers": L, "parameters": params[name.replace("/step", "/sequential")],
+            row = {"variant": name, "T": T, "batch": args.batch,
+                   "hidden_size": lstm_eq_width if name == "lstm_eq" else H, "layers": L,
+                   "parameters": params[name.replace("/step", "/sequential")],
                    "median_step_ms": round(1000 * median, 2), "tokens_per_sec": round(args.batch * T / median),
                    "saved_activation_mb": round(saved / 2**20, 1),
                    "minor_page_faults_per_step": int(statistics.median(faults[name]))}
@@ -204,6 +207,7 @@ def write(args: argparse.Namespace, results: list[dict], lstm_eq_width: int, min
     out = {"results": results, "ratios": ratios, "lstm_equal_parameter_width": lstm_eq_width,
            "min_gru_parameters": min_gru_params, "rounds": args.rounds, "steps": args.steps,
            "accelerator": args.accelerator, "date": time.strftime("%Y-%m-%d"),
+           "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
            "hardware": hardware(malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")})}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
