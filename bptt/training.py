@@ -213,11 +213,11 @@ def train(
     config_yaml = parser.dump(cfg)
     pl.seed_everything(cfg.seed_everything, workers=True, verbose=False)
     init = instantiate(cfg, parser)
+    if checkpoint is not None and hasattr(init.data, "check_resume"):  # settings only: before data is read
+        init.data.check_resume(checkpoint[1].get(type(init.data).__qualname__), f"checkpoint {checkpoint[0]}")
     init.data.prepare_data()  # bad data fails here, before the Trainer starts anything
     if checkpoint is not None:
         _check_same_model(init.task, checkpoint[1], checkpoint[0])
-        if hasattr(init.data, "check_resume"):
-            init.data.check_resume(checkpoint[1].get(type(init.data).__qualname__), f"checkpoint {checkpoint[0]}")
         callbacks = [*callbacks, *_changed_optimizer_settings(cfg, checkpoint[1], parser, trusted)]
     tracking: MlflowTracking = init.tracking
     tracking.check()

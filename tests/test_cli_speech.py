@@ -91,6 +91,21 @@ def test_transcribe_bad_input_fails_in_one_line(speech_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_resume_under_other_mel_bins_fails_in_one_line_and_changes_nothing(speech_run, capsys):
+    run = speech_run["root"] / "run"
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    client = MlflowClient(speech_run["uri"])
+    (tracked,) = client.search_runs([client.get_experiment_by_name("speech-cli").experiment_id])
+    assert main(["resume", str(run / "checkpoints/last.ckpt"), "--data.n_mels", "32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("bptt: error: ") and "set data.n_mels to match the checkpoint" in err[-1], err[-1]
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    (again,) = client.search_runs([client.get_experiment_by_name("speech-cli").experiment_id])
+    assert (again.info.run_id, again.info.status, again.info.end_time) == (
+        tracked.info.run_id, "FINISHED", tracked.info.end_time)
+
+
+@pytest.mark.slow
 def test_transcribe_refuses_a_language_model_checkpoint(tmp_path, capsys):
     result = bptt("fit", *SMALL, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "lm"),
                   "--tracking.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path)

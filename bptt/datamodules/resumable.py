@@ -115,6 +115,10 @@ class ResumableDataModule(pl.LightningDataModule):
     def load_data_state(self, state: dict[str, Any]) -> None:
         """Restore ``data_state``; called before the read position is restored."""
 
+    def check_data_state(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint's ``data_state`` that these settings cannot continue (a ``ConfigError``
+        naming the setting and the checkpoint's value); ``check_resume`` calls it before training."""
+
     # the settings (``data.<key>``) that fix what the read position counts and how many rows a carried
     # state has: a resumed run must keep them (``check_resume``), PBT may not perturb them
     READ_LAYOUT: ClassVar[tuple[str, ...]] = ("batch_size",)
@@ -190,11 +194,15 @@ class ResumableDataModule(pl.LightningDataModule):
 
     def check_resume(self, state: dict[str, Any] | None, source: str) -> None:
         """Refuse to continue ``source``'s checkpointed read position (its ``state_dict``) under other
-        ``read_layout`` settings: batch k of another layout is other data, and carried rows would not fit.
+        ``read_layout`` settings: batch k of another layout is other data, and carried rows would not fit;
+        or its ``data_state`` under settings ``check_data_state`` refuses.
 
         Raises:
+            ConfigError: ``check_data_state`` refused the checkpoint's data state.
             CheckpointError: a setting differs; names each with the checkpoint's value.
         """
+        if state:
+            self.check_data_state(state)
         saved = (state or {}).get("read_layout") or {}  # checkpoints from before read_layout: nothing to compare
         now = self.read_layout()
         changed = [key for key in now if key in saved and saved[key] != now[key]]

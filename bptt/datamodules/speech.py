@@ -429,13 +429,18 @@ class SpeechDataModule(ResumableDataModule):
         assert self.stats is not None
         return {"tokens": self.tokens, "mean": self.stats[0].tolist(), "std": self.stats[1].tolist()}
 
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        if state["tokens"] != self.tokens:
-            raise ConfigError(f"the checkpoint was trained with tokens {state['tokens']!r}, but data.tokens is "
+    def check_data_state(self, state: dict[str, Any]) -> None:
+        tokens, mean = state.get("tokens"), state.get("mean")
+        if tokens != self.tokens:
+            raise ConfigError(f"the checkpoint was trained with tokens {tokens!r}, but data.tokens is "
                               f"{self.token_set} ({self.tokens!r}); set data.tokens to match the checkpoint")
-        if len(state["mean"]) != self.n_mels:
-            raise ConfigError(f"the checkpoint has {len(state['mean'])} mel bins, but data.n_mels is {self.n_mels}; "
+        bins = len(mean) if isinstance(mean, list) else None
+        if bins != self.n_mels:
+            raise ConfigError(f"the checkpoint has {bins} mel bins, but data.n_mels is {self.n_mels}; "
                               "set data.n_mels to match the checkpoint")
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.check_data_state(state)
         self.stats = (torch.tensor(state["mean"]), torch.tensor(state["std"]))
         for reader in self._readers.values():
             reader.batches.mean, reader.batches.std = self.stats

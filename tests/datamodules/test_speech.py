@@ -218,6 +218,19 @@ def test_resume_from_state_dict_gives_the_same_remaining_batches(fsdd, tmp_path)
     assert next(iter(resumed.train_dataloader()))["epoch"] == 2
 
 
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"tokens": "chars"}, "trained with tokens '0123456789', but data.tokens is chars"),
+    ({"n_mels": 32}, "has 40 mel bins, but data.n_mels is 32; set data.n_mels to match the checkpoint"),
+])
+def test_resuming_under_other_tokens_or_mel_bins_is_refused_before_training(fsdd, tmp_path, settings, message):
+    state = _module(fsdd, tmp_path).state_dict()
+    _module(fsdd, tmp_path).check_resume(state, "checkpoint last.ckpt")  # the same settings continue it
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _module(fsdd, tmp_path, **settings).check_resume(state, "checkpoint last.ckpt")
+    with pytest.raises(ConfigError, match="set data.tokens to match"):  # a checkpoint without the key
+        _module(fsdd, tmp_path).check_resume({k: v for k, v in state.items() if k != "tokens"}, "checkpoint x")
+
+
 def test_spec_augment_masks_training_batches_only(fsdd, tmp_path):
     plain, masked = _module(fsdd, tmp_path), _module(fsdd, tmp_path, spec_augment=True, time_mask_width=10)
     for a, b in zip(_batches(plain, "validation"), _batches(masked, "validation")):
