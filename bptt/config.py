@@ -145,6 +145,28 @@ def check_trainer(trainer: Namespace) -> None:
         raise ConfigError(f"trainer.max_steps must be >= 0, or -1 for no limit; got {trainer.max_steps}")
 
 
+def parameter_shapes(cfg: Namespace) -> dict[str, tuple[int, ...]]:
+    """The shapes of the state (parameters and buffers) of ``cfg``'s network, built without its data: a
+    vocabulary size, where the network takes one, is a placeholder, so compare configs of one data setting.
+
+    Raises:
+        BpttError: a constructor rejected a value.
+    """
+    model = cfg.model.clone()
+    if "vocab_size" in model.init_args:
+        model.init_args.vocab_size = 2
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(nn.Module, "model")
+    try:
+        network = parser.instantiate_classes(Namespace(model=model)).model
+    except Exception as err:
+        cause = next((e for e in _chain(err) if isinstance(e, BpttError)), None)
+        if cause is not None:
+            raise cause from None
+        raise
+    return {name: tuple(value.shape) for name, value in network.state_dict().items()}
+
+
 def instantiate(cfg: Namespace, parser: ArgumentParser | None = None) -> Namespace:
     """Build the DataModule, network and task of ``cfg``; ``trainer`` stays a namespace of arguments.
 

@@ -222,6 +222,20 @@ def _check_pbt_keeps_read_layout(path: Path, mutations: dict[str, Any], data_cla
             )
 
 
+def _check_pbt_keeps_model_shapes(path: Path, key: str, built: list[tuple[Any, dict[str, tuple[int, ...]]]]) -> None:
+    """PBT continues a better trial's checkpoint under the worse trial's perturbed config: its weights
+    must fit the network that config builds. ``built``: values of ``key`` and their parameter shapes."""
+    (first, shapes), *others = built
+    for value, other in others:
+        differing = [k for k in {**shapes, **other} if shapes.get(k) != other.get(k)]  # in the network's order
+        if differing:
+            raise ConfigError(
+                f"{path}: PBT would perturb {key}, but {key}={first!r} and {value!r} build parameters of other shapes "
+                f"(at {differing[0]}) and a trial continues another trial's checkpoint; keep it out of "
+                "scheduler.mutations (and out of space when mutations is not given), or use scheduler asha or fifo"
+            )
+
+
 def _check_numbers(path: Path, spec: SweepSpec) -> None:
     """Every count, size, resource and bound of the sweep file within what Tune and Ray accept
     (jsonargparse has checked the types; a value out of range would otherwise pass until Ray runs)."""
@@ -310,24 +324,29 @@ def trial_args(base: str, spec: SweepSpec, sampled: dict[str, Any]) -> list[str]
 
 
 def _check_against_base(path: Path, spec: SweepSpec, base: Path) -> None:
-    from bptt.config import build_parser, parse_config
+    from bptt.config import build_parser, parameter_shapes, parse_config
 
     parser = build_parser()
     try:
         cfg = parse_config(trial_args(str(base), spec, {}), parser, trusted=spec.trusted)
     except ConfigError as err:
         raise ConfigError(f"{path}: base config with the sweep's overrides: {err}") from None
-    if spec.scheduler.type == "pbt":
-        _check_pbt_keeps_read_layout(path, spec.scheduler.mutations or spec.space, cfg.data.class_path)
+    perturbed = pbt_mutations(spec)
+    _check_pbt_keeps_read_layout(path, perturbed, cfg.data.class_path)
     keys = {**spec.space, **(spec.scheduler.mutations or {} if spec.scheduler.type == "pbt" else {})}
     for key, dist in keys.items():
         if key in spec.overrides:
             raise ConfigError(f"{path}: {key!r} is both in overrides and in space; keep one")
+        built = []
         for value in _samples(dist):
             try:
-                parse_config(trial_args(str(base), spec, {key: value}), parser, trusted=spec.trusted)
+                trial = parse_config(trial_args(str(base), spec, {key: value}), parser, trusted=spec.trusted)
+                if key in perturbed and key.startswith("model."):
+                    built.append((value, parameter_shapes(trial)))
             except ConfigError as err:
                 raise ConfigError(f"{path}: space key {key!r} = {value!r} does not fit {base.name}: {err}") from None
+        if built:
+            _check_pbt_keeps_model_shapes(path, key, built)
 
 
 def tune_space(space: dict[str, Any]) -> dict[str, Any]:
@@ -344,6 +363,13 @@ def tune_space(space: dict[str, Any]) -> dict[str, Any]:
     return {key: make[_kind(dist)](dist[_kind(dist)]) for key, dist in space.items()}
 
 
+def pbt_mutations(spec: SweepSpec) -> dict[str, Any]:
+    """What PBT perturbs: ``scheduler.mutations``, else the space's sampled (not grid) keys; none without PBT."""
+    if spec.scheduler.type != "pbt":
+        return {}
+    return spec.scheduler.mutations or {k: d for k, d in spec.space.items() if _kind(d) != "grid"}
+
+
 def scheduler(spec: SweepSpec) -> Any:
     """Ray Tune's trial scheduler for ``spec.scheduler``."""
     from ray.tune.schedulers import (
@@ -357,9 +383,9 @@ def scheduler(spec: SweepSpec) -> Any:
         return ASHAScheduler(time_attr="training_iteration", max_t=s.max_t, grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor)
     if s.type == "pbt":
-        mutations = s.mutations or {k: d for k, d in spec.space.items() if _kind(d) != "grid"}
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
-                                       hyperparam_mutations=tune_space(mutations), quantile_fraction=s.quantile_fraction,
+                                       hyperparam_mutations=tune_space(pbt_mutations(spec)),
+                                       quantile_fraction=s.quantile_fraction,
                                        resample_probability=s.resample_probability, synch=s.synch)
     return FIFOScheduler()
 

@@ -57,6 +57,11 @@ def _sweep_file(tmp_path: Path, **changes) -> Path:
         ({"scheduler": {"type": "pbt", "mutations": {"data.bptt": {"choice": [16, 32]}}}}, "PBT would perturb data.bptt"),
         ({"space": {"data.batch_size": {"choice": [4, 8]}}, "scheduler": {"type": "pbt"}},
          "PBT would perturb data.batch_size"),
+        ({"space": {"model.hidden_size": {"choice": [16, 32]}}, "scheduler": {"type": "pbt"}},
+         "PBT would perturb model.hidden_size, but model.hidden_size=16 and 32 build parameters of other shapes "
+         "(at rnn.weight_ih_l0)"),
+        ({"scheduler": {"type": "pbt", "mutations": {"model.num_layers": {"randint": [1, 3]}}}},
+         "model.num_layers=1 and 2 build parameters of other shapes"),
         ({"stop": {"training_iteration": float("inf")}}, "stop.training_iteration must be a finite number"),
         ({"base": "conf/lm/nope.yaml"}, "base config conf/lm/nope.yaml not found"),
         ({"overrides": {"trainer.max_step": 5}}, "base config with the sweep's overrides"),
@@ -148,6 +153,16 @@ def test_space_becomes_tune_objects_and_trial_arguments(tmp_path):
     assert space["model.rnn_type"].categories == ["LSTM", "GRU"]
     assert trial_args(base, spec, {"model.rnn_type": "GRU", "model.dropout": 0.25}) == [
         "--config", base, "--trainer.max_steps", "7", "--model.rnn_type", "GRU", "--model.dropout", "0.25"]
+
+
+def test_pbt_may_perturb_what_keeps_the_weights_shapes(tmp_path):
+    """Dropout and the learning rate leave every parameter's shape; a model size that PBT does not perturb
+    (outside mutations, or a grid key of the space) follows the cloned trial's config, so it passes too."""
+    mutations = {"model.dropout": {"uniform": [0.0, 0.5]}, "task.optimizer.init_args.lr": {"choice": [0.001, 0.01]}}
+    spec, _ = load_sweep(_sweep_file(tmp_path, scheduler={"type": "pbt", "mutations": mutations}))
+    assert spec.scheduler.mutations == mutations and "model.hidden_size" in spec.space
+    space = {"model.dropout": {"choice": [0.0, 0.2]}, "model.hidden_size": {"grid": [16, 32]}}
+    load_sweep(_sweep_file(tmp_path, space=space, scheduler={"type": "pbt"}))
 
 
 def test_example_sweep_files_load():
