@@ -166,8 +166,27 @@ def resume(
     checkpoint = load_checkpoint(path)
     cfg = parse_config(["--config", checkpoint["bptt"]["config"], *overrides], trusted=trusted,
                        source=f"the config inside checkpoint {path}")
+    _check_training_left(cfg.trainer, checkpoint, path)
     with tracking_uri_env_kept():
         return train(cfg, callbacks=callbacks or [], checkpoint=(path, checkpoint), trusted=trusted)
+
+
+def _check_training_left(trainer: Namespace, checkpoint: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint that trainer.max_steps or trainer.max_epochs already stops (Lightning
+    would reopen the run, train nothing and close it again), with the override that continues it. Epochs:
+    where the checkpoint records the last one as ended (not one saved by the validation at its last step)."""
+    step, epoch = checkpoint.get("global_step"), checkpoint.get("epoch")
+    max_steps = -1 if trainer.max_steps is None else trainer.max_steps
+    max_epochs = trainer.max_epochs
+    if max_epochs is None:  # Lightning's default: 1000 epochs unless max_steps is set
+        max_epochs = 1000 if max_steps == -1 else -1
+    if isinstance(step, int) and max_steps != -1 and step >= max_steps:
+        raise ConfigError(f"checkpoint {path} is at step {step} and trainer.max_steps={max_steps} is reached: "
+                          f"nothing is left to train; pass --trainer.max_steps above {step} to train further")
+    if isinstance(epoch, int) and max_epochs != -1 and epoch >= max_epochs:
+        raise ConfigError(f"checkpoint {path} has finished {epoch} epochs and trainer.max_epochs={max_epochs} is "
+                          f"reached: nothing is left to train; pass --trainer.max_epochs above {epoch} to train "
+                          "further")
 
 
 def _checkpoint_dir_of_run(run_id: str, overrides: list[str]) -> Path:

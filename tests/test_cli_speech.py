@@ -96,7 +96,8 @@ def test_resume_under_other_mel_bins_fails_in_one_line_and_changes_nothing(speec
     before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
     client = MlflowClient(speech_run["uri"])
     (tracked,) = client.search_runs([client.get_experiment_by_name("speech-cli").experiment_id])
-    assert main(["resume", str(run / "checkpoints/last.ckpt"), "--data.n_mels", "32"]) == 2
+    more = ["--trainer.max_steps", "800"]  # past the run's 400, so that only n_mels is wrong
+    assert main(["resume", str(run / "checkpoints/last.ckpt"), "--data.n_mels", "32", *more]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("bptt: error: ") and "set data.n_mels to match the checkpoint" in err[-1], err[-1]
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before

@@ -181,19 +181,40 @@ def test_bad_checkpoints_fail_in_one_line_and_change_nothing(tmp_path, capsys):
     (tmp_path / "truncated.ckpt").write_bytes(good[: len(good) // 2])
     (tmp_path / "corrupt.ckpt").write_bytes(bytes(b ^ 0x5A for b in good[:4096]) + good[4096:])
     torch.save({"state_dict": {}, "global_step": 3}, tmp_path / "foreign.ckpt")
-    before = _snapshot(checkpoints)
+    before, config = _snapshot(checkpoints), (tmp_path / "run/config.yaml").read_bytes()
     cases = [
         (["resume", str(tmp_path / "truncated.ckpt")], "cannot be read"),
         (["resume", str(tmp_path / "corrupt.ckpt")], "cannot be read"),
         (["resume", str(tmp_path / "foreign.ckpt")], "was not written by `bptt fit`"),
-        (["resume", str(checkpoints / "last.ckpt"), "--model.hidden_size", "48"], "holds a different model"),
+        (["resume", str(checkpoints / "last.ckpt"), "--model.hidden_size", "48", "--trainer.max_steps", "24"],
+         "holds a different model"),
+        (["resume", str(checkpoints / "last.ckpt")], "is at step 12 and trainer.max_steps=12 is reached: nothing is "
+         "left to train; pass --trainer.max_steps above 12 to train further"),
+        (["resume", str(checkpoints / "last.ckpt"), "--trainer.max_steps", "6"], "trainer.max_steps=6 is reached"),
         (["resume", str(tmp_path / "nothing.ckpt")], "does not exist"),
     ]
     for args, message in cases:
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("bptt: error: ") and message in err[-1], (args, err[-1])
-    assert _snapshot(checkpoints) == before
+    assert _snapshot(checkpoints) == before and (tmp_path / "run/config.yaml").read_bytes() == config
+
+
+@pytest.mark.slow
+def test_a_run_its_epochs_ended_resumes_only_with_more_epochs(tmp_path, capsys):
+    run = tmp_path / "run"
+    by_epochs = [*SMALL, "--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+                 "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
+                 "--trainer.default_root_dir", str(run), "--tracking.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    assert bptt("fit", *by_epochs, cwd=tmp_path).returncode == 0
+    last = run / "checkpoints/last.ckpt"
+    assert main(["resume", str(last)]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message == (f"bptt: error: checkpoint {last} has finished 1 epochs and trainer.max_epochs=1 is reached: "
+                       "nothing is left to train; pass --trainer.max_epochs above 1 to train further")
+    result = bptt("resume", str(last), "--trainer.max_epochs", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 6
 
 
 def test_resume_by_run_id_needs_a_known_run(tmp_path, capsys):
