@@ -109,6 +109,8 @@ def parse_config(
             raise ConfigError(f"trainer.precision must be auto, or one of Lightning's: {PRECISIONS}") from None
         raise ConfigError(one_line(err)) from None
     check_trainer(cfg.trainer)
+    if not 0 <= cfg.seed_everything < 2**32:
+        raise ConfigError(f"seed_everything must be >= 0 and < 2**32 (numpy's seeds), got {cfg.seed_everything}")
     return cfg
 
 
@@ -143,6 +145,11 @@ def check_trainer(trainer: Namespace) -> None:
         raise ConfigError(f"trainer.log_every_n_steps must be >= 1, got {trainer.log_every_n_steps}")
     if trainer.max_steps is not None and trainer.max_steps < -1:
         raise ConfigError(f"trainer.max_steps must be >= 0, or -1 for no limit; got {trainer.max_steps}")
+    if trainer.max_epochs == 0 or (trainer.max_epochs is not None and trainer.max_epochs < -1):
+        raise ConfigError(f"trainer.max_epochs must be >= 1, or -1 for no limit; got {trainer.max_epochs}")
+    if trainer.limit_train_batches is not None and not trainer.limit_train_batches > 0:
+        raise ConfigError(f"trainer.limit_train_batches={trainer.limit_train_batches} trains nothing: set it > 0 "
+                          "(batches, or a fraction of an epoch); bptt validate CHECKPOINT evaluates without training")
 
 
 def parameter_shapes(cfg: Namespace) -> dict[str, tuple[int, ...]]:

@@ -306,8 +306,31 @@ def _preflight(trainer: pl.Trainer, init: Namespace) -> None:
     init.data.trainer = trainer  # rank and world size, as Lightning attaches it in fit
     try:
         init.data.setup("fit")
+        _check_validation_interval(trainer, init)
     finally:
         init.data.trainer = None
+
+
+def _check_validation_interval(trainer: pl.Trainer, init: Namespace) -> None:
+    """An integer ``trainer.val_check_interval`` within an epoch's batches, as Lightning requires unless
+    ``trainer.check_val_every_n_epoch`` is null (it would raise inside fit, after the run was written)."""
+    interval, limit = trainer.val_check_interval, trainer.limit_train_batches
+    if not isinstance(interval, int) or isinstance(interval, bool) or trainer.check_val_every_n_epoch is None:
+        return
+    try:
+        batches = len(init.data.train_dataloader())
+    except TypeError:  # a loader without a length: Lightning cannot check it either
+        return
+    if isinstance(limit, int):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    if interval > batches:
+        m = getattr(init.data, "windows_per_batch", 1)
+        raise ConfigError(
+            f"trainer.val_check_interval={interval * m} is more than the {batches * m} optimizer steps of an epoch "
+            "(per process); lower it, or set trainer.check_val_every_n_epoch: null to count it across epochs"
+        )
 
 
 def _check_optimizer(init: Namespace) -> None:

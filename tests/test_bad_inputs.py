@@ -56,6 +56,13 @@ FIT_CASES = [
     (["--data.windows_per_batch", "4", "--trainer.val_check_interval", "6"],
      "trainer.val_check_interval=6 counts optimizer steps and a batch takes data.windows_per_batch=4"),
     (["--data.windows_per_batch", "3", "--trainer.max_steps", "10"], "trainer.max_steps=10 counts optimizer steps"),
+    (["--seed_everything", "-5"], "seed_everything must be >= 0 and < 2**32 (numpy's seeds), got -5"),
+    (["--trainer.max_epochs", "0"], "trainer.max_epochs must be >= 1, or -1 for no limit; got 0"),
+    (["--trainer.limit_train_batches", "0"], "trains nothing: set it > 0"),
+    (["--trainer.limit_train_batches", "3", "--trainer.val_check_interval", "4"],
+     "trainer.val_check_interval=4 is more than the 3 optimizer steps of an epoch (per process)"),
+    (["--data.windows_per_batch", "2", "--trainer.limit_train_batches", "3", "--trainer.val_check_interval", "8"],
+     "trainer.val_check_interval=8 is more than the 6 optimizer steps of an epoch"),
     (["--task.optimizer.class_path", "os.system"], "names code outside the allow-list"),
     (["--trainer.callbacks", '[{"class_path": "this.Zen"}]'], "names code outside the allow-list"),
     (["--task.host_reads", "logging_steps"], "host_reads=logging_steps skips non-finite steps on the device"),
@@ -75,6 +82,21 @@ def test_fit_refuses_in_one_line_and_writes_nothing(args, message, tmp_path, cap
     assert main(["fit", *SMALL, "--trainer.default_root_dir", str(tmp_path / "run"), *args]) == 2
     _one_line_error(capsys, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "a refused command wrote something"
+
+
+@pytest.mark.slow
+def test_a_validation_interval_past_the_epoch_counts_across_epochs_when_asked(tmp_path):
+    """Lightning's own way past an epoch's end: trainer.check_val_every_n_epoch null; validation after
+    steps 4 and 8 of 3-batch epochs."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = bptt("fit", *SMALL, "--trainer.limit_train_batches", "3", "--trainer.val_check_interval", "4",
+                  "--trainer.check_val_every_n_epoch", "null", "--trainer.max_steps", "8", "--trainer.default_root_dir",
+                  str(tmp_path / "run"), "--tracking.tracking_uri", uri, "--tracking.experiment_name", "across",
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("across").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [3, 7]
 
 
 def test_fit_output_directory_that_cannot_be_written(tmp_path, capsys, monkeypatch):
