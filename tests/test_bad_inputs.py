@@ -53,6 +53,8 @@ FIT_CASES = [
     (["--data.windows_per_batch", "0"], "data.windows_per_batch must be >= 1, got 0"),
     (["--data.windows_per_batch", "2", "--data.random_bptt", "true"], "set data.windows_per_batch: 1 or data.random_bptt"),
     (["--data.windows_per_batch", "2", "--task.k1", "8"], "drop task.k1 or set it to 16"),
+    (["--task.k1", "20"], "task.k1=20 is longer than a batch's window (data.bptt=16): every batch would take one "
+     "optimizer step of 16 steps; set task.k1 <= 16, or raise data.bptt"),
     (["--data.windows_per_batch", "4", "--trainer.val_check_interval", "6"],
      "trainer.val_check_interval=6 counts optimizer steps and a batch takes data.windows_per_batch=4"),
     (["--data.windows_per_batch", "3", "--trainer.max_steps", "10"], "trainer.max_steps=10 counts optimizer steps"),
