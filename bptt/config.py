@@ -152,26 +152,45 @@ def check_trainer(trainer: Namespace) -> None:
                           "(batches, or a fraction of an epoch); bptt validate CHECKPOINT evaluates without training")
 
 
-def parameter_shapes(cfg: Namespace) -> dict[str, tuple[int, ...]]:
-    """The shapes of the state (parameters and buffers) of ``cfg``'s network, built without its data: a
-    vocabulary size, where the network takes one, is a placeholder, so compare configs of one data setting.
+def build_without_data(cfg: Namespace) -> Namespace:
+    """``cfg``'s DataModule, network and task built by their constructors alone, reading no data (a sweep's
+    driver may have none): every constructor's checks run, and the network's parameter shapes are known.
+    A vocabulary size, where the network takes one, is a placeholder: compare shapes within one data setting.
 
     Raises:
-        BpttError: a constructor rejected a value.
+        ConfigError: a constructor rejected a value.
     """
     model = cfg.model.clone()
     if "vocab_size" in model.init_args:
         model.init_args.vocab_size = 2
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(nn.Module, "model")
+    parser.add_subclass_arguments(TBPTTModule, "task")
+    parser.add_subclass_arguments(pl.LightningDataModule, "data")
+    parser.link_arguments("model", "task.init_args.model", apply_on="instantiate")
     try:
-        network = parser.instantiate_classes(Namespace(model=model)).model
+        return parser.instantiate(Namespace(model=model, task=cfg.task.clone(), data=cfg.data.clone()))
     except Exception as err:
         cause = next((e for e in _chain(err) if isinstance(e, BpttError)), None)
-        if cause is not None:
-            raise cause from None
-        raise
+        raise cause or ConfigError(one_line(err)) from None
+
+
+def parameter_shapes(network: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``network``'s state (parameters and buffers), by name in the network's order."""
     return {name: tuple(value.shape) for name, value in network.state_dict().items()}
+
+
+def check_window_fits(init: Namespace) -> None:
+    """In stream mode a batch is one window of ``data.bptt`` steps (without ``data.random_bptt``), cut into
+    optimizer steps of ``task.k1``: a longer k1 would silently be the window's length.
+
+    Raises:
+        ConfigError: ``task.k1`` > ``data.bptt``.
+    """
+    bptt, k1 = getattr(init.data, "bptt", None), getattr(init.task, "k1", None)
+    if isinstance(bptt, int) and isinstance(k1, int) and k1 > bptt and not getattr(init.data, "random_bptt", False):
+        raise ConfigError(f"task.k1={k1} is longer than a batch's window (data.bptt={bptt}): every batch would take "
+                          f"one optimizer step of {bptt} steps; set task.k1 <= {bptt}, or raise data.bptt")
 
 
 def instantiate(cfg: Namespace, parser: ArgumentParser | None = None) -> Namespace:

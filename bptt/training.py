@@ -34,7 +34,7 @@ from bptt.checkpointing import (
     load_checkpoint,
     remove_stale_partials,
 )
-from bptt.config import build_parser, instantiate, parse_config, parse_tracking
+from bptt.config import build_parser, check_window_fits, instantiate, parse_config, parse_tracking
 from bptt.datamodules.text_corpus import Vocabulary
 from bptt.directories import check_writable_directory
 from bptt.errors import CheckpointError, ConfigError
@@ -91,19 +91,6 @@ def _trainer(
             raise ConfigError(f"trainer.devices={trainer_args.devices} asks for {trainer.num_devices} CPU processes but "
                               f"this machine has {cores} cores; set trainer.devices <= {cores}")
     return trainer
-
-
-def _check_window_fits(init: Namespace) -> None:
-    """In stream mode a batch is one window of ``data.bptt`` steps (without ``data.random_bptt``), cut into
-    optimizer steps of ``task.k1``: a longer k1 would silently be the window's length.
-
-    Raises:
-        ConfigError: ``task.k1`` > ``data.bptt``.
-    """
-    bptt, k1 = getattr(init.data, "bptt", None), getattr(init.task, "k1", None)
-    if isinstance(bptt, int) and isinstance(k1, int) and k1 > bptt and not getattr(init.data, "random_bptt", False):
-        raise ConfigError(f"task.k1={k1} is longer than a batch's window (data.bptt={bptt}): every batch would take "
-                          f"one optimizer step of {bptt} steps; set task.k1 <= {bptt}, or raise data.bptt")
 
 
 def _windows_per_batch(init: Namespace) -> Namespace:
@@ -247,7 +234,7 @@ def train(
     init = instantiate(cfg, parser)
     if checkpoint is not None and hasattr(init.data, "check_resume"):  # settings only: before data is read
         init.data.check_resume(checkpoint[1].get(type(init.data).__qualname__), f"checkpoint {checkpoint[0]}")
-    _check_window_fits(init)
+    check_window_fits(init)
     init.data.prepare_data()  # bad data fails here, before the Trainer starts anything
     if checkpoint is not None:
         _check_same_model(init.task, checkpoint[1], checkpoint[0])

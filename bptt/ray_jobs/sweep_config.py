@@ -143,7 +143,7 @@ def load_sweep(path: str | Path, text: str | None = None, *, trusted: bool = Fal
     config name (``bptt.trust``; any, when ``trusted``, which the spec then carries to every
     trial), keys and types of the sweep file, the distributions, the scheduler and search
     algorithm, and that each space key is a key of the base config taking the values the space
-    can draw.
+    can draw, values its constructors accept (the DataModule, network and task built without data).
 
     Raises:
         ConfigError: one line naming the problem and the fix.
@@ -324,11 +324,12 @@ def trial_args(base: str, spec: SweepSpec, sampled: dict[str, Any]) -> list[str]
 
 
 def _check_against_base(path: Path, spec: SweepSpec, base: Path) -> None:
-    from bptt.config import build_parser, parameter_shapes, parse_config
+    from bptt.config import build_parser, build_without_data, check_window_fits, parameter_shapes, parse_config
 
     parser = build_parser()
     try:
         cfg = parse_config(trial_args(str(base), spec, {}), parser, trusted=spec.trusted)
+        check_window_fits(build_without_data(cfg))
     except ConfigError as err:
         raise ConfigError(f"{path}: base config with the sweep's overrides: {err}") from None
     perturbed = pbt_mutations(spec)
@@ -340,9 +341,11 @@ def _check_against_base(path: Path, spec: SweepSpec, base: Path) -> None:
         built = []
         for value in _samples(dist):
             try:
-                trial = parse_config(trial_args(str(base), spec, {key: value}), parser, trusted=spec.trusted)
+                trial = build_without_data(parse_config(trial_args(str(base), spec, {key: value}), parser,
+                                                        trusted=spec.trusted))  # the constructors' checks
+                check_window_fits(trial)
                 if key in perturbed and key.startswith("model."):
-                    built.append((value, parameter_shapes(trial)))
+                    built.append((value, parameter_shapes(trial.model)))
             except ConfigError as err:
                 raise ConfigError(f"{path}: space key {key!r} = {value!r} does not fit {base.name}: {err}") from None
         if built:
