@@ -49,14 +49,19 @@ def build_parser(prog: str = "bptt fit") -> ArgumentParser:
                         default=None, help="Lightning's precision (default 32-true), or auto: the fastest on this "
                         "machine for this run, measured over a few steps (bptt.precision)")
     parser.set_defaults({"trainer.use_distributed_sampler": False, "trainer.default_root_dir": "runs"})
-    parser.add_subclass_arguments(nn.Module, "model", required=True)
-    parser.add_subclass_arguments(TBPTTModule, "task", required=True)
-    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True)
+    _add_components(parser)
     parser.add_class_arguments(MlflowTracking, "tracking")
     parser.add_class_arguments(CheckpointPolicy, "checkpoint")
     parser.link_arguments("data", "model.init_args.vocab_size", compute_fn=_vocab_size, apply_on="instantiate")
-    parser.link_arguments("model", "task.init_args.model", apply_on="instantiate")
     return parser
+
+
+def _add_components(parser: ArgumentParser) -> None:
+    """The network, the task built around it, and the DataModule."""
+    parser.add_subclass_arguments(nn.Module, "model", required=True)
+    parser.add_subclass_arguments(TBPTTModule, "task", required=True)
+    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True)
+    parser.link_arguments("model", "task.init_args.model", apply_on="instantiate")
 
 
 def one_line(err: BaseException) -> str:
@@ -164,15 +169,11 @@ def build_without_data(cfg: Namespace) -> Namespace:
     if "vocab_size" in model.init_args:
         model.init_args.vocab_size = 2
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(nn.Module, "model")
-    parser.add_subclass_arguments(TBPTTModule, "task")
-    parser.add_subclass_arguments(pl.LightningDataModule, "data")
-    parser.link_arguments("model", "task.init_args.model", apply_on="instantiate")
+    _add_components(parser)  # without build_parser's data -> vocabulary link, which would read the data
     try:
         return parser.instantiate(Namespace(model=model, task=cfg.task.clone(), data=cfg.data.clone()))
     except Exception as err:
-        cause = next((e for e in _chain(err) if isinstance(e, BpttError)), None)
-        raise cause or ConfigError(one_line(err)) from None
+        raise ConfigError(one_line(err)) from None  # one_line: a constructor's own message, when it gave one
 
 
 def parameter_shapes(network: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -27,7 +27,6 @@ Relative paths (``base``) resolve against the sweep file's directory, else the w
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -207,12 +206,11 @@ def load_sweep(path: str | Path, text: str | None = None, *, trusted: bool = Fal
     return spec, str(base)
 
 
-def _check_pbt_keeps_read_layout(path: Path, mutations: dict[str, Any], data_class_path: str) -> None:
+def _check_pbt_keeps_read_layout(path: Path, mutations: dict[str, Any], data: Any) -> None:
     """PBT continues a better trial's checkpoint under the worse trial's perturbed config: a checkpoint's
     read position counts batches of its own data layout (the DataModule's ``READ_LAYOUT``), which
     ``bptt resume`` refuses to change."""
-    module, _, name = data_class_path.rpartition(".")  # allowed by the trust check the parse made
-    layout = getattr(getattr(importlib.import_module(module), name), "READ_LAYOUT", ())
+    layout = getattr(data, "READ_LAYOUT", ())
     for key in mutations:
         if key.startswith("data.") and key.split(".", 1)[1] in layout:
             raise ConfigError(
@@ -328,12 +326,12 @@ def _check_against_base(path: Path, spec: SweepSpec, base: Path) -> None:
 
     parser = build_parser()
     try:
-        cfg = parse_config(trial_args(str(base), spec, {}), parser, trusted=spec.trusted)
-        check_window_fits(build_without_data(cfg))
+        built_base = build_without_data(parse_config(trial_args(str(base), spec, {}), parser, trusted=spec.trusted))
+        check_window_fits(built_base)
     except ConfigError as err:
         raise ConfigError(f"{path}: base config with the sweep's overrides: {err}") from None
     perturbed = pbt_mutations(spec)
-    _check_pbt_keeps_read_layout(path, perturbed, cfg.data.class_path)
+    _check_pbt_keeps_read_layout(path, perturbed, built_base.data)
     keys = {**spec.space, **(spec.scheduler.mutations or {} if spec.scheduler.type == "pbt" else {})}
     for key, dist in keys.items():
         if key in spec.overrides:
