@@ -28,7 +28,7 @@ from bptt.errors import BpttError, ConfigError
 from bptt.lightning_modules.tbptt import TBPTTModule
 from bptt.packaged_configs import resolve_config_args
 from bptt.tracking import MlflowTracking
-from bptt.trust import check_args
+from bptt.trust import TRUST_FLAG, UntrustedConfigError, check_args, jsonargparse_policy
 
 PRECISIONS = "32-true, bf16-mixed, 16-mixed (GPU), bf16-true, 16-true, 64-true (or 32, 16, bf16, 64)"
 
@@ -108,8 +108,13 @@ def parse_config(
     check_args(args, trusted=trusted, source=source)
     parser = parser or build_parser()
     try:
-        cfg = parser.parse_args(args)
+        with jsonargparse_policy(trusted):
+            cfg = parser.parse_args(args)
     except Exception as err:  # jsonargparse raises ArgumentError, ValueError or TypeError
+        if "import path denylist" in str(err):  # jsonargparse's own policy (bptt.trust.jsonargparse_policy)
+            denied = str(err).split("Importing ", 1)[-1].split(" is not allowed", 1)[0]
+            raise UntrustedConfigError(f"{source or 'the config'} names code outside the allow-list: {denied} "
+                                       f"(jsonargparse's import-path policy); if you wrote it yourself, pass {TRUST_FLAG}") from None
         if 'key "trainer.precision"' in str(err):  # its union of Literals would name only the first branch
             raise ConfigError(f"trainer.precision must be auto, or one of Lightning's: {PRECISIONS}") from None
         raise ConfigError(one_line(err)) from None

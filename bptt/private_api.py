@@ -1,4 +1,4 @@
-"""Every use of a private attribute of Lightning, Ray, torch or datasets that bptt cannot avoid, in one place.
+"""Every use of a private attribute of Lightning, Ray, torch, datasets or jsonargparse that bptt cannot avoid, in one place.
 
 Each function says what it reads and what breaks without it; tests/test_private_api.py fails
 loudly (not silently) when an upgrade removes one.
@@ -6,6 +6,8 @@ loudly (not silently) when an upgrade removes one.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -136,3 +138,27 @@ def supports_device_skip(optimizer: Any) -> bool:
     """Whether ``step_unless`` can skip this optimizer's steps on the device (torch marks the
     optimizers whose step takes ``found_inf`` with ``_step_supports_amp_scaling``)."""
     return bool(getattr(getattr(optimizer, "optimizer", optimizer), "_step_supports_amp_scaling", False))
+
+
+@contextmanager
+def jsonargparse_import_paths_allowed(packages: tuple[str, ...]) -> Iterator[None]:
+    """While inside, jsonargparse refuses to import any path given as a value unless it and the
+    place its object is defined (``some.module.os.system`` is ``posix.system``) lie in ``packages``;
+    on leaving, its import-path policy is as it was.
+
+    Sets the policy with the public ``set_parsing_settings(import_path_denylist=["*"],
+    import_path_allowlist=...)``, which jsonargparse keeps for the whole process and has no public
+    way to undo; restoring it writes ``jsonargparse._common.parsing_settings`` (its
+    ``import_path_verdicts`` and ``import_paths_enforced``). Without that, a command that trusts its
+    config (``--trust-config``) after one that does not, in one process (the tests), could not
+    import the code it was trusted with.
+    """
+    from jsonargparse import set_parsing_settings
+    from jsonargparse._common import parsing_settings
+
+    saved = {k: parsing_settings[k] for k in ("import_path_verdicts", "import_paths_enforced")}
+    set_parsing_settings(import_path_denylist=["*"], import_path_allowlist=list(packages))
+    try:
+        yield
+    finally:
+        parsing_settings.update(saved)

@@ -157,3 +157,27 @@ def test_torch_fused_optimizers_still_skip_a_step_on_gradscalers_flag():
         assert torch.equal(taken.detach(), plain.detach()) and not torch.equal(plain.detach(), torch.arange(4.0))
         assert not hasattr(optimizers[0], "found_inf")
     assert not supports_device_skip(torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]))
+
+
+def test_jsonargparse_still_keeps_its_import_path_policy_where_bptt_restores_it():
+    from jsonargparse import ArgumentParser
+
+    from bptt.private_api import jsonargparse_import_paths_allowed
+
+    try:
+        from jsonargparse._common import parsing_settings
+    except ImportError as err:
+        raise AssertionError(f"jsonargparse._common.parsing_settings is gone ({err}): see "
+                             "bptt.private_api.jsonargparse_import_paths_allowed") from None
+    keys = ("import_path_verdicts", "import_paths_enforced")
+    assert all(k in parsing_settings for k in keys), "jsonargparse renamed its import-path settings"
+    before = {k: parsing_settings[k] for k in keys}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--where", type=type)
+    with jsonargparse_import_paths_allowed(("bptt",)):
+        try:
+            parser.parse_args(["--where", "pathlib.Path"])
+            raise AssertionError("jsonargparse no longer enforces import_path_allowlist")
+        except Exception as err:
+            assert "not allowed" in str(err), err
+    assert {k: parsing_settings[k] for k in keys} == before
