@@ -79,12 +79,16 @@ class _StepCheckpoint(ModelCheckpoint):
     """A checkpoint each time the step count passes a multiple of ``every_n_steps`` (a batch can
     take several optimizer steps when task.k1 is shorter than the window), except after a batch
     that a validation follows: Lightning resumes a checkpoint written before a due validation by
-    skipping that validation, so there the ``last.ckpt`` written after it stands in."""
+    skipping that validation, so there the ``last.ckpt`` written after it stands in.
+
+    A resumed run writes and prunes as the uninterrupted run would: every checkpoint carries, with
+    the files this callback keeps (Lightning's ``best_k_models``), the step of its last write, and
+    the checkpoint a run resumed from is pruned in its turn (Lightning keeps that one for good)."""
 
     def __init__(self, *, every_n_steps: int, **kwargs: Any) -> None:
         super().__init__(every_n_train_steps=1, **kwargs)
         self.every_n_steps = every_n_steps
-        self.saved_at_step = 0  # the step of this process's last step checkpoint (none yet: as at step 0)
+        self.saved_at_step = 0  # the step of the run's last step checkpoint (none yet: as at step 0)
         self._trainer_step: int | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
@@ -93,8 +97,27 @@ class _StepCheckpoint(ModelCheckpoint):
         if validation_follows(trainer):
             return
         self._trainer_step = trainer.global_step
+        self.saved_at_step = trainer.global_step  # before the write: the checkpoint carries it (state_dict)
+        kept = set(self.best_k_models)
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)  # writes: "step" is always a candidate
-        self.saved_at_step = trainer.global_step
+        self._remove_resumed_from(trainer, kept - set(self.best_k_models))
+
+    def _remove_resumed_from(self, trainer: pl.Trainer, dropped: set[str]) -> None:
+        """Delete the checkpoint the run resumed from once it drops out of the newest ``keep_last``:
+        Lightning never deletes that one (``trainer.ckpt_path``), any other it deletes itself."""
+        if trainer.ckpt_path is None or self.dirpath is None:
+            return
+        resumed_from = Path(trainer.ckpt_path).absolute()
+        for path in dropped:
+            if Path(path).absolute() == resumed_from and Path(self.dirpath).absolute() in resumed_from.parents:
+                trainer.strategy.remove_checkpoint(path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "saved_at_step": self.saved_at_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.saved_at_step = int(state_dict.get("saved_at_step", self.saved_at_step))  # absent: an older bptt's
 
     def format_checkpoint_name(self, metrics: dict[str, Any], *args: Any, **kwargs: Any) -> str:
         """``step-NNNNNNN.ckpt`` with the optimizer steps taken, also where the engine logs ``step`` (the

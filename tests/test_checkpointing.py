@@ -217,6 +217,64 @@ def test_last_checkpoint_follows_every_validation_not_only_improvements(tmp_path
     assert torch.load(directory / "last.ckpt", weights_only=True)["global_step"] == 13
 
 
+class _CrashAt(pl.Callback):
+    """Raises at the end of the training batch that reaches ``step`` (before that batch's checkpoints), as a crash."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"crash at step {trainer.global_step}")
+
+
+class _StepCheckpointsSeen(pl.Callback):
+    """The names of every step checkpoint in ``directory`` when a training batch starts or training ends."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory, self.seen = directory, set()
+
+    def _look(self) -> None:
+        self.seen |= {p.name for p in self.directory.glob("step-*.ckpt")}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._look()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._look()
+
+
+# step checkpoints at 3, 6, ..., 18 (the newest 3 kept), validations at 7 and 14, training ends at 19
+EVERY_3 = ["--trainer.max_steps", "19", "--trainer.val_check_interval", "7", "--checkpoint.every_n_steps", "3"]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_writes_and_prunes_the_step_checkpoints_of_an_uninterrupted_one(tmp_path):
+    """A run that crashes at step 10 and is resumed (from step-0000009.ckpt) writes step checkpoints
+    at the steps the uninterrupted run writes them and at no other (none at step 10, the first
+    after the resume), prunes the one it resumed from like any other, and ends with the same files
+    and parameters as the uninterrupted run."""
+    straight_seen = _StepCheckpointsSeen(tmp_path / "straight/checkpoints")
+    straight = _fit(tmp_path / "straight", *EVERY_3, callbacks=[straight_seen])
+    crashed_seen = _StepCheckpointsSeen(tmp_path / "crashed/checkpoints")
+    with pytest.raises(RuntimeError, match="crash at step 10"):
+        _fit(tmp_path / "crashed", *EVERY_3, callbacks=[_CrashAt(10), crashed_seen])
+    crashed = tmp_path / "crashed/checkpoints"
+    assert latest_checkpoint(crashed) == crashed / "step-0000009.ckpt"
+    resume(str(crashed), [], callbacks=[crashed_seen])
+
+    written = {f"step-{step:07d}.ckpt" for step in (3, 6, 9, 12, 15, 18)}
+    assert straight_seen.seen == crashed_seen.seen == written
+    kept = ["step-0000012.ckpt", "step-0000015.ckpt", "step-0000018.ckpt"]
+    assert sorted(p.name for p in straight.glob("step-*.ckpt")) == kept
+    assert sorted(p.name for p in crashed.glob("step-*.ckpt")) == kept
+    expected = torch.load(straight / "last.ckpt", weights_only=True)
+    found = torch.load(crashed / "last.ckpt", weights_only=True)
+    assert found["global_step"] == expected["global_step"] == 19
+    for name, value in expected["state_dict"].items():
+        assert torch.equal(found["state_dict"][name], value), name
+
+
 def test_checksum_survives_the_round_trip_and_sees_any_change(tmp_path):
     """Every kind of value a checkpoint holds, through AtomicCheckpointIO and back (also memory
     mapped); then one change anywhere is a mismatch."""
