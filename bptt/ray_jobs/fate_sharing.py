@@ -23,10 +23,17 @@ their raylet), but its two agents outlive the raylet by a minute, waiting to rep
 the dead GCS.
 
 Linux only (the mark is read from ``/proc/PID/environ``); elsewhere the block only runs its body.
+
+A server that a driver (or a test) starts and stops itself, such as the sweep's ``mlflow server``,
+is started by ``start_group`` as the leader of a process group of its own, and ``end_group`` ends
+that group as a whole: SIGTERM, then SIGKILL for what still runs after a grace period, returning
+once nothing in it runs. Its own group spares it a signal meant for the driver's (a terminal's
+Ctrl-C); its environment still carries the mark, so it ends with the driver on ``kill -9`` too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -36,10 +43,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 MARK = "BPTT_FATE"
 KEEP_ENVIRON = {"SPT_NOENV": "1"}  # setproctitle leaves /proc/PID/environ (and the mark) as it is
 POLL_S = 0.5  # how often the watchdog looks for the driver
 GRACE_S = 3.0  # between SIGTERM and SIGKILL
+KILLED_S = 5.0  # how long end_group waits for a SIGKILLed group (a process in uninterruptible sleep)
 PROC = Path("/proc")
 
 
@@ -108,6 +118,59 @@ def end_marked(token: str, grace: float = GRACE_S) -> None:
             _send(pid, signal.SIGKILL)
         time.sleep(0.1)
         left = marked(token)
+
+
+def start_group(command: list[str], **popen: Any) -> subprocess.Popen:
+    """``subprocess.Popen(command, **popen)`` as the leader of a session and process group of its own,
+    for ``end_group`` to end with every process it starts."""
+    return subprocess.Popen(command, start_new_session=True, **popen)
+
+
+def end_group(process: subprocess.Popen, grace: float = GRACE_S) -> None:
+    """End the process group that ``process`` leads (``start_group``): SIGTERM to all of it, SIGKILL
+    to whatever still runs after ``grace`` seconds (a child that outlives its leader, such as a
+    server's worker, included), then reap the leader. Returns once nothing in the group runs, or
+    after ``KILLED_S`` more seconds with a warning naming what does."""
+    group = process.pid  # reaped only at the end: till then no other group can take this id
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, KILLED_S)):
+        if not _running_in_group(process):
+            break
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while _running_in_group(process) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    else:
+        if left := _running_in_group(process):
+            log.warning("processes %s of process group %d still run after SIGKILL", left, group)
+    process.wait()
+
+
+def _running_in_group(process: subprocess.Popen) -> list[int]:
+    """The processes of the group ``process`` leads that still run (not zombies), its leader included.
+    Where ``/proc`` is missing: ``[group]`` while the leader runs or the group has members left."""
+    group = process.pid
+    if not (PROC / "self" / "stat").is_file():
+        if process.poll() is None:
+            return [group]
+        try:
+            os.killpg(group, 0)  # the leader is reaped: the group's id stays taken only while it has members
+        except ProcessLookupError:
+            return []
+        return [group]
+    running = []
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:  # after the command name: state, ppid, pgrp, ...
+            state, _, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+        if int(pgrp) == group and state != "Z":
+            running.append(int(entry.name))
+    return running
 
 
 def _send(pid: int, sig: signal.Signals) -> None:

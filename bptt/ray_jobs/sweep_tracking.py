@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from ray.tune import Callback
 
+from bptt.ray_jobs.fate_sharing import end_group, start_group
 from bptt.tracking import EXPERIMENT_KIND, MlflowTracking, TrackingError, flatten, tracking_uri_env_kept
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class ServedStore:
     already a server is used as it is.
 
     The server runs in a process group of its own (``mlflow server`` and the uvicorn process it
-    starts), which leaving the block ends as a whole.
+    starts), which leaving the block ends as a whole (``fate_sharing.end_group``).
     """
 
     def __init__(self, tracking: MlflowTracking, *, log: Path) -> None:
@@ -82,11 +83,11 @@ class ServedStore:
         store = Path(self.store_uri.removeprefix("sqlite:///"))
         port = free_port()
         with open(self.log, "w") as out:
-            self._server = subprocess.Popen(
+            self._server = start_group(
                 [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                  "--backend-store-uri", self.store_uri, "--artifacts-destination", str(store.parent / "mlartifacts"),
                  "--workers", "1"],
-                stdout=out, stderr=subprocess.STDOUT, cwd=store.parent, start_new_session=True,
+                stdout=out, stderr=subprocess.STDOUT, cwd=store.parent,
                 # tracking only: MLflow 3's job runner (five more processes) would take CPU from the trials
                 env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             )
@@ -107,27 +108,15 @@ class ServedStore:
             except (OSError, http.client.HTTPException):  # not up yet, or another program answers on the port
                 if self._server.poll() is not None and restarts and "already in use" in self.log.read_text():
                     restarts -= 1
+                    end_group(self._server)  # whatever of it is left
                     self._start()
                 elif self._server.poll() is not None or time.time() > deadline:
                     raise TrackingError(f"mlflow server on {self.store_uri} did not start; its log: {self.log}") from None
                 time.sleep(0.25)
 
     def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        if self._server is None:
-            return
-        group = self._server.pid  # the leader of its own session and process group
-        for sig in (signal.SIGTERM, signal.SIGKILL):  # every request has been answered: sqlite has committed it
-            try:
-                os.killpg(group, sig)  # SIGKILL: whatever is left after 3 s, e.g. a uvicorn whose launcher died
-            except ProcessLookupError:
-                break
-            try:
-                self._server.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                pass
-        self._server.wait()
+        if self._server is not None:
+            end_group(self._server)  # every request has been answered: sqlite has committed it
 
 
 def trial_run_name(sampled: dict[str, Any]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 LINUX_PROC = Path("/proc/self/task").is_dir()
@@ -47,3 +49,17 @@ def alive(process: tuple[int, str]) -> bool:
     except OSError:
         return False
     return stat[0] != "Z" and stat[19] == start
+
+
+def group_gone_within(group: int, seconds: float) -> bool:
+    """Whether no process of the process group ``group`` is left within ``seconds``, not even a zombie
+    that its new parent has yet to reap."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)

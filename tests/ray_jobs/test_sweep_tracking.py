@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -11,7 +12,7 @@ import pytest
 
 from bptt.ray_jobs.sweep_tracking import ServedStore, free_port, trial_run_name
 from bptt.tracking import MlflowTracking
-from tests.ray_jobs.process_tree import LINUX_PROC, alive, descendants
+from tests.ray_jobs.process_tree import LINUX_PROC, alive, descendants, group_gone_within
 
 
 def test_trial_run_names_its_values_by_short_keys():
@@ -24,17 +25,20 @@ def test_trial_run_names_its_values_by_short_keys():
 @pytest.mark.skipif(not LINUX_PROC, reason="reads the process tree from Linux's /proc")
 def test_served_store_runs_only_the_tracking_server_and_stops_all_of_it(tmp_path):
     """A sweep's served store: MLflow 3's job runner (huey consumers) stays off, since its processes
-    would take CPU from the trials, and leaving the block ends every process the server started."""
+    would take CPU from the trials, and leaving the block ends every process the server started, within
+    the grace SIGTERM has (3 s) and a moment."""
     store = ServedStore(MlflowTracking(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"), log=tmp_path / "server.log")
     with store:
         store.wait(timeout=300)
-        processes = descendants(store._server.pid)
+        group = store._server.pid
+        assert os.getpgid(group) == group != os.getpgrp()  # the leader of a group of its own
+        processes = descendants(group)
         assert any("uvicorn" in cmd for cmd in processes.values()), processes  # the listing sees the server
         assert not [cmd for cmd in processes.values() if "huey" in cmd or "job_runner" in cmd], processes
-    deadline = time.time() + 60
-    while any(alive(p) for p in processes) and time.time() < deadline:
-        time.sleep(0.2)
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
     assert not [p for p in processes if alive(p)], processes
+    assert group_gone_within(group, 5)
 
 
 def test_served_store_moves_to_another_port_when_its_port_is_taken_before_it_binds(tmp_path, monkeypatch):
