@@ -17,7 +17,7 @@ the command line (``--model.hidden_size 512``) replace single values.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union, get_type_hints
+from typing import Any, Literal, Optional, Union, get_type_hints
 
 import pytorch_lightning as pl
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -30,6 +30,8 @@ from bptt.packaged_configs import resolve_config_args
 from bptt.tracking import MlflowTracking
 from bptt.trust import TRUST_FLAG, UntrustedConfigError, check_args, jsonargparse_policy
 
+# the Trainer's batch limits: an integer counts batches, a float is a fraction (Lightning's meaning)
+LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
 PRECISIONS = "32-true, bf16-mixed, 16-mixed (GPU), bf16-true, 16-true, 64-true (or 32, 16, bf16, 64)"
 
 
@@ -43,7 +45,10 @@ def build_parser(prog: str = "bptt fit") -> ArgumentParser:
     parser.add_argument("--config", action=ActionConfigFile,
                         help="a YAML config, e.g. conf/lm/quickstart.yaml (bptt configs lists those shipped by name)")
     parser.add_argument("--seed_everything", type=int, default=0, help="seed of torch, numpy and random")
-    parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, skip={"precision"})
+    parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, skip={"precision", *LIMITS})
+    for name in LIMITS:  # Lightning types them float | int, which reads --trainer.limit_val_batches 1 as 1.0 (100%)
+        parser.add_argument(f"--trainer.{name}", type=Optional[Union[int, float]], default=None,
+                            help=f"Lightning's {name}: an integer is a number of batches, a float a fraction of them")
     lightning_precision = get_type_hints(pl.Trainer.__init__)["precision"]
     parser.add_argument("--trainer.precision", type=Union[lightning_precision, Literal["auto"]],
                         default=None, help="Lightning's precision (default 32-true), or auto: the fastest on this "

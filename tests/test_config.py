@@ -57,3 +57,16 @@ def test_shipped_configs_are_conf_itself_and_listed_with_task_and_description():
     training = {p.relative_to(PROJECT / "conf").with_suffix("").as_posix() for p in (PROJECT / "conf").rglob("*.yaml")
                 if p.parent.name != "cluster"}
     assert training == set(listed)
+
+
+@pytest.mark.parametrize("name", ["limit_train_batches", "limit_val_batches", "limit_test_batches",
+                                  "limit_predict_batches"])
+def test_an_integer_batch_limit_is_a_count_and_a_float_a_fraction(name, tmp_path):
+    """As in Lightning's Trainer: ``--trainer.limit_val_batches 1`` is one batch, not 1.0 (all of them)."""
+    quick = ["--config", str(PROJECT / "conf/lm/quickstart.yaml")]
+    for given, expected in (("1", 1), ("3", 3), ("0.5", 0.5), ("1.0", 1.0)):
+        value = getattr(parse_config([*quick, f"--trainer.{name}", given]).trainer, name)
+        assert value == expected and type(value) is type(expected), (given, value)
+    (tmp_path / "one.yaml").write_text(f"trainer:\n  {name}: 1\n")
+    value = getattr(parse_config([*quick, "--config", str(tmp_path / "one.yaml")]).trainer, name)
+    assert value == 1 and type(value) is int
