@@ -51,6 +51,8 @@ FIT_CASES = [
     (["--data.batch_size", "3", "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp"],
      "cannot be split evenly over 2 processes"),
     (["--data.windows_per_batch", "0"], "data.windows_per_batch must be >= 1, got 0"),
+    (["--data.windows_per_batch", "1000000000", "--trainer.val_check_interval", "1000000000", "--trainer.max_steps",
+      "1000000000"], "make a training batch longer than each training stream"),
     (["--data.windows_per_batch", "2", "--data.random_bptt", "true"], "set data.windows_per_batch: 1 or data.random_bptt"),
     (["--data.windows_per_batch", "2", "--task.k1", "8"], "drop task.k1 or set it to 16"),
     (["--task.k1", "20"], "task.k1=20 is longer than a batch's window (data.bptt=16): every batch would take one "

@@ -141,6 +141,17 @@ class ResumableDataModule(pl.LightningDataModule):
                 raise ConfigError(f"data.{key} must be >= {minimum}, got {value}")
 
     @staticmethod
+    def check_batch_fits(steps: int, bptt: int, windows_per_batch: int) -> None:
+        """A training batch of ``data.windows_per_batch`` windows of ``data.bptt`` steps must fit in a
+        training stream of ``steps`` steps: a longer one would be the whole stream, cut into fewer
+        windows than the optimizer steps it is counted as."""
+        if windows_per_batch > 1 and bptt * windows_per_batch > steps:
+            raise ConfigError(
+                f"data.windows_per_batch={windows_per_batch} windows of data.bptt={bptt} steps make a training batch "
+                f"longer than each training stream ({steps} steps); set data.windows_per_batch <= {max(1, steps // bptt)}"
+            )
+
+    @staticmethod
     def check_divides(world_size: int, unit: str, **counts: int) -> None:
         """Each ``data.<key>=<count> <unit>`` must split evenly over ``world_size`` processes."""
         for key, count in counts.items():

@@ -210,6 +210,8 @@ class TextStreamDataModule(ResumableDataModule):
             streams = shard(stream_layout(self.ids[split], streams_global), rank, world_size)  # (B_local, L)
             train = split == "train"
             length = self.bptt * self.windows_per_batch if train else self.bptt  # evaluation: no optimizer steps
+            if train:
+                self.check_batch_fits(streams.shape[1] - 1, self.bptt, self.windows_per_batch)  # inputs: L - 1 steps
             readers[split] = SplitReader(StreamWindows(token_streams(streams), bptt=length,
                                                        random_bptt=self.random_bptt and train, seed=self.seed))
         return readers

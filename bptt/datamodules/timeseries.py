@@ -547,6 +547,7 @@ class TimeSeriesDataModule(ResumableDataModule):
             steps = train_end // per_series  # the last train_end mod k steps are only targets
             rows += [(s, j * steps, steps, 0, train_end) for j in range(per_series)]
         length = max(r[2] for r in rows)  # every rank windows the same length: the same number of batches
+        self.check_batch_fits(length, self.bptt, self.windows_per_batch)
         mine = shard(rows, rank, world)  # B_local of the B_global streams
         arrays = self._series_arrays([b[0] for b in self.bounds])
         return StreamWindows(self._streams(mine, length, arrays), rows={"series": torch.tensor([r[0] for r in mine])},
