@@ -4,6 +4,7 @@ another, are not comparable; only ratios measured in one run are)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from pathlib import Path
@@ -35,3 +36,18 @@ def hardware(**extra: Any) -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"machine": platform.machine(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "gpu": gpu, **extra}
+
+
+@functools.cache
+def cpu_autocast_runs_lstm() -> bool:
+    """Whether torch's LSTM runs under bf16 autocast on this CPU. Autocast hands it to oneDNN's bf16
+    LSTM, which a CPU without native bf16 refuses ("could not create a primitive descriptor for the
+    LSTM forward propagation primitive": an AVX2-only AMD EPYC, torch 2.13); ``TorchRNNCore`` then
+    runs its LSTM in fp32 there, as autocast already runs torch's GRU. Asked once per process by
+    running a 1-unit LSTM for one step."""
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.LSTM(1, 1, batch_first=True)(torch.zeros(1, 1, 1))
+    except RuntimeError:
+        return False
+    return True

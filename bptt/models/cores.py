@@ -29,9 +29,11 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from bptt.errors import ConfigError
+from bptt.hardware import cpu_autocast_runs_lstm
 from bptt.models.arguments import check_choice, check_dropout, check_sizes
 
 # The carried state of every core: batch-first tensors, each (B, L, H).
@@ -105,7 +107,13 @@ class TorchRNNCore(RecurrentCore):
         if state is not None:
             hx = tuple(s.transpose(0, 1).contiguous() for s in state)  # each (L, B, H)
             hx = hx if self.mode == "LSTM" else hx[0]
-        y, new = super().forward(x, hx)  # y (B, T, H); new (h, c) or h, each (L, B, H)
+        if self.mode == "LSTM" and x.device.type == "cpu" and torch.is_autocast_enabled("cpu") \
+                and not cpu_autocast_runs_lstm():
+            with torch.autocast("cpu", enabled=False):  # this CPU's oneDNN has no bf16 LSTM: fp32, as for a GRU
+                x, hx = x.float(), None if hx is None else tuple(h.float() for h in hx)
+                y, new = super().forward(x, hx)  # y (B, T, H); new (h, c), each (L, B, H)
+        else:
+            y, new = super().forward(x, hx)  # y (B, T, H); new (h, c) or h, each (L, B, H)
         new = new if isinstance(new, tuple) else (new,)
         return y, tuple(s.transpose(0, 1) for s in new)  # each (B, L, H)
 
