@@ -153,3 +153,21 @@ def test_a_core_config_instantiates_through_the_run_parser(tmp_path):
         instantiate(parse_config(["--config", str(path), "--data.vocab_file", str(vocab), "--model.hidden_size", "9"],
                                  parser), parser)
     assert "\n" not in str(err.value)
+
+
+def test_an_lstm_core_runs_under_cpu_bf16_autocast_on_any_cpu():
+    """Where this CPU's oneDNN has no bf16 LSTM (hardware.cpu_autocast_runs_lstm), the core runs it in
+    fp32 under bf16 autocast: exactly the fp32 result; elsewhere oneDNN's bf16 LSTM, within bf16 rounding."""
+    from bptt.hardware import cpu_autocast_runs_lstm
+
+    torch.manual_seed(0)
+    core = TorchRNNCore(input_size=E, rnn_type="LSTM", hidden_size=H, num_layers=L)
+    x, state = torch.randn(B, T, E), (torch.randn(B, L, H), torch.randn(B, L, H))
+    y32, new32 = core(x, state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, new = core(x, state)
+    for got, want in zip((y, *new), (y32, *new32)):
+        if cpu_autocast_runs_lstm():
+            assert torch.allclose(got.float(), want, atol=3e-2), (got - want).abs().max()
+        else:
+            assert got.dtype == torch.float32 and torch.equal(got, want)
