@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import yaml
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -373,6 +374,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     run = checkpoint.get("bptt") if isinstance(checkpoint, dict) else None
     if not isinstance(run, dict) or not isinstance(run.get("config"), str) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} was not written by `bptt fit` (no run config inside); pass a bptt checkpoint")
+    try:
+        config = yaml.safe_load(run["config"])
+    except yaml.YAMLError:
+        config = None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} carries a run config that is not a YAML mapping of settings; it was altered or "
+                              "not written by `bptt fit`: pass a bptt checkpoint")
     return checkpoint
 
 

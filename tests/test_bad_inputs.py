@@ -277,3 +277,29 @@ def test_resuming_a_sweep_whose_saved_state_names_code_starts_nothing(tmp_path, 
     assert main(["sweep", "--resume", str(experiment)]) == 2
     _one_line_error(capsys, "'os.system'")
     assert _tree(tmp_path) == before and not ray.is_initialized()
+
+
+@pytest.mark.parametrize("config", ["42", "[a, b]", "{unclosed"])
+def test_a_checkpoint_whose_config_is_no_mapping_is_refused_as_such(config, tmp_path, capsys, monkeypatch):
+    """Not "`--config 42` is neither a file nor a shipped config": the user gave no --config."""
+    from bptt.checkpointing import with_checksum
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint = torch.load(Path(__file__).parent / "fixtures/lm-step3.ckpt", weights_only=True)
+    checkpoint["bptt"]["config"] = config
+    torch.save(with_checksum(checkpoint), tmp_path / "odd.ckpt")
+    for command in ("validate", "resume", "generate"):
+        assert main([command, "odd.ckpt"]) == 2
+        line = _one_line_error(capsys, "carries a run config that is not a YAML mapping of settings")
+        assert "--config" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.ckpt"]
+
+
+def test_resuming_a_run_id_without_a_store_creates_none(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["resume", "0123456789abcdef"]) == 2
+    _one_line_error(capsys, "there is no MLflow store at sqlite:///")
+    assert main(["resume", "0123456789abcdef", "--tracking.tracking_uri", f"sqlite:///{tmp_path}/sub/x.db"]) == 2
+    _one_line_error(capsys, "there is no MLflow store")
+    assert list(tmp_path.iterdir()) == []
