@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 
 from bptt import __version__
 from bptt.errors import BpttError
@@ -248,8 +249,13 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bptt`` console script."""
+    from bptt.console import held_back
+
+    argv = sys.argv[1:] if argv is None else argv
+    quick = not argv or argv[0] in ("-h", "--help", "--version", "configs", "runs") or "--help" in argv or "-h" in argv
     try:
-        return run(sys.argv[1:] if argv is None else argv)
+        with nullcontext() if quick else held_back():  # libraries' banners wait for the checks (bptt.console)
+            return run(argv)
     except BpttError as err:
         print(f"bptt: error: {err}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ from bptt.checkpointing import (
     load_checkpoint,
     remove_stale_partials,
 )
+from bptt.console import release as release_held_output
 from bptt.config import build_parser, check_window_fits, instantiate, parse_config, parse_tracking
 from bptt.datamodules.text_corpus import Vocabulary
 from bptt.directories import check_writable_directory
@@ -255,6 +256,8 @@ def train(
     chosen = None
     if str(cfg.trainer.precision) == precision.AUTO:
         _check_optimizer(init)  # before the measurement trains with it
+        measured = Namespace(**{**vars(_windows_per_batch(init)), "precision": None})  # Lightning's 32-true
+        _trainer(measured, callbacks=[], placement=placement)  # devices, strategy: before the measurement
         cfg, chosen = _auto_precision(cfg, parser, checkpoint, placement, agree)
         rank_zero_info(chosen.summary())
         config_yaml = parser.dump(cfg)  # the run, its checkpoints and a resume: the precision chosen
@@ -268,6 +271,7 @@ def train(
     if prepare is not None:
         trainer = prepare(trainer)
     _preflight(trainer, init)
+    release_held_output()  # every check passed: Lightning's banners of the Trainer above may print
     data_input = DataInput.of(yaml.safe_load(config_yaml)["data"], init.data) if trainer.is_global_zero else None
     # MLflow's client creates a local store: only now
     logger = tracking.logger(run_id=run_id, global_zero=trainer.is_global_zero)
@@ -486,6 +490,7 @@ def restore(
         cfg = parse_config(args, parser, trusted=trusted, source=f"the config inside checkpoint {checkpoint_path}")
         init = instantiate(cfg, parser)
     _check_same_model(init.task, checkpoint, checkpoint_path)
+    release_held_output()  # the checkpoint and its config passed
     data_state = checkpoint.get(type(init.data).__qualname__)
     if data_state is not None and datamodule_state is None:  # e.g. the speech features' normalization
         init.data.load_state_dict(data_state)

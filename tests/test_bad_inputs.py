@@ -303,3 +303,25 @@ def test_resuming_a_run_id_without_a_store_creates_none(tmp_path, capsys, monkey
     assert main(["resume", "0123456789abcdef", "--tracking.tracking_uri", f"sqlite:///{tmp_path}/sub/x.db"]) == 2
     _one_line_error(capsys, "there is no MLflow store")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_precision_auto_checks_the_trainer_settings_before_it_measures(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BPTT_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["--trainer.precision", "auto", "--trainer.devices", str(CORES + 1), "--trainer.accelerator", "cpu",
+            "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(tmp_path / "run")]
+    assert main(["fit", *SMALL, *args]) == 2
+    _one_line_error(capsys, f"this machine has {CORES} cores")
+    assert not (tmp_path / "cache/precision.json").exists(), "measured before refusing"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refusal_after_the_trainer_is_built_prints_one_line_only(tmp_path, monkeypatch):
+    """Lightning's banners ("GPU available: ..."), MLflow's table creation and the tokenizing bars of
+    the checks are held back: a refusal is the only line."""
+    monkeypatch.setenv("BPTT_CACHE_DIR", str(tmp_path / "cache"))  # a fresh cache: tokenized in this run
+    result = bptt("fit", *SMALL, "--trainer.limit_train_batches", "3", "--trainer.val_check_interval", "4",
+                  "--trainer.default_root_dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "is more than the 3 optimizer steps" in result.stderr

@@ -22,8 +22,8 @@ import json
 import os
 import sysconfig
 from collections import Counter
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -250,6 +250,18 @@ class Vocabulary:
             raise CorpusError(f"cannot read vocabulary {path}: {err}; pass the vocab.json that a run saved") from None
 
 
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """``datasets`` draws no progress bar inside (it is switched process-wide: restored on leaving)."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
 def tokenize_split(records: datasets.Dataset, vocab: Vocabulary, cache_file: Path) -> np.ndarray:
     """Token ids of a split's records, concatenated in order, memory-mapped from disk.
 
@@ -271,8 +283,8 @@ def tokenize_split(records: datasets.Dataset, vocab: Vocabulary, cache_file: Pat
         def encode_batch(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
             return {"ids": [vocab.encode(text) for text in batch["text"]]}
 
-        with reading_cache(cache_file) if cache_file.exists() else nullcontext():  # else written here
-            tokenized = records.map(
+        with reading_cache(cache_file) if cache_file.exists() else nullcontext(), _no_progress_bars():  # a refusal
+            tokenized = records.map(  # that follows (the data's checks) is one line
                 encode_batch,
                 batched=True,
                 remove_columns=records.column_names,

@@ -76,6 +76,10 @@ def sweep(config: str | None = None, *, resume: str | None = None, address: str 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the served URL ends with the sweep
     import ray  # Ray starts below, after every check that needs no cluster
 
+    from bptt.console import release
+
+    release()  # what the checks' libraries printed
+
     # every process started below (served store, local Ray instance) ends with this one, even on kill -9
     with FateSharing(), ServedStore(tracking, log=directory / "mlflow-server.log") as store:
         if ray.is_initialized():
