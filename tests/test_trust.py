@@ -232,3 +232,22 @@ def test_no_command_runs_a_walking_path(command, slot, path, tmp_path, capsys, m
 def test_the_matrix_covers_every_path():
     assert len(CASES) >= len(PATHS) and {p for _, _, p in CASES} == set(PATHS)
     assert {c for c, _, _ in CASES} == set(COMMANDS) and {s for _, s, _ in CASES} == set(SLOTS)
+
+
+OVERRIDES = [
+    ["--trainer.callbacks+=bptt.checkpointing.os.system"],
+    ["--trainer.callbacks+", "bptt.tracking.subprocess.run"],
+    ["--task.optimizer", "bptt.training.os.system"],
+    ["--task.optimizer.class_path", "bptt.cli.sys.exit"],
+    ["--trainer.logger", json.dumps({"class_path": "bptt.datamodules.speech.shutil.rmtree", "init_args": {"path": "x"}})],
+    ["--model.init_args.core", json.dumps({"class_path": "bptt.ray_jobs.worker.shutil.rmtree"})],
+]
+
+
+@pytest.mark.parametrize("args", OVERRIDES, ids=[" ".join(a)[:50] for a in OVERRIDES])
+def test_command_line_overrides_are_resolved_too(args, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(PROJECT / "conf/lm/quickstart.yaml"), *args]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "names code outside the allow-list" in line and "--trust-config" in line, line
+    assert list(tmp_path.iterdir()) == []
