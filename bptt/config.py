@@ -24,6 +24,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from torch import nn
 
 from bptt.checkpointing import CheckpointPolicy
+from bptt.console import start_holding
 from bptt.errors import BpttError, ConfigError
 from bptt.lightning_modules.tbptt import TBPTTModule
 from bptt.packaged_configs import resolve_config_args
@@ -111,6 +112,7 @@ def parse_config(
     """
     args = resolve_config_args(args, "train")
     check_args(args, trusted=trusted, source=source)
+    start_holding()  # what Lightning and MLflow print waits until the command's checks pass (bptt.console)
     parser = parser or build_parser()
     try:
         with jsonargparse_policy(trusted):

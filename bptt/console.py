@@ -2,10 +2,12 @@
 
 A refusal is one line (``bptt: error: ...``). Lightning announces every Trainer it builds ("GPU
 available: ...", a tip), MLflow the tables of a new store, and both happen while a command is
-still checking what it was given (a Trainer is built to check its settings). ``held_back`` wraps
-a command: the records of those libraries' loggers wait; ``release`` lets them out, in order,
-once the checks have passed (a run starts, an evaluation begins), and so does leaving the block
-normally or with a bug's exception. Leaving it with a refusal (``BpttError``) drops them.
+still checking what it was given (a Trainer is built to check its settings). The ``bptt`` command
+runs inside ``held_back``; ``start_holding`` (called where a config is parsed: the libraries are
+loaded by then) makes the records of those libraries' loggers wait; ``release`` lets them out,
+in order, once the checks have passed (a run starts, an evaluation begins), and so does leaving
+the block normally or with a bug's exception. Leaving it with a refusal (``BpttError``) drops
+them. Outside ``held_back`` (the Python API, Ray's workers) nothing is held.
 """
 
 from __future__ import annotations
@@ -17,18 +19,22 @@ from contextlib import contextmanager
 
 from bptt.errors import BpttError
 
-LIBRARIES = ("pytorch_lightning", "lightning_fabric", "lightning", "mlflow")
+LIBRARIES = ("pytorch_lightning", "lightning_fabric", "mlflow")
 
 
 class _Holding(logging.Handler):
     """Stands in for the libraries' own handlers and keeps what they would have printed."""
 
-    def __init__(self, names: tuple[str, ...]) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.records: list[logging.LogRecord] = []
-        self.saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).propagate) for name in names}
-        for name in names:
+        self.saved: dict[str, tuple[list[logging.Handler], bool]] = {}
+
+    def start(self) -> None:
+        for name in LIBRARIES:  # each sets up its own handlers when imported: before they are stood in for
+            importlib.import_module(name)
             logger = logging.getLogger(name)
+            self.saved[name] = (logger.handlers[:], logger.propagate)
             logger.handlers, logger.propagate = [self], False
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -38,34 +44,37 @@ class _Holding(logging.Handler):
         for name, (handlers, propagate) in self.saved.items():
             logger = logging.getLogger(name)
             logger.handlers, logger.propagate = handlers, propagate
+        self.saved = {}
         return self.records
 
 
-_holding: _Holding | None = None
+_holding: _Holding | None = None  # inside held_back, until release
 
 
 @contextmanager
-def held_back(names: tuple[str, ...] = LIBRARIES) -> Iterator[None]:
-    """Hold the log records of ``names`` (and their children) until ``release`` or the end of the block.
-    Imports those libraries (seconds): for commands that use them anyway."""
+def held_back() -> Iterator[None]:
+    """A command whose libraries' log records ``start_holding`` may hold until ``release``."""
     global _holding
-    if _holding is not None:  # already held by an outer block
+    if _holding is not None:  # already inside
         yield
         return
-    for name in names:  # each sets up its own handlers when imported: before they are stood in for
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            continue
-    _holding = _Holding(names)
+    _holding = _Holding()
     try:
         yield
     except BpttError:
-        _holding.restore()  # a refusal: what the checks printed is not the user's business
-        _holding = None
+        if _holding is not None:  # None: released already, the checks before it passed
+            _holding.restore()  # a refusal: what the checks printed is not the user's business
+            _holding = None
         raise
     finally:
         release()
+
+
+def start_holding() -> None:
+    """From here on hold the libraries' records, if inside ``held_back`` and not yet released.
+    Imports those libraries (seconds): call it where the command needs them anyway."""
+    if _holding is not None and not _holding.saved:
+        _holding.start()
 
 
 def release() -> None:
