@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import nullcontext
 
 from bptt import __version__
 from bptt.errors import BpttError
@@ -112,7 +111,8 @@ def _forecast_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = _Parser(prog="bptt forecast", description="The next H values past the end of a series.")
     parser.add_argument("checkpoint", nargs="+", help="a forecaster's .ckpt; several: their ensemble (the mean)")
     parser.add_argument("--series", help="a .csv/.parquet file with the run's columns (default: the run's data.source)")
-    parser.add_argument("--horizon", type=int, default=None, help="steps ahead (default: the model's horizon)")
+    parser.add_argument("--horizon", type=int, default=None,
+                        help="steps ahead, at most 10000 (default: the model's horizon)")
     parser.add_argument("--quantiles", default=None, help="levels, e.g. 0.1,0.5,0.9 (probabilistic models)")
     parser.add_argument("--out", help="write the CSV there instead of printing it")
     parser.add_argument("--plot", help="draw history and forecast into this .png")
@@ -224,21 +224,21 @@ def run(argv: list[str]) -> int:
         return 0
     if command == "forecast":
         opts, overrides = _forecast_args(args)
-        from bptt.forecasting import forecast, parse_quantiles, plot
+        from pathlib import Path
 
-        for path, suffix in ((opts.out, ".csv"), (opts.plot, ".png")):
+        from bptt.directories import check_writable_file
+        from bptt.forecasting import forecast, parse_quantiles, save
+
+        for flag, path, suffix in (("--out", opts.out, ".csv"), ("--plot", opts.plot, ".png")):
             if path is not None and not path.endswith(suffix):
                 raise BpttError(f"{path} does not end in {suffix}; name a {suffix} file")
-        result = forecast(opts.checkpoint, series=opts.series, horizon=opts.horizon,
-                          quantiles=parse_quantiles(opts.quantiles) if opts.quantiles else (), overrides=overrides,
-                          trusted=trusted)
-        if opts.plot:
-            from pathlib import Path
-
-            plot(result, Path(opts.plot))
-        if opts.out:
-            result.table.to_csv(opts.out, index=False)
-        else:
+            if path is not None:  # both destinations, before any checkpoint is read
+                check_writable_file(Path(path), label=f"{flag} {path}", fix="name a file in a directory you can write")
+        levels = parse_quantiles(opts.quantiles) if opts.quantiles is not None else []  # "" is refused, not ignored
+        result = forecast(opts.checkpoint, series=opts.series, horizon=opts.horizon, quantiles=levels,
+                          overrides=overrides, trusted=trusted)
+        save(result, csv=Path(opts.out) if opts.out else None, png=Path(opts.plot) if opts.plot else None)
+        if not opts.out:
             print(result.table.to_csv(index=False), end="")
         return 0
     raise BpttError(
@@ -251,11 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bptt`` console script."""
     from bptt.console import held_back
 
-    argv = sys.argv[1:] if argv is None else argv
-    quick = not argv or argv[0] in ("-h", "--help", "--version", "configs", "runs") or "--help" in argv or "-h" in argv
     try:
-        with nullcontext() if quick else held_back():  # libraries' banners wait for the checks (bptt.console)
-            return run(argv)
+        with held_back():  # libraries' banners wait for the command's checks (bptt.console)
+            return run(sys.argv[1:] if argv is None else argv)
     except BpttError as err:
         print(f"bptt: error: {err}", file=sys.stderr)
         return 2

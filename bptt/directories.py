@@ -32,3 +32,23 @@ def check_writable_directory(directory: Path, *, label: str, fix: str) -> None:
             pass
     except OSError as err:
         raise ConfigError(f"{label} cannot be written ({err.strerror}: {existing}); {fix}") from None
+
+
+def check_writable_file(path: Path, *, label: str, fix: str) -> None:
+    """Fail unless ``path`` can be written as a new file or in place of an old one: its directory
+    exists and can be written, and ``path`` is not a directory; creates nothing.
+
+    Args:
+        path: the file to be written.
+        label: what the file is, for the message (``--out forecast.csv``).
+        fix: what the user can do, for the message.
+
+    Raises:
+        ConfigError: ``path`` is a directory, its directory is missing or a file, or cannot be written.
+    """
+    directory = path.absolute().parent
+    if path.is_dir():
+        raise ConfigError(f"{label}: {path} is a directory; {fix}")
+    if not directory.exists():
+        raise ConfigError(f"{label}: the directory {directory} does not exist; create it or {fix}")
+    check_writable_directory(directory, label=label, fix=fix)

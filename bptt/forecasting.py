@@ -8,6 +8,7 @@ the series' units, one row per future step and series, timestamps continuing its
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,11 @@ import numpy as np
 import pandas as pd
 
 from bptt.errors import CheckpointError, ConfigError
+
+# The most steps ``bptt forecast`` takes: past a model's own horizon each step is one more forecast fed
+# back in (10,000 steps: about 10 s of CPU for conf/forecast/sunspots.yaml), and what such a long
+# rollout says is the model's long-run behaviour rather than a forecast.
+MAX_HORIZON = 10_000
 
 
 @dataclass(frozen=True)
@@ -66,12 +72,17 @@ def forecast(
         trusted: the checkpoint's config may name code outside the allow-list.
 
     Raises:
-        ConfigError, CheckpointError, CorpusError: one line naming the problem and the fix.
+        ConfigError, CheckpointError, CorpusError: one line naming the problem and the fix: among them a
+            ``horizon`` beyond ``MAX_HORIZON`` (before any checkpoint is read) or one whose timestamps would
+            pass pandas' last date, 2262-04-11 (before any forecast).
     """
     from bptt.checkpointing import load_checkpoint
 
     if horizon is not None and horizon < 1:
         raise ConfigError(f"--horizon must be >= 1, got {horizon}")
+    if horizon is not None and horizon > MAX_HORIZON:
+        raise ConfigError(f"--horizon {horizon} is more than the {MAX_HORIZON} steps bptt forecast takes; ask for "
+                          f"--horizon {MAX_HORIZON} or less")
     paths = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     loaded = [load_checkpoint(path) for path in paths]  # read once each, all before any forecast
     members = [_forecast_one(path, checkpoint, series, horizon, list(quantiles), overrides, trusted)
@@ -181,3 +192,25 @@ def plot(result: Forecast, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save(result: Forecast, *, csv: Path | None = None, png: Path | None = None) -> None:
+    """Write the table to ``csv`` and the plot to ``png`` (either may be None): both or neither. Each
+    goes to a hidden file beside its destination first and is moved into place once both are written,
+    so a failure leaves no file behind and an older file of that name as it was.
+
+    Args:
+        csv: where the table goes (``series,timestamp,TARGET...``), checked writable already.
+        png: where ``plot`` draws, checked writable already.
+    """
+    writers = [(path, write) for path, write in ((csv, lambda to: result.table.to_csv(to, index=False)),
+                                                 (png, lambda to: plot(result, to))) if path is not None]
+    partial = [path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}") for path, _ in writers]
+    try:
+        for (_, write), to in zip(writers, partial):
+            write(to)
+        for (path, _), written in zip(writers, partial):
+            os.replace(written, path)
+    finally:
+        for written in partial:
+            written.unlink(missing_ok=True)

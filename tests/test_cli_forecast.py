@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -170,6 +171,112 @@ def test_forecast_bad_input_fails_in_one_line_and_writes_nothing(sunspots_run, a
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("bptt: error: ") and message in err[0], err
     assert not (tmp_path / "out.csv").exists()
+
+
+# checked before any checkpoint is read: the checkpoint named does not exist, and the line is not about it
+BEFORE_THE_CHECKPOINT = {
+    "out-unwritable": (["--out", "/proc/bptt-forecast.csv"],
+                       "--out /proc/bptt-forecast.csv cannot be written (No such file or directory: /proc); name a "
+                       "file in a directory you can write"),
+    "plot-unwritable": (["--plot", "/proc/bptt-forecast.png"], "--plot /proc/bptt-forecast.png cannot be written"),
+    "out-missing-directory": (["--out", "{tmp}/absent/f.csv"],
+                              "--out {tmp}/absent/f.csv: the directory {tmp}/absent does not exist; create it or name "
+                              "a file in a directory you can write"),
+    "plot-missing-directory": (["--plot", "{tmp}/absent/f.png"], "the directory {tmp}/absent does not exist"),
+    "out-a-directory": (["--out", "{tmp}/dir.csv"],
+                        "--out {tmp}/dir.csv: {tmp}/dir.csv is a directory; name a file in a directory you can write"),
+    "plot-a-directory": (["--plot", "{tmp}/dir.png"], "--plot {tmp}/dir.png: {tmp}/dir.png is a directory"),
+    "out-under-a-file": (["--out", "{tmp}/file/f.csv"],
+                         "--out {tmp}/file/f.csv: {tmp}/file is a file, not a directory"),
+    "horizon-1e9": (["--horizon", "1000000000"],
+                    "--horizon 1000000000 is more than the 10000 steps bptt forecast takes; ask for --horizon 10000 "
+                    "or less"),
+    "horizon-10001": (["--horizon", "10001"], "ask for --horizon 10000 or less"),
+    "quantiles-empty": (["--quantiles", ""], "--quantiles takes levels like 0.1,0.5,0.9, got ''"),
+    "quantiles-blank": (["--quantiles", " "], "--quantiles takes levels like 0.1,0.5,0.9, got ' '"),
+}
+
+
+@pytest.mark.parametrize(("args", "message"), list(BEFORE_THE_CHECKPOINT.values()), ids=list(BEFORE_THE_CHECKPOINT))
+def test_forecast_destinations_horizon_and_quantiles_fail_in_one_line_before_the_checkpoint_is_read(
+        args, message, tmp_path, capsys):
+    """Each case with a good --out and --plot beside it (or a good --plot beside a bad --out): neither is written."""
+    (tmp_path / "dir.csv").mkdir()
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "file").write_text("")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    good = [option for flag, name in (("--out", "ok.csv"), ("--plot", "ok.png")) if flag not in args
+            for option in (flag, str(tmp_path / name))]
+    code = main(["forecast", str(tmp_path / "absent.ckpt"), *args, *good])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("bptt: error: "), err
+    assert message.format(tmp=tmp_path) in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.csv", "dir.png", "file"]
+
+
+def test_forecast_at_the_largest_horizon_goes_on_to_read_the_checkpoint(tmp_path, capsys):
+    assert main(["forecast", str(tmp_path / "absent.ckpt"), "--horizon", "10000", "--quantiles", "0.1,0.9"]) == 2
+    assert capsys.readouterr().err == (f"bptt: error: checkpoint {tmp_path / 'absent.ckpt'} does not exist; pass a "
+                                       ".ckpt from a run's checkpoints/ directory\n")
+
+
+@pytest.fixture(scope="module")
+def monthly_run(tmp_path_factory) -> Path:
+    """A forecaster of a monthly series (2000-01 .. 2009-12), one step of training: its last checkpoint."""
+    tmp_path = tmp_path_factory.mktemp("monthly")
+    stamps = pd.date_range("2000-01-01", periods=120, freq="MS")
+    pd.DataFrame({"timestamp": stamps, "value": np.sin(np.arange(120) / 5)}).to_csv(tmp_path / "monthly.csv",
+                                                                                     index=False)
+    assert main(["fit", "--config", SUNSPOTS, "--data.source", str(tmp_path / "monthly.csv"), "--data.batch_size", "1",
+                 "--data.bptt", "4", "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false",
+                 "--trainer.default_root_dir", str(tmp_path / "run"), "--tracking.tracking_uri",
+                 f"sqlite:///{tmp_path}/mlflow.db"]) == 0
+    return tmp_path / "run/checkpoints/last.ckpt"
+
+
+@pytest.mark.slow
+def test_forecast_past_pandas_last_date_fails_in_one_line_before_forecasting(monthly_run, tmp_path, capsys,
+                                                                              monkeypatch):
+    """Months from 2010-01 on: 3,028 of them end on 2262-04-01; 3,029 pass pandas' last date."""
+    from bptt.lightning_modules import ForecastTask
+
+    def never(*args, **kwargs):
+        raise AssertionError("forecast_ahead ran")
+
+    monkeypatch.setattr(ForecastTask, "forecast_ahead", never)
+    capsys.readouterr()
+    code = main(["forecast", str(monthly_run), "--horizon", "3029", "--out", str(tmp_path / "f.csv"), "--plot",
+                 str(tmp_path / "f.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["bptt: error: 3029 steps of MS after the series' end (2009-12-01) pass 2262-04-11, "
+                                 "the last date pandas' timestamps hold; ask for --horizon 3028 or less"], err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_forecast_writes_both_files_or_neither(monthly_run, tmp_path, capsys, monkeypatch):
+    """A plot that fails after the CSV is written (a full disk, say) leaves no CSV, the older files as they were,
+    and no partial file."""
+    out, png = tmp_path / "f.csv", tmp_path / "f.png"
+    capsys.readouterr()
+    assert main(["forecast", str(monthly_run), "--horizon", "2", "--out", str(out), "--plot", str(png)]) == 0
+    assert pd.read_csv(out)["timestamp"].tolist() == ["2010-01-01", "2010-02-01"]
+    assert png.stat().st_size > 10_000
+    before = {path.name: path.read_bytes() for path in (out, png)}
+
+    def full_disk(result, path):
+        path.write_bytes(b"half a png")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("bptt.forecasting.plot", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        main(["forecast", str(monthly_run), "--horizon", "3", "--out", str(out), "--plot", str(png)])
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    out.unlink()
+    png.unlink()
+    with pytest.raises(OSError, match="No space left on device"):
+        main(["forecast", str(monthly_run), "--horizon", "3", "--out", str(out), "--plot", str(png)])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_forecast_of_a_language_model_checkpoint_fails_in_one_line(capsys, tmp_path):

@@ -10,14 +10,16 @@ with T = 1 + N // hop (frames centred on samples 0, hop, 2 hop, ...; zero paddin
 
 Usable audio: a file must decode to finite samples at a rate in [``MIN_SAMPLE_RATE``,
 ``MAX_SAMPLE_RATE``] (1 kHz .. 384 kHz, the range of real recorders and sound cards) that last at
-least one feature window (25 ms). Anything else (a file cut short after its header, one sample,
-NaN or Inf in a float file, a header claiming 1 Hz) is a ``CorpusError`` naming the file: training
-counts such utterances as skipped, ``bptt transcribe`` stops with that one line.
+least one feature window (25 ms), and a WAV file must hold all the samples its header declares.
+Anything else (a file cut short after its header or anywhere in its samples, one sample, NaN or Inf
+in a float file, a header claiming 1 Hz) is a ``CorpusError`` naming the file: training counts such
+utterances as skipped, ``bptt transcribe`` stops with that one line.
 """
 
 from __future__ import annotations
 
 import io
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,8 @@ def read_audio(source: str | Path | bytes, *, name: str | None = None) -> tuple[
 
     Raises:
         CorpusError: the file is missing, unreadable or corrupt, or not usable audio (see the
-            module docstring): a rate outside [1 kHz, 384 kHz], under 25 ms, NaN or Inf samples.
+            module docstring): a rate outside [1 kHz, 384 kHz], under 25 ms, a WAV file cut short,
+            NaN or Inf samples.
     """
     name = name or str(source)
     try:
@@ -65,12 +68,28 @@ def read_audio(source: str | Path | bytes, *, name: str | None = None) -> tuple[
         raise CorpusError(f"audio {name} has {count} sample(s) at {rate} Hz ({1000 * count / rate:.1f} ms), fewer than "
                           f"one {1000 * WINDOW_SECONDS:.0f} ms feature window ({window}); it is cut short or empty: "
                           "replace or remove the file")
+    declared = _declared_frames(source)
+    if declared is not None and declared > count:  # libsndfile reads what is there without a word
+        raise CorpusError(f"audio {name} is cut short: its header declares {declared} sample(s) "
+                          f"({declared / rate:.3f} s) and it holds {count}; replace or remove the file")
     finite = np.isfinite(data).all(axis=1)  # (N,)
     if not finite.all():
         i = int(np.argmin(finite))
         raise CorpusError(f"audio {name} has a non-finite sample ({data[i][~np.isfinite(data[i])][0]}) at sample {i} "
                           f"({i / rate:.3f} s); replace or remove the file")
     return data.mean(axis=1), int(rate)  # (N,)
+
+
+def _declared_frames(source: str | Path | bytes) -> int | None:
+    """The sample frames a PCM WAV file's header declares (the standard library's ``wave`` reads the
+    header only); None for another format or a size left unknown (0 or 0xFFFFFFFF, as streaming
+    writers leave it)."""
+    try:
+        with wave.open(io.BytesIO(source) if isinstance(source, bytes) else str(source), "rb") as header:
+            frames, frame_bytes = header.getnframes(), header.getsampwidth() * header.getnchannels()
+    except (wave.Error, EOFError, OSError):
+        return None
+    return None if frames == 0 or frames >= 0xFFFFFFFF // max(frame_bytes, 1) else frames
 
 
 def resample(waveform: np.ndarray, rate: int, target_rate: int) -> np.ndarray:

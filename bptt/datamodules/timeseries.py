@@ -101,21 +101,56 @@ class SeriesHistory:
     future: np.ndarray
 
 
+_OUT_OF_RANGE = (OverflowError, pd.errors.OutOfBoundsDatetime, pd.errors.OutOfBoundsTimedelta)  # pandas, past 2262
+
+
 def continue_timestamps(stamps: np.ndarray, frequency: str | None, steps: int) -> np.ndarray:
     """The ``steps`` timestamps after ``stamps[-1]``: ``frequency`` (a pandas offset alias) when the run
     has one, else the one pandas infers from the last timestamps, else their median step.
 
     Args:
         stamps: (N,) strictly increasing datetime64 or numeric timestamps.
+
+    Raises:
+        ConfigError: dates past pandas' last timestamp (2262-04-11), naming the most steps that fit.
     """
     if np.issubdtype(stamps.dtype, np.datetime64):
         offset = frequency
         if offset is None and len(stamps) >= 3:
             offset = pd.infer_freq(pd.DatetimeIndex(stamps[-min(len(stamps), 60):]))
         if offset is not None:
-            return pd.date_range(stamps[-1], periods=steps + 1, freq=offset)[1:].to_numpy()
+            last = stamps[-1].astype("datetime64[ns]")  # the resolution the series are read in, whatever came in
+            try:
+                return pd.date_range(last, periods=steps + 1, freq=offset)[1:].to_numpy()
+            except _OUT_OF_RANGE:
+                raise _past_last_timestamp(last, steps, offset, _dates_that_fit(last, offset, steps)) from None
     step = np.median(np.diff(stamps[-min(len(stamps), 60):])) if len(stamps) > 1 else 1
+    if np.issubdtype(stamps.dtype, np.datetime64):  # numpy wraps around silently past the last int64 nanosecond
+        last = int(stamps[-1].astype("datetime64[ns]").astype(np.int64))
+        size = int(step.astype("timedelta64[ns]").astype(np.int64))
+        fits = (pd.Timestamp.max.value - last) // size
+        if fits < steps:
+            raise _past_last_timestamp(stamps[-1], steps, f"{pd.Timedelta(size)}", fits)
     return stamps[-1] + step * np.arange(1, steps + 1)
+
+
+def _dates_that_fit(last: np.datetime64, offset: str, steps: int) -> int:
+    """The most steps of ``offset`` after ``last`` (fewer than ``steps``) that pandas' timestamps hold."""
+    fits, beyond = 0, steps
+    while beyond - fits > 1:  # bisection: ``fits`` steps fit, ``beyond`` do not
+        middle = (fits + beyond) // 2
+        try:
+            pd.date_range(last, periods=middle + 1, freq=offset)
+            fits = middle
+        except _OUT_OF_RANGE:
+            beyond = middle
+    return fits
+
+
+def _past_last_timestamp(last: np.datetime64, steps: int, every: str, fits: int) -> ConfigError:
+    return ConfigError(f"{steps} steps of {every} after the series' end ({np.datetime_as_string(last, unit='D')}) "
+                       f"pass {pd.Timestamp.max:%Y-%m-%d}, the last date pandas' timestamps hold; ask for --horizon "
+                       f"{fits} or less")
 
 
 def fill_gaps(values: np.ndarray, times: np.ndarray, gaps: Literal["interpolate", "mask"],

@@ -437,6 +437,8 @@ BAD_AUDIO = {  # how to write the file, what the one line says after "audio PATH
     "header-only": (_cut(44), "has no samples; replace or remove the file"),
     "truncated": (_cut(100), r"has 28 sample\(s\) at 8000 Hz \(3.5 ms\), fewer than one 25 ms feature window \(200\); "
                              "it is cut short or empty: replace or remove the file"),
+    "cut-short": (_cut(2000), r"is cut short: its header declares 4000 sample\(s\) \(0.500 s\) and it holds 978; "
+                              "replace or remove the file"),
     "one-sample": (lambda path: soundfile.write(path, _wave()[:1], 8000, format="WAV"),
                    r"has 1 sample\(s\) at 8000 Hz \(0.1 ms\), fewer than one 25 ms feature window"),
     "24-ms": (lambda path: soundfile.write(path, _wave(0.024), 8000, format="WAV"), r"has 192 sample\(s\) at 8000 Hz"),
@@ -479,7 +481,7 @@ def test_unusable_training_audio_is_a_counted_skip(tmp_path):
     texts = ["a cab", "bad ace", "dead bee", "faded", "cafe", "dab", "bead", "deaf cab", "ace"]
     make_librispeech(tmp_path / "ls", transcripts={"train": texts, "validation": ["a dab"], "test": ["cab"]})
     train = tmp_path / "ls" / "train-clean-100"
-    bad = ["truncated", "one-sample", "nan", "inf", "huge", "1-hz"]
+    bad = ["truncated", "cut-short", "one-sample", "nan", "inf", "huge", "1-hz"]
     for i, name in enumerate(bad):  # soundfile reads what the bytes are, whatever the .flac name says
         BAD_AUDIO[name][0](next(train.rglob(f"*-{i:04d}.flac")))
     dm = SpeechDataModule(corpus="ls", tokens="chars", sample_rate=16000, data_dir=str(tmp_path),
@@ -495,7 +497,7 @@ def checkpoint(tmp_path_factory):
     return write_speech_checkpoint(tmp_path_factory.mktemp("speech-checkpoint") / "untrained.ckpt")
 
 
-@pytest.mark.parametrize("name", ["truncated", "one-sample", "nan", "-inf", "huge", "1-hz", "768-khz"])
+@pytest.mark.parametrize("name", ["truncated", "cut-short", "one-sample", "nan", "-inf", "huge", "1-hz", "768-khz"])
 def test_bptt_transcribe_stops_with_one_line_naming_the_file_and_exit_2(name, checkpoint, tmp_path, capsys):
     good, bad = tmp_path / "good.wav", tmp_path / f"{name}.wav"
     soundfile.write(good, _wave(), 8000)

@@ -439,6 +439,25 @@ def test_future_timestamps_continue_the_series_frequency():
     assert list(continue_timestamps(years, None, 3)) == [2009.0, 2010.0, 2011.0]
 
 
+def test_future_timestamps_past_pandas_last_date_fail_in_one_line_naming_the_most_steps():
+    """pandas' timestamps end on 2262-04-11: 13,512 weeks after 2003-04-19 fit (the last on 2262-04-05),
+    13,513 do not; a step pandas cannot name (7.5 days, the median of uneven steps) stops there too."""
+    from bptt.datamodules.timeseries import continue_timestamps
+
+    weekly = pd.date_range("2001-01-06", periods=120, freq="W-SAT").to_numpy()  # ends 2003-04-19
+    assert continue_timestamps(weekly, None, 13_512)[-1] == np.datetime64("2262-04-05")
+    for steps in (13_513, 20_000, 1_000_000_000):
+        with pytest.raises(ConfigError) as err:
+            continue_timestamps(weekly, None, steps)
+        assert str(err.value) == (f"{steps} steps of W-SAT after the series' end (2003-04-19) pass 2262-04-11, the "
+                                  "last date pandas' timestamps hold; ask for --horizon 13512 or less")
+    uneven = np.array(["2003-04-04", "2003-04-12", "2003-04-19"], dtype="datetime64[ns]")  # 8 and 7 days
+    assert continue_timestamps(uneven, None, 2)[-1] == np.datetime64("2003-05-04")
+    with pytest.raises(ConfigError, match=r"^20000 steps of 7 days 12:00:00 after the series' end \(2003-04-19\) pass "
+                                          r"2262-04-11, .* ask for --horizon 12612 or less$"):
+        continue_timestamps(uneven, None, 20_000)
+
+
 def test_differences_are_added_as_inputs_normalized_by_their_train_pairs(tmp_path, co2):
     """data.differences [1, 52] on co2: inputs (levels, 1-week change, 52-week change), each change
     normalized by the mean and std of its observed train pairs, 0 before its lag; targets stay levels."""
