@@ -133,13 +133,13 @@ def test_classes_of_the_allowed_packages_and_kinds_pass(path, key):
 def test_checking_imports_nothing_outside_the_allowed_packages():
     """Resolution goes module by module from an allowed package and stops at the first step out."""
     before = set(sys.modules)
-    for path in ["bptt.checkpointing.os.system", "torch.nn.modules.module.torch.load", "this.Zen",
-                 "antigravity.fly", "bptt.checkpointing.json.tool.main", "torch.optim.adam.torch.hub.load"]:
+    for path in ["bptt.checkpointing.os.system", "torch.nn.modules.module.torch.load", "tabnanny.check",
+                 "mailbox.Maildir", "bptt.checkpointing.json.tool.main", "torch.optim.adam.torch.hub.load"]:
         with pytest.raises(UntrustedConfigError):
             check_config({"model": {"class_path": path}}, source="evil.yaml")
     new = set(sys.modules) - before
     assert all(name.startswith(tuple(p + "." for p in ALLOWED_PACKAGES)) for name in new), sorted(new)
-    assert "this" not in sys.modules and "antigravity" not in sys.modules
+    assert not {"tabnanny", "mailbox", "json.tool"} & new
 
 
 def test_jsonargparse_refuses_the_same_paths_behind_the_check(tmp_path):

@@ -142,13 +142,15 @@ class ResumableDataModule(pl.LightningDataModule):
 
     @staticmethod
     def check_batch_fits(steps: int, bptt: int, windows_per_batch: int) -> None:
-        """A training batch of ``data.windows_per_batch`` windows of ``data.bptt`` steps must fit in a
-        training stream of ``steps`` steps: a longer one would be the whole stream, cut into fewer
-        windows than the optimizer steps it is counted as."""
-        if windows_per_batch > 1 and bptt * windows_per_batch > steps:
+        """Every window of a training batch of ``data.windows_per_batch`` windows of ``data.bptt`` steps
+        must hold steps of a training stream of ``steps`` steps (the last may be shorter): a batch
+        past that would count empty windows as optimizer steps."""
+        most = -(-steps // bptt)  # ceil: the windows a stream fills
+        if windows_per_batch > most:
             raise ConfigError(
                 f"data.windows_per_batch={windows_per_batch} windows of data.bptt={bptt} steps make a training batch "
-                f"longer than each training stream ({steps} steps); set data.windows_per_batch <= {max(1, steps // bptt)}"
+                f"longer than each training stream ({steps} steps, {most} window(s)); set data.windows_per_batch "
+                f"<= {most}"
             )
 
     @staticmethod
