@@ -173,3 +173,34 @@ def test_on_a_gpu_the_host_waits_only_on_logging_steps(precision):
         callbacks=[callback])
     assert task._device_counts is not None  # auto: decided on the device
     assert [n > 0 for n in callback.waits] == [i % 3 == 2 for i in range(9)], callback.waits
+
+
+class GradientRecorder(pl.Callback):
+    """Copies every gradient a callback sees in ``on_before_optimizer_step``."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.steps.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+
+@pytest.mark.parametrize("mode", ["every_step", "logging_steps"])
+@pytest.mark.parametrize("clip", [{"grad_clip": 1e-3}, {"grad_clip": 1e-4, "grad_clip_algorithm": "value"}])
+def test_a_callback_sees_the_gradients_before_clipping(mode, clip):
+    """Lightning's contract: ``on_before_optimizer_step`` of a callback sees the gradients the backward pass
+    left. The first step's are those of an unclipped run, bit for bit, on both host_reads paths, and the
+    clipped run still clips (its parameters differ from the unclipped run's after the first step)."""
+    seen = {}
+    for name, settings in (("clipped", clip), ("unclipped", {})):
+        recorder = GradientRecorder()
+        task = LanguageModelTask(model=tiny_model(), optimizer=FUSED["sgd"], host_reads=mode, **settings)
+        run(task, stream_batches(_tokens(length=13), 4), max_steps=1, callbacks=[recorder])
+        seen[name] = (recorder.steps[0], [p.detach().clone() for p in task.parameters()])
+    (clipped_grads, clipped_params), (unclipped_grads, unclipped_params) = seen["clipped"], seen["unclipped"]
+    assert clipped_grads.keys() == unclipped_grads.keys()
+    for key in clipped_grads:
+        assert torch.equal(clipped_grads[key], unclipped_grads[key]), key
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in clipped_grads.values()]))
+    assert norm > 1e-3 and max(g.abs().max() for g in clipped_grads.values()) > 1e-4  # clipping has work to do
+    assert any(not torch.equal(p, q) for p, q in zip(clipped_params, unclipped_params))

@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -234,6 +235,7 @@ class TBPTTModule(pl.LightningModule):
         # counters behind the logged fractions
         self.steps_taken = 0
         self.steps_clipped = 0
+        self._pending_clip: Callable[[], None] | None = None  # the clip of the step being taken (on_before_optimizer_step)
         self.steps_skipped = 0
         self.consecutive_skipped = 0
         self.last_grad_norm: float | Tensor = 0.0  # of the latest step taken (unscaled); a device scalar
@@ -338,9 +340,10 @@ class TBPTTModule(pl.LightningModule):
             return True
         self.consecutive_skipped = 0
         self.last_grad_norm = size.norm
-        self.steps_clipped += int(self._clip(size))
+        self._pending_clip = partial(self._clip, size, unscaled=self._scaler() is not None and not
+                                     private_api.supports_device_skip(opt))
         self.last_lr = opt.param_groups[0]["lr"]  # what this step used: logged as lr-<optimizer>
-        opt.step()
+        opt.step()  # callbacks' on_before_optimizer_step, then this module's: the clip
         opt.zero_grad(set_to_none=True)
         self.steps_taken += 1
         self._step_scheduler()
@@ -364,14 +367,10 @@ class TBPTTModule(pl.LightningModule):
         clipped = torch.zeros((), dtype=torch.bool, device=device)
         params = [p for p in self.parameters() if p.grad is not None]
         if params and self.grad_clip is not None:
-            if self.grad_clip_algorithm == "value":
-                clipped = largest > self.grad_clip
-                torch.nn.utils.clip_grad_value_(params, self.grad_clip)  # the identity below the limit
-            else:
-                clipped = norm > self.grad_clip
-                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)  # times min(1, clip / norm)
+            clipped = (largest if self.grad_clip_algorithm == "value" else norm) > self.grad_clip
+            self._pending_clip = partial(self._clip_on_device, params, norm)
         self.last_lr = opt.param_groups[0]["lr"]
-        private_api.step_unless(opt, bad)
+        private_api.step_unless(opt, bad)  # callbacks' on_before_optimizer_step, then this module's: the clip
         opt.zero_grad(set_to_none=True)
         counts = self._device_counts
         consecutive = (counts[3] + 1) * bad
@@ -437,26 +436,44 @@ class TBPTTModule(pl.LightningModule):
         norm_, largest_, nonfinite_, scale = values.tolist()
         return GradientSize(norm_ / scale, largest_ / scale, nonfinite_ > 0, scale, norm_on_device)
 
-    def _clip(self, size: GradientSize) -> bool:
-        """Clip the gradients if they exceed ``grad_clip``, before the optimizer step; returns whether it did.
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Clip the gradients of the step being taken. Lightning calls this hook inside
+        ``opt.step()``, after every callback's ``on_before_optimizer_step``: a callback sees the
+        gradients as the backward pass left them (unclipped), as Lightning's contract says."""
+        clip, self._pending_clip = self._pending_clip, None
+        if clip is not None:
+            clip()
 
-        The gradients may still carry the fp16 loss scale (Lightning unscales them inside the
-        optimizer step): clipping scaled gradients to ``grad_clip`` times the scale, a power of
-        two, is clipping the unscaled ones to ``grad_clip``.
+    def _clip(self, size: GradientSize, *, unscaled: bool) -> None:
+        """Clip the gradients if they exceed ``grad_clip`` (counted in ``steps_clipped``).
+
+        Under an fp16 loss scale Lightning unscales the gradients before this hook, unless the
+        optimizer unscales inside its own step (fused): there they still carry the scale, and
+        clipping them to ``grad_clip`` times the scale, a power of two, is clipping the unscaled
+        ones to ``grad_clip``. By norm, the factor is the same either way.
         """
         if self.grad_clip is None:
-            return False
+            return
         params = [p for p in self.parameters() if p.grad is not None]
         if self.grad_clip_algorithm == "value":
             if size.largest <= self.grad_clip:
-                return False
-            torch.nn.utils.clip_grad_value_(params, self.grad_clip * size.scale)
-            return True
+                return
+            torch.nn.utils.clip_grad_value_(params, self.grad_clip * (1.0 if unscaled else size.scale))
+            self.steps_clipped += 1
+            return
         if size.norm <= self.grad_clip:  # only steps over the limit: clipping the others would multiply by 1
-            return False
+            return
         # multiplies by grad_clip / (unscaled norm): the norm is not computed a second time (2% of a word-LM step)
         torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, size.norm_on_device)
-        return True
+        self.steps_clipped += 1
+
+    def _clip_on_device(self, params: list[Tensor], norm: Tensor) -> None:
+        """``_clip`` without a host read: by value always (the identity below the limit), by norm
+        times min(1, grad_clip / norm)."""
+        if self.grad_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, self.grad_clip)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
 
     def _skip_step(self, opt: Any, reason: str) -> None:
         opt.zero_grad(set_to_none=True)
