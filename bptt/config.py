@@ -120,8 +120,9 @@ def parse_config(
     except Exception as err:  # jsonargparse raises ArgumentError, ValueError or TypeError
         if "import path denylist" in str(err):  # jsonargparse's own policy (bptt.trust.jsonargparse_policy)
             denied = str(err).split("Importing ", 1)[-1].split(" is not allowed", 1)[0]
-            raise UntrustedConfigError(f"{source or 'the config'} names code outside the allow-list: {denied} "
-                                       f"(jsonargparse's import-path policy); if you wrote it yourself, pass {TRUST_FLAG}") from None
+            raise UntrustedConfigError(
+                f"{source or 'the config'} names code outside the allow-list: {denied} (jsonargparse's import-path "
+                f"policy); if you wrote it yourself, pass {TRUST_FLAG}") from None
         if 'key "trainer.precision"' in str(err):  # its union of Literals would name only the first branch
             raise ConfigError(f"trainer.precision must be auto, or one of Lightning's: {PRECISIONS}") from None
         raise ConfigError(one_line(err)) from None

@@ -1,4 +1,4 @@
-"""Every use of a private attribute of Lightning, Ray, torch, datasets or jsonargparse that bptt cannot avoid, in one place.
+"""Every use of a private attribute of Lightning, Ray, torch, datasets or jsonargparse that bptt cannot avoid.
 
 Each function says what it reads and what breaks without it; tests/test_private_api.py fails
 loudly (not silently) when an upgrade removes one.

@@ -256,8 +256,8 @@ def train(
     chosen = None
     if str(cfg.trainer.precision) == precision.AUTO:
         _check_optimizer(init)  # before the measurement trains with it
-        measured = Namespace(**{**vars(_windows_per_batch(init)), "precision": None})  # Lightning's 32-true
-        _trainer(measured, callbacks=[], placement=placement)  # devices, strategy: before the measurement
+        if placement is None:  # the config's devices and strategy, before the measurement (Ray Train places its own)
+            _trainer(Namespace(**{**vars(_windows_per_batch(init)), "precision": None}), callbacks=[])  # 32-true
         cfg, chosen = _auto_precision(cfg, parser, checkpoint, placement, agree)
         rank_zero_info(chosen.summary())
         config_yaml = parser.dump(cfg)  # the run, its checkpoints and a resume: the precision chosen

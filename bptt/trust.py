@@ -11,7 +11,7 @@ themselves), every import path in a config must name a class that
   that very submodule (``bptt.checkpointing.os`` is the module ``os`` reached through
   ``bptt.checkpointing``: refused);
 - is defined in one of those packages (its ``__module__``): ``bptt.training.Path`` is pathlib's;
-- is of a kind its key takes (``SLOT_KINDS``: an optimizer is an ``Optimizer``, a callback a
+- is of a kind its key takes (``_slot_kinds``: an optimizer is an ``Optimizer``, a callback a
   ``Callback``, ...; under any other key one of those kinds). No config needs a function, so none
   is allowed.
 
@@ -132,7 +132,7 @@ def resolve(path: str) -> Any:
     return node
 
 
-def check_import_path(path: str, key: str = "") -> None:
+def _check_import_path(path: str, key: str = "") -> None:
     """Refuse ``path`` unless it names a class of ``ALLOWED_PACKAGES`` of the kind ``key`` takes.
 
     Raises:
@@ -230,7 +230,7 @@ def check_config(config: Any, *, source: str, trusted: bool = False, base: Path 
         return
     for key, path in import_paths(config, base=base):
         try:
-            check_import_path(path, key)
+            _check_import_path(path, key)
         except _Refused as why:
             raise UntrustedConfigError(
                 f"{source} names code outside the allow-list at {key}: {path!r} {why} (allowed: classes defined in "

@@ -235,7 +235,7 @@ class TBPTTModule(pl.LightningModule):
         # counters behind the logged fractions
         self.steps_taken = 0
         self.steps_clipped = 0
-        self._pending_clip: Callable[[], None] | None = None  # the clip of the step being taken (on_before_optimizer_step)
+        self._pending_clip: Callable[[], None] | None = None  # the step's clip, for on_before_optimizer_step
         self.steps_skipped = 0
         self.consecutive_skipped = 0
         self.last_grad_norm: float | Tensor = 0.0  # of the latest step taken (unscaled); a device scalar
