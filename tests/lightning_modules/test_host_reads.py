@@ -197,6 +197,9 @@ def test_a_callback_sees_the_gradients_before_clipping(mode, clip):
         task = LanguageModelTask(model=tiny_model(), optimizer=FUSED["sgd"], host_reads=mode, **settings)
         run(task, stream_batches(_tokens(length=13), 4), max_steps=1, callbacks=[recorder])
         seen[name] = (recorder.steps[0], [p.detach().clone() for p in task.parameters()])
+        recorded = torch.linalg.vector_norm(torch.stack([g.norm() for g in recorder.steps[0].values()]))
+        logged = torch.as_tensor(task.last_grad_norm, dtype=recorded.dtype)  # train/grad_norm: the pre-clip norm
+        assert torch.allclose(logged, recorded, rtol=1e-12), (logged, recorded)
     (clipped_grads, clipped_params), (unclipped_grads, unclipped_params) = seen["clipped"], seen["unclipped"]
     assert clipped_grads.keys() == unclipped_grads.keys()
     for key in clipped_grads:
