@@ -92,6 +92,14 @@ class MlflowTracking:
         """The tracking URI in force."""
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
+    def local_store(self) -> Path | None:
+        """Where a local store lives (the sqlite file, or a file store's directory); None for a server or
+        another database."""
+        uri = self.uri()
+        if "://" in uri and not uri.startswith(("sqlite:///", "file://")):
+            return None
+        return Path(uri.removeprefix("sqlite:///").removeprefix("file://").removeprefix("file:"))
+
     def check(self) -> None:
         """Fail fast, before any training, on a store that cannot be written.
 
@@ -114,7 +122,8 @@ class MlflowTracking:
         if "://" in uri and not uri.startswith(("sqlite:///", "file://")):
             self._check_scheme(uri)
             return  # a database or remote store: its client reports its own errors
-        path = Path(uri.removeprefix("sqlite:///").removeprefix("file://").removeprefix("file:"))
+        path = self.local_store()
+        assert path is not None
         directory = path.parent if uri.startswith("sqlite:") else path
         try:  # a real write: permission bits do not stop root, a read-only mount does
             directory.mkdir(parents=True, exist_ok=True)

@@ -195,10 +195,8 @@ def _checkpoint_dir_of_run(run_id: str, overrides: list[str]) -> Path:
     from mlflow.tracking import MlflowClient
 
     tracking = MlflowTracking(**vars(parse_tracking(overrides).tracking))
-    uri = tracking.uri()
-    local = uri.removeprefix("sqlite:///").removeprefix("file://").removeprefix("file:") if (
-        uri.startswith(("sqlite:///", "file:"))) else None
-    if local is not None and not Path(local).exists():  # MLflow's client would create an empty store there
+    uri, local = tracking.uri(), tracking.local_store()
+    if local is not None and not local.exists():  # MLflow's client would create an empty store there
         raise CheckpointError(f"{run_id!r} is neither a checkpoint file nor a run id: there is no MLflow store at "
                               f"{uri}; pass a checkpoint path, or --tracking.tracking_uri naming the run's store")
     tracking.check()
