@@ -18,9 +18,11 @@ setup: $(BIN)/bptt
 demo: $(BIN)/bptt
 	$(BIN)/bptt sweep --config conf/sweep/quickstart.yaml
 
+# ruff first (its rules: [tool.ruff] in pyproject.toml), then pytest:
 # two processes, a test module each at a time, the longest modules first (tests/conftest.py)
 TEST_WORKERS ?= 2
 test: $(BIN)/bptt
+	$(BIN)/ruff check bptt tests benchmarks
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # throughput (bare kernel vs plain loop vs bptt fit) of four models and stream-mode memory: 12 minutes for the

@@ -4,7 +4,7 @@ A checkpoint of a forecasting config (default conf/forecast/co2.yaml: the one-we
 --horizon 104 feeds its forecasts back 103 times) is trained for a few steps (the forecast's cost does
 not depend on how well it was trained), then `bptt forecast CHECKPOINT --horizon H --out F.csv` runs
 --repeats times as a fresh process each. Beside it, the time of a process that only imports what the
-command imports (`bptt.forecasting` and `bptt.training`, which bring torch and Lightning): the share of
+command imports (`bptt.inference.forecasting` and `bptt.training.run`, which bring torch and Lightning): the share of
 the wall time that is start-up. Median and every run recorded.
 
     python benchmarks/forecast_latency.py [--config conf/forecast/co2.yaml] [--horizon 104] [--repeats 5]
@@ -51,7 +51,7 @@ def main() -> None:
                "--tracking.tracking_uri", f"sqlite:///{work}/mlflow.db"], work)
         checkpoint = str(work / "run/checkpoints/last.ckpt")
         forecast = [BPTT, "forecast", checkpoint, "--horizon", str(args.horizon), "--out", str(work / "f.csv")]
-        imports = [sys.executable, "-c", "import bptt.forecasting, bptt.training"]
+        imports = [sys.executable, "-c", "import bptt.inference.forecasting, bptt.training.run"]
         walls, starts = [], []
         for _ in range(args.repeats):  # interleaved: both see the same moments of a shared machine
             walls.append(timed(forecast, work))
@@ -64,7 +64,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"bptt forecast --horizon {args.horizon}: {out['forecast_seconds']['median']} s (median of {args.repeats}), "
-          f"of which importing bptt.forecasting + bptt.training {out['import_seconds']['median']} s")
+          f"of which importing bptt.inference.forecasting + bptt.training.run {out['import_seconds']['median']} s")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def probe(mode: str, seconds: int, accelerator: str) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from bptt.config import build_parser, instantiate, parse_config
+    from bptt.config.parser import build_parser, instantiate, parse_config
 
     overrides = ["--task.backprop", "exact" if mode == "exact" else "truncated"]
     if mode == "full":
@@ -99,8 +99,8 @@ def main() -> None:
                                     capture_output=True, text=True, env=env)
             cases.append(json.loads(result.stdout.strip().splitlines()[-1]))
             c = cases[-1]
-            print(f"{mode:9s} {seconds:4d} s: peak {c['peak_mb']:7.1f} MB, above baseline {c['above_baseline_mb']:7.1f} MB, "
-                  f"{c['seconds_per_step']:.2f} s/step", flush=True)
+            print(f"{mode:9s} {seconds:4d} s: peak {c['peak_mb']:7.1f} MB, "
+                  f"above baseline {c['above_baseline_mb']:7.1f} MB, {c['seconds_per_step']:.2f} s/step", flush=True)
     peak = {(c["mode"], c["seconds"]): c for c in cases}
     ratios = {mode: {
         "peak": peak[(mode, SECONDS[1])]["peak_mb"] / peak[(mode, SECONDS[0])]["peak_mb"],

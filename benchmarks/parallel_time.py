@@ -33,6 +33,7 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -91,6 +92,27 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
+def time_steps(runs: dict[str, Callable[[], None]], names: list[str], rounds: int, steps: int,
+               sync: Callable[[], None]) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Each variant's step times (seconds) and minor page faults per step: a warm-up step each, then ``rounds``
+    rounds of ``steps`` timed steps per variant, every other round in reverse order."""
+    times: dict[str, list[float]] = {n: [] for n in names}
+    faults: dict[str, list[int]] = {n: [] for n in names}
+    for name in names:  # warm-up: one step each
+        runs[name]()
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            for _ in range(steps):
+                sync()
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                start = time.perf_counter()
+                runs[name]()
+                sync()
+                times[name].append(time.perf_counter() - start)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return times, faults
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -137,7 +159,7 @@ def main() -> None:
         for name in names:
             core = variants[name]
             base = name.replace("/step", "/sequential")
-            forward = partial(stepwise, core, x) if name.endswith("/step") else (lambda core=core: core(x)[0])
+            forward = partial(stepwise, core, x) if name.endswith("/step") else (lambda core=core, x=x: core(x)[0])
 
             def step(forward=forward, optimizer=optimizers[base]) -> None:
                 forward().float().pow(2).mean().backward()
@@ -145,23 +167,10 @@ def main() -> None:
                 optimizer.zero_grad(set_to_none=True)
 
             runs[name] = step
-        times: dict[str, list[float]] = {n: [] for n in names}
-        faults: dict[str, list[int]] = {n: [] for n in names}
-        for name in names:  # warm-up: one step each
-            runs[name]()
-        for r in range(args.rounds):
-            for name in names if r % 2 == 0 else names[::-1]:
-                for _ in range(args.steps):
-                    sync()
-                    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                    start = time.perf_counter()
-                    runs[name]()
-                    sync()
-                    times[name].append(time.perf_counter() - start)
-                    faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        times, faults = time_steps(runs, names, args.rounds, args.steps, sync)
         for name in names:
             core = variants[name]
-            forward = partial(stepwise, core, x) if name.endswith("/step") else (lambda core=core: core(x)[0])
+            forward = partial(stepwise, core, x) if name.endswith("/step") else (lambda core=core, x=x: core(x)[0])
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             saved = saved_bytes(forward)

@@ -51,7 +51,7 @@ def test_targets(config: str, overrides: list[str]) -> dict:
     """The series as the run sees it, from the run's own DataModule: values y (N,) in the series' units
     (gaps filled), which forecasts count ``counted`` (N, H): origin t, h + 1 steps ahead, the training
     range's end, the season and the MASE scale."""
-    from bptt.config import build_parser, instantiate, parse_config
+    from bptt.config.parser import build_parser, instantiate, parse_config
 
     parser = build_parser()
     data = instantiate(parse_config(["--config", config, *overrides], parser), parser).data
@@ -115,7 +115,9 @@ def sarima_forecasts(y: np.ndarray, train_end: int, ts: np.ndarray, horizon: int
     return out, seconds, order
 
 
-def theta_forecasts(y: np.ndarray, train_end: int, ts: np.ndarray, horizon: int, season: int) -> tuple[np.ndarray, float]:
+def theta_forecasts(
+    y: np.ndarray, train_end: int, ts: np.ndarray, horizon: int, season: int
+) -> tuple[np.ndarray, float]:
     """statsmodels' ThetaModel (theta 2) fitted on the training range; its forecast from origin t,
     b0 / 2 (h - 1 + 1/alpha - (1 - alpha)^n / alpha) + the SES level at t (n: the observations read),
     on the series deseasonalized by the training range's seasonal indices, then reseasonalized."""
@@ -159,8 +161,8 @@ def rnn_forecasts(checkpoint: Path) -> np.ndarray:
     stream does: its first windows warm up)."""
     import torch
 
-    from bptt.checkpointing import load_checkpoint
-    from bptt.training import restore
+    from bptt.training.checkpointing import load_checkpoint
+    from bptt.training.restore import restore
 
     _, init, loaded = restore(checkpoint, [], False, checkpoint=load_checkpoint(checkpoint))
     task, data = init.task, init.data

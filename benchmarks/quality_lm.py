@@ -51,7 +51,8 @@ def main() -> None:
                    check=True, env=env)
     wall = time.time() - start
     result = subprocess.run([BPTT, "validate", f"{args.run_dir}/checkpoints/best.ckpt",
-                             "--trainer.enable_progress_bar", "false"], check=True, env=env, capture_output=True, text=True)
+                             "--trainer.enable_progress_bar", "false"],
+                            check=True, env=env, capture_output=True, text=True)
     val = json.loads(result.stdout.strip().splitlines()[-1])
     rows = list(csv.DictReader(open(next(Path(args.run_dir).glob("logs/version_*/metrics.csv")))))
     speeds = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")]
@@ -72,7 +73,7 @@ def main() -> None:
 
 def budget_steps(tokens: int, config_args: list[str]) -> int:
     """Optimizer steps that train on ``tokens`` characters: one step reads data.batch_size x data.bptt."""
-    from bptt.config import parse_config
+    from bptt.config.parser import parse_config
 
     cfg = parse_config(["--config", *config_args])
     data = cfg.data.init_args

@@ -8,7 +8,7 @@ carries whatever else this shared machine ran meanwhile.
   (a) bare kernel: the model's forward + loss + backward + SGD step on one preloaded window;
   (b) plain loop: pytorch/examples word_language_model's TBPTT loop (streams, carried and
       detached state, clip_grad_norm_, SGD, loss.item() per step);
-  (c) `bptt fit`: bptt.training.fit on the same model, data, optimizer and clipping; also with
+  (c) `bptt fit`: bptt.training.run.fit on the same model, data, optimizer and clipping; also with
       ``data.windows_per_batch: 4`` (c_m4: four optimizer steps per Lightning batch), deciding skip
       and clip on the device (c_device: ``task.host_reads: logging_steps`` with fused SGD), and with
       ``trainer.precision: auto`` (measured afresh each round) beside fp32 and bf16-mixed.
@@ -44,13 +44,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from bptt.config import parse_config
+from bptt.config.parser import parse_config
 from bptt.datamodules import TextStreamDataModule
 from bptt.datamodules.streams import stream_layout
 from bptt.hardware import hardware
 from bptt.models import RNNLanguageModel
-from bptt.precision import StepTimer
-from bptt.training import fit
+from bptt.training.precision import StepTimer
+from bptt.training.run import fit
 
 SETUPS = {
     "word_2x650": dict(level="word", min_count=3, embedding=650, hidden=650, layers=2, dropout=0.5, tie=True, batch=20,
@@ -382,6 +382,11 @@ def main() -> None:
         result["memory"] = memory((1, 10, 100), base_chars=200_000, steps=30)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
+    summary(result)
+
+
+def summary(result: dict) -> None:
+    """The ratios of ``result`` in a few lines."""
     for name, r in result.get("throughput", {}).items():
         print(f"{name}: c/a {r['c_over_a']:.3f}  c/b {r['c_over_b']:.3f}  c_m4/b {r['c_m4_over_b']:.3f}  "
               f"c_device/b {r['c_device_over_b']:.3f}  auto/best {r['auto_over_best']:.3f} ({r['auto_chose']})  "

@@ -13,8 +13,9 @@ Runs the real command once per (K, seed), the same settings and training sequenc
         --trainer.max_steps N*ceil(T/K)
 
 Every run reads the same N batches (the config's max_steps, N = 4000); the engine takes one
-optimizer step per window, so shorter windows get more optimizer steps, not fewer. It records the final ``val/loss`` against the baseline (target: below it by a clear margin
-for every K >= T, within 0.02 nats of it for every K <= L).
+optimizer step per window, so shorter windows get more optimizer steps, not fewer. It records the final
+``val/loss`` against the baseline (target: below it by a clear margin for every K >= T, within 0.02 nats
+of it for every K <= L).
 
     python benchmarks/truncation.py [--windows 10 20 40] [--seeds 0 1] [--out benchmarks/results/truncation.json]
 """
@@ -81,11 +82,13 @@ def main() -> None:
                              "beats_baseline_by": baseline - result["val_loss"]})
                 print(f"k1={window:4d} seed={seed}  val/loss {result['val_loss']:.4f}  ({result['wall_seconds']} s)",
                       flush=True)
-    print(f"\ncopy memory, lag L={lag}, length {length} (T={lag + length}); baseline ln {data['symbols']} = {baseline:.4f}")
+    print(f"\ncopy memory, lag L={lag}, length {length} (T={lag + length}); "
+          f"baseline ln {data['symbols']} = {baseline:.4f}")
     print(f"{'K (task.k1)':>12} {'K vs L':>8} " + " ".join(f"{'seed ' + str(s):>10}" for s in args.seeds))
     for window in args.windows:
         losses = [r["val_loss"] for r in runs if r["k1"] == window]
-        relation = "K < L" if window < lag else "K = L" if window == lag else "K >= T" if window >= lag + length else "K > L"
+        relation = ("K < L" if window < lag else "K = L" if window == lag
+                    else "K >= T" if window >= lag + length else "K > L")
         print(f"{window:>12} {relation:>8} " + " ".join(f"{v:>10.4f}" for v in losses))
     short = [r for r in runs if r["k1"] <= lag]
     whole = [r for r in runs if r["k1"] >= lag + length]
@@ -95,7 +98,8 @@ def main() -> None:
         "command": f"bptt fit --config {CONFIG} --task.k1 K --seed_everything S --data.seed S "
                    f"--trainer.max_steps {batches}*ceil({lag + length}/K) {' '.join(args.extra)}".strip(),
         "runs": runs,
-        "claim": "val/loss within 0.02 nats of the baseline for every K <= L, and at least 0.5 nats below it for every K >= T",
+        "claim": "val/loss within 0.02 nats of the baseline for every K <= L, "
+                 "and at least 0.5 nats below it for every K >= T",
         "claim_holds": bool(short and whole) and all(abs(r["beats_baseline_by"]) < 0.02 for r in short)
         and all(r["beats_baseline_by"] > 0.5 for r in whole),
         "hardware": hardware(torch_threads="default (each bptt fit process)"),

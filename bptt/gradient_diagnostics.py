@@ -74,7 +74,8 @@ def gradient_through_time(task: TBPTTModule, window: dict[str, Tensor], probe_st
             grads = torch.autograd.grad(loss, read, allow_unused=True)
     finally:
         task.train(was_training)
-    norms = torch.stack([torch.zeros(read[0].shape[1]) if g is None else g.detach().float().norm(dim=2).mean(dim=0).cpu()
+    norms = torch.stack([torch.zeros(read[0].shape[1]) if g is None
+                         else g.detach().float().norm(dim=2).mean(dim=0).cpu()
                          for g in grads])  # (K + 1, L), oldest first
     return norms.flip(0)  # tau = 0 (newest) first
 
@@ -131,8 +132,8 @@ class GradientThroughTime(pl.Callback):
     """Measures g(tau) every ``every_n_steps`` optimizer steps on the current training data and
     logs it to MLflow (``trainer.callbacks`` in the config: ``bptt.gradient_diagnostics.GradientThroughTime``).
 
-    Logged at the measurement's optimizer step: metrics ``gradient_through_time/layer{l}/tau{tau}`` for tau = 0, 1, 2, 4, ... and K,
-    the ratio ``.../tau{K}_over_tau0`` and ``gradient_through_time/suggested_k``; artifacts
+    Logged at the measurement's optimizer step: metrics ``gradient_through_time/layer{l}/tau{tau}`` for
+    tau = 0, 1, 2, 4, ... and K, the ratio ``.../tau{K}_over_tau0`` and ``gradient_through_time/suggested_k``; artifacts
     ``gradient_through_time/step-N.png`` (g(tau) per layer on a log scale, and the gradient-norm
     history per window, ``train/grad_norm``) and ``step-N.json`` (the whole curve).
 
@@ -148,7 +149,8 @@ class GradientThroughTime(pl.Callback):
         if every_n_steps < 1 or probe_steps < 1 or warmup_steps < 0 or not 0 < eps < 1:
             raise ConfigError("GradientThroughTime needs every_n_steps >= 1, probe_steps >= 1, warmup_steps >= 0 "
                               f"and 0 < eps < 1; got {every_n_steps}, {probe_steps}, {warmup_steps}, {eps}")
-        self.every_n_steps, self.probe_steps, self.warmup_steps, self.eps = every_n_steps, probe_steps, warmup_steps, eps
+        self.every_n_steps, self.probe_steps = every_n_steps, probe_steps
+        self.warmup_steps, self.eps = warmup_steps, eps
         self.windows: ProbeWindows | None = None
         self.grad_norms: list[tuple[int, float]] = []
         self.last: dict[str, float] = {}  # the latest measurement's metrics
@@ -248,7 +250,8 @@ def curve_report(curve: Tensor, eps: float) -> str:
     taus = sorted({0, *(2**i for i in range(int(math.log2(max(len(curve) - 1, 1))) + 1)), len(curve) - 1,
                    *([suggested] if suggested is not None else [])})
     for tau in taus:
-        lines.append(f"{tau:<5d}" + "  ".join(f"{float(curve[tau, l] / curve[0, l]):>16.3e}" for l in range(layers)))
+        lines.append(f"{tau:<5d}" + "  ".join(f"{float(curve[tau, layer] / curve[0, layer]):>16.3e}"
+                                              for layer in range(layers)))
     if suggested is None:
         lines.append(f"the gradient stays above {eps:g} of its tau = 0 value for all {len(curve) - 1} steps probed: "
                      "the dependency reaches further; raise --probe-steps, or keep the truncation at least that long")
@@ -265,3 +268,52 @@ def save_curve(curve: Tensor, eps: float, path: Path) -> Path:
     figure = curve_figure(curve, eps, suggested)
     figure.savefig(path.with_suffix(".png"), dpi=100)
     return path
+
+
+def diagnose_run(target: str, overrides: list[str], *, probe_steps: int, warmup_steps: int, probes: int, eps: float,
+                 out: Path | None = None, trusted: bool = False) -> str:
+    """``bptt diagnose``: the gradient-through-time curve of a run's network on its training data, and the
+    truncation it suggests.
+
+    Args:
+        target: a run config (YAML: a freshly initialized network) or a checkpoint (its trained network).
+        overrides: dotted config overrides.
+        probe_steps: K, how many steps back to measure.
+        warmup_steps: steps before each probe that warm the state up.
+        probes: probe windows averaged, from consecutive training batches.
+        eps: the fraction of the tau = 0 gradient that defines the suggestion.
+        out: also write the curve there (.json, and a .png beside it).
+        trusted: the config may name code outside the allow-list (``--trust-config``).
+
+    Returns:
+        the report: a table of g(tau) / g(0) per layer and the suggested truncation.
+    """
+    from bptt.config.parser import instantiate, parse_config
+    from bptt.directories import check_writable_directory
+    from bptt.training.restore import restore
+    from bptt.training.trainer import quiet_known_warnings
+
+    if probe_steps < 1 or warmup_steps < 0 or probes < 1 or not 0 < eps < 1:
+        raise ConfigError(f"need --probe-steps >= 1, --warmup-steps >= 0, --probes >= 1 and 0 < --eps < 1; got "
+                          f"{probe_steps}, {warmup_steps}, {probes}, {eps}")
+    if out is not None:
+        check_writable_directory(out.parent, label=f"--out={out.parent}", fix="choose a writable directory")
+    if target.endswith((".yaml", ".yml")):
+        quiet_known_warnings()
+        cfg = parse_config(["--config", target, *overrides], trusted=trusted)
+        pl.seed_everything(cfg.seed_everything, workers=True, verbose=False)
+        init = instantiate(cfg)
+    else:
+        _, init, checkpoint = restore(target, overrides, trusted)
+        init.task.load_state_dict(checkpoint["state_dict"])
+    if not isinstance(init.task, StepLossModule):
+        raise ConfigError(f"{type(init.task).__name__} has a loss over whole sequences; bptt diagnose needs a per-step "
+                          "loss (language models, forecasters, the synthetic tasks)")
+    init.data.prepare_data()
+    init.data.setup("fit")
+    init.task.use_datamodule(init.data)
+    curve = diagnose(init.task, iter(init.data.train_dataloader()), probe_steps=probe_steps,
+                     warmup_steps=warmup_steps, probes=probes)
+    if out is not None:
+        save_curve(curve, eps, out)
+    return curve_report(curve, eps)

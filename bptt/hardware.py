@@ -24,6 +24,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity), else the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def device_model(accelerator: str) -> str:
     """The GPU's name, or the CPU's model name and core count."""
     if accelerator == "gpu":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bptt.tracking import MlflowTracking, TrackingError
+from bptt.tracking.mlflow_tracking import MlflowTracking, TrackingError
 
 # Every Ray instance the tests start (local or a simulated multi-node cluster) binds and talks on the
 # loopback address only, never on this machine's network interface. Read when ray is imported, so set

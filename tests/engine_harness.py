@@ -36,9 +36,12 @@ class ListDataModule(pl.LightningDataModule):
         return DataLoader(self.val_batches, batch_size=None)
 
 
-def tiny_model(seed: int = 0, rnn_type: str = "LSTM", vocab: int = 7, hidden: int = 5, layers: int = 2) -> RNNLanguageModel:
+def tiny_model(
+    seed: int = 0, rnn_type: str = "LSTM", vocab: int = 7, hidden: int = 5, layers: int = 2
+) -> RNNLanguageModel:
     torch.manual_seed(seed)
-    return RNNLanguageModel(vocab_size=vocab, rnn_type=rnn_type, embedding_size=4, hidden_size=hidden, num_layers=layers)
+    return RNNLanguageModel(vocab_size=vocab, rnn_type=rnn_type, embedding_size=4, hidden_size=hidden,
+                            num_layers=layers)
 
 
 def sgd(lr: float = 0.5) -> partial[torch.optim.SGD]:

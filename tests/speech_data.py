@@ -105,7 +105,7 @@ def write_speech_checkpoint(path: Path, *, n_mels: int = 40) -> Path:
     """
     import torch
 
-    from bptt.config import build_parser, instantiate, parse_config
+    from bptt.config.parser import build_parser, instantiate, parse_config
     from tests.conftest import PROJECT
 
     parser = build_parser()

@@ -53,7 +53,8 @@ FIT_CASES = [
     (["--data.windows_per_batch", "0"], "data.windows_per_batch must be >= 1, got 0"),
     (["--data.windows_per_batch", "1000000000", "--trainer.val_check_interval", "1000000000", "--trainer.max_steps",
       "1000000000"], "make a training batch longer than each training stream"),
-    (["--data.windows_per_batch", "2", "--data.random_bptt", "true"], "set data.windows_per_batch: 1 or data.random_bptt"),
+    (["--data.windows_per_batch", "2", "--data.random_bptt", "true"],
+     "set data.windows_per_batch: 1 or data.random_bptt"),
     (["--data.windows_per_batch", "2", "--task.k1", "8"], "drop task.k1 or set it to 16"),
     (["--task.k1", "20"], "task.k1=20 is longer than a batch's window (data.bptt=16): every batch would take one "
      "optimizer step of 16 steps; set task.k1 <= 16, or raise data.bptt"),
@@ -138,12 +139,14 @@ def finished(tmp_path_factory) -> Path:
 def _run_state(root: Path) -> tuple[str, dict[str, list], dict[str, str]]:
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("bptt").experiment_id])
-    history = {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics}
+    history = {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+               for k in run.data.metrics}
     return run.info.status, history, _tree(root / "run")
 
 
 RESUME_CASES = [
-    (["--data.eval_batch_size", "3", "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp"],
+    (["--data.eval_batch_size", "3", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+      "--trainer.strategy", "ddp"],
      "cannot be split evenly over 2 processes"),
     (["--task.optimizer.init_args.lr", "-1"], "task.optimizer"),
     (["--trainer.devices", str(CORES + 1), "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp"], "cores"),
@@ -170,7 +173,7 @@ def test_refused_resume_leaves_a_finished_run_as_it_was(finished, args, message,
 def _doctored(finished: Path, tmp_path: Path, change) -> Path:
     """A copy of the finished run's last checkpoint with ``change`` applied to it, resealed the way
     bptt seals checkpoints (an attacker can recompute any checksum)."""
-    from bptt.checkpointing import AtomicCheckpointIO
+    from bptt.training.checkpointing import AtomicCheckpointIO
 
     checkpoint = torch.load(finished / "run/checkpoints/last.ckpt", weights_only=True)
     change(checkpoint)
@@ -230,7 +233,7 @@ def test_runs_on_a_damaged_or_missing_store(tmp_path, capsys, monkeypatch):
 
 
 def test_a_run_that_fails_after_it_started_is_marked_failed(tmp_path):
-    from bptt.tracking import MlflowTracking
+    from bptt.tracking.mlflow_tracking import MlflowTracking
 
     logger = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").logger()
     with pytest.raises(RuntimeError), logger.failed_on_error():
@@ -250,7 +253,8 @@ def test_a_sweep_naming_code_outside_the_allow_list_starts_nothing(where, tmp_pa
     monkeypatch.chdir(tmp_path)
     spec = dict(SWEEP)
     if where == "overrides":
-        spec["overrides"] = {"trainer.callbacks": [{"class_path": "os.system", "init_args": {"command": "touch PWNED"}}]}
+        spec["overrides"] = {"trainer.callbacks": [{"class_path": "os.system",
+                                                    "init_args": {"command": "touch PWNED"}}]}
     elif where == "space":
         spec["space"] = {"task.optimizer.class_path": {"choice": ["torch.optim.Adam", "os.system"]}}
     else:
@@ -282,7 +286,7 @@ def test_resuming_a_sweep_whose_saved_state_names_code_starts_nothing(tmp_path, 
 @pytest.mark.parametrize("config", ["42", "[a, b]", "{unclosed"])
 def test_a_checkpoint_whose_config_is_no_mapping_is_refused_as_such(config, tmp_path, capsys, monkeypatch):
     """Not "`--config 42` is neither a file nor a shipped config": the user gave no --config."""
-    from bptt.checkpointing import with_checksum
+    from bptt.training.checkpointing import with_checksum
 
     monkeypatch.chdir(tmp_path)
     checkpoint = torch.load(Path(__file__).parent / "fixtures/lm-step3.ckpt", weights_only=True)

@@ -18,18 +18,18 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-import bptt.checkpointing as checkpointing
-from bptt.checkpointing import (
+import bptt.training.checkpointing as checkpointing
+from bptt.cli import main
+from bptt.config.parser import parse_config
+from bptt.errors import CheckpointError
+from bptt.training.checkpointing import (
     CHECKSUM_KEY,
     AtomicCheckpointIO,
     latest_checkpoint,
     load_checkpoint,
     remove_stale_partials,
 )
-from bptt.cli import main
-from bptt.config import parse_config
-from bptt.errors import CheckpointError
-from bptt.training import fit, resume
+from bptt.training.run import fit, resume
 from tests.bptt_command import SMALL
 
 # validation at step 6 only, step checkpoints at 4 and 8: training ends at 10, between validations and long
@@ -146,7 +146,7 @@ def test_latest_checkpoint_falls_back_to_the_newest_intact_one(finished, tmp_pat
     _flip_64_bytes(directory / "last.ckpt", _weight(torch.load(directory / "last.ckpt", weights_only=True)))
     (directory / "step-0000008.ckpt").write_bytes((directory / "step-0000008.ckpt").read_bytes()[:5000])
     verified.clear()
-    with caplog.at_level(logging.WARNING, logger="bptt.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="bptt.training.checkpointing"):
         assert latest_checkpoint(directory) == directory / "best.ckpt"  # step 6; step-0000004.ckpt is older
     assert verified == [10, 6]
     warnings = [r.getMessage() for r in caplog.records]

@@ -75,7 +75,8 @@ def test_fit_writes_config_vocab_logs_and_checkpoints(trained):
         assert (trained / name).is_file(), name
     metrics = (next(trained.glob("logs/version_*/metrics.csv"))).read_text().splitlines()
     header = metrics[0].split(",")
-    for key in ("train/loss", "train/bpc", "train/tokens_per_sec", "train/grad_norm", "train/clip_fraction", "val/loss", "val/bpc"):
+    for key in ("train/loss", "train/bpc", "train/tokens_per_sec", "train/grad_norm", "train/clip_fraction",
+                "val/loss", "val/bpc"):
         assert key in header, key
     ckpt = torch.load(trained / "checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 12
@@ -144,7 +145,8 @@ def test_m_windows_per_batch_train_bit_for_bit_like_one(tmp_path):
     """data.windows_per_batch 4: a batch of 4 windows of data.bptt steps, 4 optimizer steps; the same run as
     one window per batch, with validation, step checkpoints and a step scheduler counted in optimizer steps."""
     args = [*SMALL, "--trainer.max_steps", "12", "--trainer.val_check_interval", "8", "--checkpoint.every_n_steps", "2",
-            "--checkpoint.keep_last", "10", "--trainer.log_every_n_steps", "4", "--model.dropout", "0.2", "--trainer.deterministic", "true",
+            "--checkpoint.keep_last", "10", "--trainer.log_every_n_steps", "4", "--model.dropout", "0.2",
+            "--trainer.deterministic", "true",
             "--task.lr_scheduler.class_path", "torch.optim.lr_scheduler.StepLR",
             "--task.lr_scheduler.init_args.step_size", "3", "--task.lr_scheduler.init_args.gamma", "0.5"]
     runs = {}
@@ -225,14 +227,48 @@ def test_configs_lists_the_shipped_configs(capsys):
 
 
 def test_help_configs_and_bad_command_lines_import_no_torch():
-    """--help, configs and a bad `runs` line answer without torch, Lightning, Ray or MLflow."""
+    """--help (bptt's and every command's), configs and a bad `runs` line answer without torch, Lightning, Ray or
+    MLflow."""
     import subprocess
     import sys
 
-    code = ("import sys\nfrom bptt.cli import main\n"
+    code = ("import sys\nfrom bptt.cli import COMMANDS, main\n"
             "assert main(['--help']) == 0 and main(['configs']) == 0 and main(['runs', '--bogus']) == 2\n"
+            "assert all(main([name, '--help']) == 0 for name in COMMANDS)\n"
             "assert main(['fit', '--config', 'nope']) == 2\n"
             "print(sorted(m for m in ('torch', 'pytorch_lightning', 'ray', 'mlflow') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=PROJECT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_bptt_help_is_a_table_of_the_commands(capsys):
+    from bptt.cli import COMMANDS
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name, command in COMMANDS.items():
+        assert f"  {name.ljust(10)}  {command.summary}\n" in out
+    assert "--trust-config" in out and "--version" in out
+
+
+@pytest.mark.parametrize("name", ["fit", "resume", "sweep", "runs", "configs", "validate", "test", "generate",
+                                  "transcribe", "forecast", "diagnose"])
+def test_every_command_has_help_with_examples(name, capsys):
+    assert main([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: bptt {name} ") and "\nexamples:\n" in out
+    assert f"  bptt {name}" in out.split("examples:", 1)[1]
+
+
+def test_fit_help_names_every_task_datamodule_and_network_the_configs_use(capsys):
+    import re
+
+    assert main(["fit", "--help"]) == 0
+    out = capsys.readouterr().out
+    used = {m.rsplit(".", 1)[1] for f in (PROJECT / "conf").rglob("*.yaml")
+            for m in re.findall(r"class_path: (bptt\.[\w.]+)", f.read_text())}
+    from bptt import datamodules
+
+    shipped = {*datamodules.__all__, "CTCSpeechTask", "ForecastTask", "LanguageModelTask"}
+    assert used and {name for name in used | shipped if name not in out} == set()

@@ -17,9 +17,9 @@ import statsmodels.api as sm
 import torch
 from mlflow.tracking import MlflowClient
 
-from bptt.checkpointing import with_checksum
 from bptt.cli import main
 from bptt.models import RNNForecaster
+from bptt.training.checkpointing import with_checksum
 from tests.bptt_command import bptt
 from tests.conftest import PROJECT
 
@@ -268,7 +268,7 @@ def test_forecast_writes_both_files_or_neither(monthly_run, tmp_path, capsys, mo
         path.write_bytes(b"half a png")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("bptt.forecasting.plot", full_disk)
+    monkeypatch.setattr("bptt.inference.forecasting.plot", full_disk)
     with pytest.raises(OSError, match="No space left on device"):
         main(["forecast", str(monthly_run), "--horizon", "3", "--out", str(out), "--plot", str(png)])
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before

@@ -38,8 +38,10 @@ def speech_run(tmp_path_factory, mlflow_server) -> dict:
     result = bptt(
         "fit", "--config", ASR, "--data.corpus", str(corpus), "--data.utterances", "[256, 32, 32]",
         "--data.digits_per_utterance", "[1, 3]", "--data.batch_size", "8", "--data.eval_batch_size", "32",
-        "--data.spec_augment", "false", "--model.hidden_size", "128", "--model.num_layers", "1", "--model.subsample", "4",
-        "--model.dropout", "0", "--task.k1", "40", "--task.optimizer.init_args.lr", "0.003", "--trainer.max_steps", "400",
+        "--data.spec_augment", "false", "--model.hidden_size", "128", "--model.num_layers", "1",
+        "--model.subsample", "4",
+        "--model.dropout", "0", "--task.k1", "40", "--task.optimizer.init_args.lr", "0.003",
+        "--trainer.max_steps", "400",
         "--trainer.val_check_interval", "200",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root / "run"),
         "--tracking.tracking_uri", mlflow_server, "--tracking.experiment_name", "speech-cli", cwd=root,
@@ -121,7 +123,8 @@ def test_librispeech_layout_with_characters_logs_word_error_rate(tmp_path):
     corpus = make_librispeech(tmp_path / "LibriSpeech")
     result = bptt(
         "fit", "--config", ASR, "--data.corpus", str(corpus), "--data.tokens", "chars", "--data.sample_rate", "16000",
-        "--data.batch_size", "4", "--data.eval_batch_size", "4", "--model.hidden_size", "16", "--trainer.max_steps", "4",
+        "--data.batch_size", "4", "--data.eval_batch_size", "4", "--model.hidden_size", "16",
+        "--trainer.max_steps", "4",
         "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
         "--trainer.default_root_dir", str(tmp_path / "run"), "--tracking.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db",
         cwd=tmp_path,
@@ -149,8 +152,9 @@ def test_sigkilled_speech_run_resumes_bit_for_bit(tmp_path):
             marker.write_text("disarmed")
         kill = [{"class_path": "tests.kill_switch.KillAt", "init_args": {"step": 13, "marker": str(marker)}}]
         run = tmp_path / name
-        result = bptt("fit", *common, "--trust-config", "--trainer.default_root_dir", str(run / "run"), "--trainer.callbacks",
-                      json.dumps(kill), "--tracking.tracking_uri", f"sqlite:///{tmp_path}/{name}.db", cwd=tmp_path)
+        result = bptt("fit", *common, "--trust-config", "--trainer.default_root_dir", str(run / "run"),
+                      "--trainer.callbacks", json.dumps(kill),
+                      "--tracking.tracking_uri", f"sqlite:///{tmp_path}/{name}.db", cwd=tmp_path)
         if armed:
             assert result.returncode == -9, result.stderr[-2000:]
             result = bptt("resume", str(run / "run/checkpoints"), "--trust-config", cwd=tmp_path)  # its KillAt

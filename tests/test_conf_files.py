@@ -1,6 +1,6 @@
 """Every YAML under conf/ is loaded the way its user loads it, and a typo'd key in any of them fails.
 
-- training configs (conf/lm, asr, forecast, synthetic): parsed by ``bptt.config.parse_config`` and
+- training configs (conf/lm, asr, forecast, synthetic): parsed by ``bptt.config.parser.parse_config`` and
   instantiated (construction only: no ``prepare_data``, no download);
 - sweep files (conf/sweep): ``load_sweep``, expanded into Ray Tune's search space, scheduler and
   search algorithm; one sample's trial arguments parse as a training config;
@@ -62,7 +62,7 @@ def _training_args(path: Path, tmp_path: Path) -> list[str]:
 
 def check_training_config(path: Path, tmp_path: Path) -> Any:
     """Parse and instantiate a training config; returns the instantiated namespace."""
-    from bptt.config import build_parser, instantiate, parse_config
+    from bptt.config.parser import build_parser, instantiate, parse_config
 
     parser = build_parser()
     return instantiate(parse_config(_training_args(path, tmp_path), parser), parser)
@@ -81,7 +81,7 @@ def _one_sample(space: dict[str, Any]) -> dict[str, Any]:
 def check_sweep_file(path: Path) -> dict[str, Any]:
     """Load a sweep file, build its Tune search space, scheduler and search algorithm, and parse one
     sampled trial's arguments as a training config; returns the sample."""
-    from bptt.config import parse_config
+    from bptt.config.parser import parse_config
     from bptt.ray_jobs.sweep_config import load_sweep, scheduler, search_algorithm, trial_args, tune_space
 
     spec, base = load_sweep(path)
@@ -250,7 +250,8 @@ def test_conf_file_loads(path, tmp_path):
     elif data == "SpeechDataModule":
         assert loaded.model.head.out_features == 11  # digits + the CTC blank
     elif data == "CopyMemoryDataModule":
-        assert loaded.model.decoder.out_features == loaded.data.vocab_size == loaded.data.symbols + 2  # + blank, delimiter
+        # + blank, delimiter
+        assert loaded.model.decoder.out_features == loaded.data.vocab_size == loaded.data.symbols + 2
     else:
         assert loaded.model.head.out_features == loaded.model.horizon * loaded.model.num_targets
 

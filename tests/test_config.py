@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bptt.config import parse_config
+from bptt.config.parser import parse_config
 from bptt.errors import ConfigError
 from tests.conftest import PROJECT
 
@@ -47,7 +47,7 @@ def test_a_name_that_is_no_shipped_config_fails_in_one_line(tmp_path, monkeypatc
 
 
 def test_shipped_configs_are_conf_itself_and_listed_with_task_and_description():
-    from bptt.packaged_configs import CONF_DIR, packaged_configs
+    from bptt.config.packaged import CONF_DIR, packaged_configs
 
     assert CONF_DIR.resolve() == (PROJECT / "conf").resolve()  # bptt/conf is conf/, shipped as package data
     listed = {c.name: c for c in packaged_configs()}

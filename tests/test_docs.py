@@ -14,7 +14,8 @@ README = PROJECT / "README.md"
 PAGES = [README, *sorted((PROJECT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 CONF_PATH = re.compile(r"conf/[\w./-]+?\.yaml")
-SHORT_CONF = re.compile(r"`(conf/[\w-]+/)[\w-]+\.yaml`((?:, `[\w-]+\.yaml`)+)")  # `conf/forecast/co2.yaml`, `sunspots.yaml`
+# `conf/forecast/co2.yaml`, `sunspots.yaml`
+SHORT_CONF = re.compile(r"`(conf/[\w-]+/)[\w-]+\.yaml`((?:, `[\w-]+\.yaml`)+)")
 CODE_PATH = re.compile(r"`((?:bptt|benchmarks|tests)/[\w./-]*[\w/])`")
 MAKE = re.compile(r"`make ([\w-]+)`|^make ([\w-]+)$", re.M)
 
@@ -75,15 +76,16 @@ def test_make_targets_exist(page):
     assert named <= targets, f"{_id(page)}: make targets not in the Makefile: {sorted(named - targets)}"
 
 
-THIRD_PARTY_FLAGS = {"--backend-store-uri", "--working-dir", "--include-dashboard"}  # mlflow ui, ray job submit, ray start
+# mlflow ui, ray job submit, ray start
+THIRD_PARTY_FLAGS = {"--backend-store-uri", "--working-dir", "--include-dashboard"}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_id)
 def test_commands_and_flags_exist(page):
     """Every `bptt COMMAND` is a command of the CLI, every plain --flag is one the code defines."""
-    from bptt.cli import USAGE
+    from bptt.cli import COMMANDS
 
-    commands = set(re.findall(r"^\s*bptt (\w+)", USAGE, re.M))
+    commands = set(COMMANDS)
     text = page.read_text()
     named = set(re.findall(r"(?:^|`)bptt (\w+)", text, re.M))
     assert named <= commands, f"{_id(page)}: not bptt commands: {sorted(named - commands)}"
@@ -91,3 +93,24 @@ def test_commands_and_flags_exist(page):
     flags = set(re.findall(r"(?<![\w.-])(--[a-z][\w-]*)(?![\w.])", text)) - THIRD_PARTY_FLAGS
     unknown = sorted(f for f in flags if f'"{f}"' not in source and f"'{f}'" not in source)
     assert not unknown, f"{_id(page)}: flags no code defines: {unknown}"
+
+
+@pytest.mark.slow
+def test_the_python_api_page_runs_as_written(tmp_path):
+    """docs/python-api.md's code blocks, in order, in one fresh interpreter in an empty directory."""
+    import subprocess
+    import sys
+
+    blocks = re.findall(r"```python\n(.*?)```", (PROJECT / "docs" / "python-api.md").read_text(), re.S)
+    assert len(blocks) == 3
+    result = subprocess.run([sys.executable, "-c", "\n".join(blocks)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout.splitlines()
+    val_loss, val_bpc = map(float, printed[0].split())
+    assert abs(val_bpc - val_loss / 0.6931471805599453) < 1e-4  # bits per character: the loss in bits
+    assert float(printed[1]) > 0  # resumed to step 9
+    assert any(line.startswith("{'test/loss': ") for line in printed)  # evaluate's dict, after Lightning's table
+    assert any(line.startswith("def ") for line in printed)  # the prompt and its sampled continuation
+    assert (tmp_path / "runs/notebook/config.yaml").is_file() and (tmp_path / "mlflow.db").is_file()
+    assert printed[-1].startswith("tensor(")  # the plain Trainer's train/loss

@@ -11,7 +11,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from bptt.run_logger import PRECISION_TAG
+from bptt.tracking.run_logger import PRECISION_TAG
 from tests.bptt_command import SMALL, bptt
 
 CANDIDATES = ("32-true", "bf16-mixed")  # what auto times on a CPU

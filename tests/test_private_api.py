@@ -64,7 +64,6 @@ def test_lightning_still_says_whether_a_training_step_is_logged():
 def test_lightning_still_decides_validation_after_a_batch():
     from pytorch_lightning.loops.training_epoch_loop import _TrainingEpochLoop
 
-    from bptt.private_api import validation_follows
 
     assert callable(getattr(_TrainingEpochLoop, "_should_check_val_fx", None)), (
         "Lightning's _TrainingEpochLoop._should_check_val_fx is gone: see bptt.private_api.validation_follows")

@@ -7,10 +7,11 @@ import os
 import pytest
 import pytorch_lightning as pl
 
-from bptt.config import parse_config
+from bptt.config.parser import parse_config
 from bptt.lightning_modules import LanguageModelTask
 from bptt.progress_bar import TimedProgressBar
-from bptt.training import _trainer, fit
+from bptt.training.run import fit
+from bptt.training.trainer import build_trainer
 from tests.bptt_command import SMALL
 from tests.engine_harness import run, sgd, stream_batches, tiny_model
 from tests.lightning_modules.test_tbptt import _tokens
@@ -55,4 +56,4 @@ def test_bptt_fit_trains_with_the_timed_bar(tmp_path, monkeypatch):
 
 def test_no_bar_is_added_when_the_bar_is_off(tmp_path):
     cfg = parse_config([*SMALL, "--trainer.default_root_dir", str(tmp_path)])  # SMALL turns the bar off
-    assert _trainer(cfg.trainer, callbacks=[]).progress_bar_callback is None
+    assert build_trainer(cfg.trainer, callbacks=[]).progress_bar_callback is None

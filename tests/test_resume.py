@@ -91,8 +91,8 @@ def test_sigkilled_run_resumes_bit_for_bit(mlflow_server, tmp_path):
 @pytest.mark.slow
 def test_a_scan_core_killed_mid_step_resumes_bit_for_bit(tmp_path):
     """RICH's run (dropout, random windows, TBPTT(8, 12), a scheduler) with a minGRU core trained by its
-    parallel scan, dropout on its blocks too: SIGKILLed at a random step after the first checkpoint, resumed, it ends bit for bit
-    where the uninterrupted run ends."""
+    parallel scan, dropout on its blocks too: SIGKILLed at a random step after the first checkpoint, resumed, it ends
+    bit for bit where the uninterrupted run ends."""
     step = random.Random().randint(8, 20)
     ends = {}
     for name, armed in (("uninterrupted", False), ("killed", True)):
@@ -125,10 +125,12 @@ def test_history_survives_kills_right_after_each_kind_of_checkpoint_write(mlflow
     a, b = tmp_path / "uninterrupted", tmp_path / "killed"
     a.mkdir(), b.mkdir()
     done = bptt("fit", *PLAIN, *_kills(a, [5, 10], armed=False, when=["after-write"] * 2), *tracking,
-                "--tracking.experiment_name", f"plain-{tmp_path.name}", "--trainer.default_root_dir", str(a / "run"), cwd=a)
+                "--tracking.experiment_name", f"plain-{tmp_path.name}", "--trainer.default_root_dir", str(a / "run"),
+                cwd=a)
     assert done.returncode == 0, done.stderr[-3000:]
     killed = bptt("fit", *PLAIN, *_kills(b, [5, 10], armed=True, when=["after-write"] * 2), *tracking,
-                  "--tracking.experiment_name", f"killed-{tmp_path.name}", "--trainer.default_root_dir", str(b / "run"), cwd=b)
+                  "--tracking.experiment_name", f"killed-{tmp_path.name}", "--trainer.default_root_dir", str(b / "run"),
+                  cwd=b)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert torch.load(b / "run/checkpoints/step-0000008.ckpt", weights_only=True)["global_step"] == 8
     again = bptt("resume", str(b / "run/checkpoints"), "--trust-config", cwd=b)
@@ -249,7 +251,8 @@ def test_resume_with_another_learning_rate_uses_it(tmp_path):
     assert bptt("fit", *run, cwd=tmp_path).returncode == 0
     last = tmp_path / "run/checkpoints/last.ckpt"
     assert torch.load(last, weights_only=True)["optimizer_states"][0]["param_groups"][0]["lr"] == 0.003
-    result = bptt("resume", str(last), "--trainer.max_steps", "10", "--task.optimizer.init_args.lr", "0.0005", cwd=tmp_path)
+    result = bptt("resume", str(last), "--trainer.max_steps", "10", "--task.optimizer.init_args.lr", "0.0005",
+                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.load(last, weights_only=True)["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0005
     client = MlflowClient(uri)

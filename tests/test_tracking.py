@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from bptt.cli import main
 from bptt.models import RNNLanguageModel
 from bptt.ray_jobs.sweep_tracking import free_port
-from bptt.tracking import EXPERIMENT_KIND
+from bptt.tracking.mlflow_tracking import EXPERIMENT_KIND
 from tests.bptt_command import SMALL, bptt
 
 
@@ -112,7 +112,7 @@ def test_the_data_is_a_dataset_input_and_the_command_line_the_source(tracked_run
 def test_curves_have_a_panel_per_quantity(tracked_run, tmp_path):
     import matplotlib.image
 
-    from bptt.tracking import curves_png
+    from bptt.tracking.curves import curves_png
 
     client, _, run, _ = tracked_run
     image = matplotlib.image.imread(curves_png(client, run.info.run_id, tmp_path / "curves.png"))  # (H, W, 4)

@@ -1,9 +1,9 @@
 """The allow-list holds against import paths that walk out of an allowed package.
 
-``bptt.checkpointing.os.system`` is spelled under ``bptt.`` and resolves to ``os.system``: every
+``bptt.training.checkpointing.os.system`` is spelled under ``bptt.`` and resolves to ``os.system``: every
 such path (a module of ``bptt`` that imports ``os``, ``subprocess``, ``sys``, ``builtins``,
 ``importlib``, ``shutil`` or ``pickle``, and what it imports from them by name) is refused in
-every slot of a config, by the check itself (``bptt.trust``), by jsonargparse's own policy behind
+every slot of a config, by the check itself (``bptt.config.trust``), by jsonargparse's own policy behind
 it, and under every command that reads a config or a checkpoint: nothing runs (a sentinel file is
 never created), exit status 2, one line naming the path and ``--trust-config``, nothing written.
 """
@@ -26,9 +26,9 @@ import torch
 import yaml
 
 import bptt
-from bptt.checkpointing import with_checksum
 from bptt.cli import main
-from bptt.trust import ALLOWED_PACKAGES, UntrustedConfigError, check_config, jsonargparse_policy
+from bptt.config.trust import ALLOWED_PACKAGES, UntrustedConfigError, check_config, jsonargparse_policy
+from bptt.training.checkpointing import with_checksum
 from tests.conftest import PROJECT
 
 DANGEROUS = {"os": "system", "subprocess": "run", "sys": "exit", "builtins": "exec", "importlib": "import_module",
@@ -56,7 +56,7 @@ def test_the_package_has_paths_that_walk_out():
     """The matrix below is not empty: bptt's modules do import these (13 import os)."""
     modules = {p.rsplit(".", 2)[1] for p in PATHS}
     assert {"os", "subprocess", "sys", "shutil"} <= modules, PATHS
-    assert "bptt.checkpointing.os.system" in PATHS and "bptt.training.os.system" in PATHS
+    assert "bptt.training.checkpointing.os.system" in PATHS and "bptt.tracking.mlflow_tracking.os.system" in PATHS
 
 
 def _evil(path: str, sentinel: Path) -> dict:
@@ -96,10 +96,12 @@ def test_every_walking_path_is_refused_in_every_slot(slot, tmp_path):
 
 
 @pytest.mark.parametrize(("path", "key", "reason"), [
-    ("bptt.checkpointing.os.system", "task.init_args.optimizer.class_path", "the module os reached through bptt.checkpointing"),
-    ("bptt.training.Path", "model.class_path", "is pathlib.Path, defined outside bptt.*"),
-    ("torch.nn.modules.module.torch.load", "model.class_path", "the module torch reached through torch.nn.modules.module"),
-    ("bptt.trust.resolve", "trainer.callbacks[0].class_path", "is a function, not a class"),
+    ("bptt.training.checkpointing.os.system", "task.init_args.optimizer.class_path",
+     "the module os reached through bptt.training.checkpointing"),
+    ("bptt.training.run.Path", "model.class_path", "is pathlib.Path, defined outside bptt.*"),
+    ("torch.nn.modules.module.torch.load", "model.class_path",
+     "the module torch reached through torch.nn.modules.module"),
+    ("bptt.config.trust.resolve", "trainer.callbacks[0].class_path", "is a function, not a class"),
     ("torch.optim.Adam", "model.class_path", "is not a Module"),
     ("bptt.models.RNNLanguageModel", "task.init_args.optimizer.class_path", "is not a Optimizer"),
     ("pytorch_lightning.callbacks.ModelCheckpoint", "trainer.logger.class_path", "is not a Logger"),
@@ -133,8 +135,8 @@ def test_classes_of_the_allowed_packages_and_kinds_pass(path, key):
 def test_checking_imports_nothing_outside_the_allowed_packages():
     """Resolution goes module by module from an allowed package and stops at the first step out."""
     before = set(sys.modules)
-    for path in ["bptt.checkpointing.os.system", "torch.nn.modules.module.torch.load", "tabnanny.check",
-                 "mailbox.Maildir", "bptt.checkpointing.json.tool.main", "torch.optim.adam.torch.hub.load"]:
+    for path in ["bptt.training.checkpointing.os.system", "torch.nn.modules.module.torch.load", "tabnanny.check",
+                 "mailbox.Maildir", "bptt.training.checkpointing.json.tool.main", "torch.optim.adam.torch.hub.load"]:
         with pytest.raises(UntrustedConfigError):
             check_config({"model": {"class_path": path}}, source="evil.yaml")
     new = set(sys.modules) - before
@@ -143,12 +145,12 @@ def test_checking_imports_nothing_outside_the_allowed_packages():
 
 
 def test_jsonargparse_refuses_the_same_paths_behind_the_check(tmp_path):
-    """The second lock: parsing without bptt.trust's check still refuses what resolves outside."""
-    from bptt.config import build_parser
+    """The second lock: parsing without bptt.config.trust's check still refuses what resolves outside."""
+    from bptt.config.parser import build_parser
 
     parser, sentinel = build_parser(), tmp_path / "PWNED"
     for slot in ("optimizer", "callback"):
-        config = yaml.safe_dump(_in_slot(QUICKSTART, slot, "bptt.checkpointing.os.system", sentinel))
+        config = yaml.safe_dump(_in_slot(QUICKSTART, slot, "bptt.training.checkpointing.os.system", sentinel))
         with pytest.raises(Exception, match="posix.system' is not allowed"), jsonargparse_policy(trusted=False):
             parser.instantiate_classes(parser.parse_args(["--config", config]))
     assert not sentinel.exists()
@@ -207,8 +209,8 @@ def _command(command: str, directory: Path, config: dict) -> list[str]:
     return [command, checkpoint, *extra.get(command, [])]
 
 
-COMMANDS = ["fit", "resume", "validate", "test", "generate", "transcribe", "forecast", "diagnose", "diagnose CHECKPOINT",
-            "sweep", "sweep --resume"]
+COMMANDS = ["fit", "resume", "validate", "test", "generate", "transcribe", "forecast", "diagnose",
+            "diagnose CHECKPOINT", "sweep", "sweep --resume"]
 CASES = [(command, slot, PATHS[(i * len(SLOTS) + j) % len(PATHS)])
          for i, command in enumerate(COMMANDS) for j, slot in enumerate(SLOTS)]
 
@@ -235,11 +237,12 @@ def test_the_matrix_covers_every_path():
 
 
 OVERRIDES = [
-    ["--trainer.callbacks+=bptt.checkpointing.os.system"],
-    ["--trainer.callbacks+", "bptt.tracking.subprocess.run"],
-    ["--task.optimizer", "bptt.training.os.system"],
+    ["--trainer.callbacks+=bptt.training.checkpointing.os.system"],
+    ["--trainer.callbacks+", "bptt.tracking.mlflow_tracking.subprocess.run"],
+    ["--task.optimizer", "bptt.tracking.mlflow_tracking.os.system"],
     ["--task.optimizer.class_path", "bptt.cli.sys.exit"],
-    ["--trainer.logger", json.dumps({"class_path": "bptt.datamodules.speech.shutil.rmtree", "init_args": {"path": "x"}})],
+    ["--trainer.logger", json.dumps({"class_path": "bptt.datamodules.speech.shutil.rmtree",
+                                     "init_args": {"path": "x"}})],
     ["--model.init_args.core", json.dumps({"class_path": "bptt.ray_jobs.worker.shutil.rmtree"})],
 ]
 

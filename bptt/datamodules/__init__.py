@@ -6,4 +6,10 @@ from bptt.datamodules.synthetic import AddingProblemDataModule, CopyMemoryDataMo
 from bptt.datamodules.text import TextStreamDataModule
 from bptt.datamodules.timeseries import TimeSeriesDataModule
 
-__all__ = ["AddingProblemDataModule", "CopyMemoryDataModule", "SpeechDataModule", "TextStreamDataModule", "TimeSeriesDataModule"]
+__all__ = [
+    "AddingProblemDataModule",
+    "CopyMemoryDataModule",
+    "SpeechDataModule",
+    "TextStreamDataModule",
+    "TimeSeriesDataModule",
+]

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import pytorch_lightning as pl
 from pytorch_lightning.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from bptt.datamodules.sharding import check_divides
 from bptt.datamodules.sources import SPLITS
 from bptt.errors import CheckpointError, ConfigError
-from bptt.sharding import check_divides
 
 
 class EpochCursor(Protocol):
@@ -88,6 +89,7 @@ class ResumableDataModule(pl.LightningDataModule):
     """Subclasses supply ``load()``, ``readers(rank, world_size)`` and, when they checkpoint more
     than the read position, ``data_state()``/``load_data_state(state)``."""
 
+    windows_per_batch = 1  # optimizer steps per training batch: each a window of ``bptt`` steps (stream mode)
     position_key = "window"  # the batch entry that numbers batches within an epoch
     num_workers = 0  # DataLoader worker processes; order comes from the cursor, so any number reads the same
 
@@ -111,6 +113,11 @@ class ResumableDataModule(pl.LightningDataModule):
     def data_state(self) -> dict[str, Any]:
         """What the checkpoint keeps besides the read position (vocabulary, normalization)."""
         return {}
+
+    def save_artifacts(self, directory: Path) -> list[Path]:
+        """Write the files a run keeps beside its checkpoints (vocabulary, a data report) into ``directory``;
+        returns them, for MLflow. Default: none."""
+        return []
 
     def load_data_state(self, state: dict[str, Any]) -> None:
         """Restore ``data_state``; called before the read position is restored."""

@@ -118,7 +118,8 @@ def load_series(
 def _statsmodels_frame(source: str) -> tuple[pd.DataFrame, str, None, str]:
     name = source.removeprefix("statsmodels:")
     if name not in STATSMODELS:
-        raise CorpusError(f"unknown source {source!r}; use statsmodels:co2, statsmodels:sunspots or a .csv/.parquet path")
+        raise CorpusError(f"unknown source {source!r}; "
+                          "use statsmodels:co2, statsmodels:sunspots or a .csv/.parquet path")
     from importlib import import_module
 
     data = import_module(f"statsmodels.datasets.{name}").load_pandas().data  # not statsmodels.api: 1 s to import
@@ -143,7 +144,8 @@ def _read_file(source: str, data_dir: str | None) -> tuple[pd.DataFrame, str, in
             return pd.read_parquet(path), str(path), None
     except (ValueError, OSError, UnicodeDecodeError) as err:
         detail = " ".join(str(err).split())
-        raise CorpusError(f"cannot read {path} ({type(err).__name__}: {detail}); check that it is a valid {suffix[1:]} file") from None
+        raise CorpusError(f"cannot read {path} ({type(err).__name__}: {detail}); "
+                          f"check that it is a valid {suffix[1:]} file") from None
     raise CorpusError(f"{path} is neither .csv nor .parquet; convert it, or use source: statsmodels:co2")
 
 
@@ -219,7 +221,8 @@ class _Checks:
         if bad.size:
             i = int(bad[0])
             raise CorpusError(f"{self.origin}: value column {column!r} has the non-numeric value {raw.iloc[i]!r} at "
-                              f"{self.row(i)}; fix it (an empty cell is a gap) or drop the column from data.value_columns")
+                              f"{self.row(i)}; fix it (an empty cell is a gap) "
+                              "or drop the column from data.value_columns")
         out = values.to_numpy(dtype=np.float64, na_value=np.nan)
         bad = np.flatnonzero(np.abs(out) > FLOAT32_MAX)  # inf, -inf and what float32 cannot hold; NaN is a gap
         if bad.size:
@@ -255,7 +258,8 @@ class _Checks:
         same = np.flatnonzero(step == zero)
         if same.size:
             i = int(rows[same[0] + 1])
-            raise CorpusError(f"{self.origin}: timestamp {ts[same[0] + 1]} appears twice{where}, at {self.row(i)} and the row above; "
+            raise CorpusError(f"{self.origin}: timestamp {ts[same[0] + 1]} appears twice{where}, "
+                              f"at {self.row(i)} and the row above; "
                               "keep one row per time step (aggregate or drop duplicates)")
 
     def reindex(self, stamps: np.ndarray, values: np.ndarray, frequency: str, rows: np.ndarray,

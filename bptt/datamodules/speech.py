@@ -146,8 +146,8 @@ class SpeechDataModule(ResumableDataModule):
         super().__init__()
         if tokens not in TOKEN_SETS:
             raise ConfigError(f"data.tokens must be one of {sorted(TOKEN_SETS)}, got {tokens!r}")
-        self.check_at_least(1, batch_size=batch_size, eval_batch_size=eval_batch_size, batches_per_bucket=batches_per_bucket,
-                            sample_rate=sample_rate, n_mels=n_mels)
+        self.check_at_least(1, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                            batches_per_bucket=batches_per_bucket, sample_rate=sample_rate, n_mels=n_mels)
         self.check_at_least(0, freq_masks=freq_masks, freq_mask_width=freq_mask_width, time_masks=time_masks,
                             time_mask_width=time_mask_width, num_workers=num_workers)
         if seed < 0:
@@ -162,7 +162,8 @@ class SpeechDataModule(ResumableDataModule):
         _check_range("gap_seconds", gap_seconds, 0)
         _check_range("validation_indices", validation_indices, 5, " (0-4 is the test split)")
         if len(utterances) != 3 or min(utterances) < 1:
-            raise ConfigError(f"data.utterances must be 3 counts >= 1 (train, validation, test), got {list(utterances)}")
+            raise ConfigError("data.utterances must be 3 counts >= 1 (train, validation, test), "
+                              f"got {list(utterances)}")
         if splits is not None and sorted(splits) != sorted(SPLITS):
             raise ConfigError(f"data.splits must name exactly train, validation and test, got {sorted(splits)}")
         self.corpus = corpus
@@ -317,7 +318,8 @@ class SpeechDataModule(ResumableDataModule):
                 counts = ", ".join(f"{reason} {n}" for reason, n in skipped.items()) or "no utterances"
                 raise CorpusError(
                     f"the {split} split of {origin} has no usable utterances ({counts}; e.g. "
-                    f"{examples[0] if examples else '-'}); fix or replace that data, or check data.tokens and data.splits"
+                    f"{examples[0] if examples else '-'}); "
+                    "fix or replace that data, or check data.tokens and data.splits"
                 )
             table.save_to_disk(str(entry / split))
             report["splits"][split] = {"utterances": len(table), "frames": int(np.sum(table["num_frames"])),

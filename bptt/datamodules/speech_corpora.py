@@ -243,7 +243,8 @@ def librispeech_utterances(directory: Path, splits: dict[str, str]) -> dict[str,
                 path = transcript.parent / f"{utt_id}.flac"
                 records.append(Utterance(utt_id, text, str(path), lambda rate, path=path: load_audio(path, rate)))
         if not records:
-            raise CorpusError(f"no *.trans.txt transcripts under {root.resolve()}; is it a LibriSpeech split directory?")
+            raise CorpusError(f"no *.trans.txt transcripts under {root.resolve()}; "
+                              "is it a LibriSpeech split directory?")
         result[split] = records
     return result
 
@@ -260,7 +261,9 @@ def hf_utterances(
         try:
             loaded = datasets.load_dataset(corpus[3:], hf_config)
         except Exception as err:  # noqa: BLE001 (the hub or the cache; its message says which)
-            raise CorpusError(f"could not load Hugging Face dataset {corpus[3:]!r} ({type(err).__name__}: {err})") from None
+            raise CorpusError(
+                f"could not load Hugging Face dataset {corpus[3:]!r} ({type(err).__name__}: {err})"
+            ) from None
     else:
         loaded = load_saved(resolve_corpus(corpus, data_dir))
         if isinstance(loaded, datasets.Dataset):
@@ -269,15 +272,21 @@ def hf_utterances(
     for split in SPLITS:
         name = splits[split]
         if name not in loaded:
-            raise CorpusError(f"{corpus} has splits {sorted(loaded)}, not {name!r}; set data.splits.{split} to one of them")
+            raise CorpusError(f"{corpus} has splits {sorted(loaded)}, not {name!r}; "
+                              f"set data.splits.{split} to one of them")
         table = loaded[name]
         missing = [c for c in (audio_column, text_column) if c not in table.column_names]
         if missing:
-            raise CorpusError(f"{corpus} has columns {table.column_names}, not {missing}; set data.audio_column/text_column")
-        table = table.select_columns([audio_column, text_column]).cast_column(audio_column, datasets.Audio(decode=False))
+            raise CorpusError(f"{corpus} has columns {table.column_names}, not {missing}; "
+                              "set data.audio_column/text_column")
+        table = table.select_columns([audio_column, text_column]).cast_column(
+            audio_column, datasets.Audio(decode=False)
+        )
         texts = table[text_column]
-        result[split] = [Utterance(f"{split}-{i:06d}", text or "", f"{corpus}[{name}][{i}]", _row_audio(table, i, audio_column))
-                         for i, text in enumerate(texts)]
+        result[split] = [
+            Utterance(f"{split}-{i:06d}", text or "", f"{corpus}[{name}][{i}]", _row_audio(table, i, audio_column))
+            for i, text in enumerate(texts)
+        ]
     return result
 
 
@@ -308,8 +317,9 @@ def load_speech_corpus(
     kind = corpus_kind(corpus, data_dir)
     if kind in ("hf", "saved"):
         names = splits or HF_SPLITS
-        return hf_utterances(corpus, data_dir=data_dir, hf_config=hf_config, splits=names, audio_column=audio_column,
-                             text_column=text_column), corpus if kind == "hf" else os.fspath(resolve_corpus(corpus, data_dir))
+        by_split = hf_utterances(corpus, data_dir=data_dir, hf_config=hf_config, splits=names,
+                                 audio_column=audio_column, text_column=text_column)
+        return by_split, corpus if kind == "hf" else os.fspath(resolve_corpus(corpus, data_dir))
     path = resolve_corpus(corpus, data_dir)
     if kind == "fsdd":
         records = fsdd_utterances(path, seed=seed, digits_per_utterance=digits_per_utterance, gap_seconds=gap_seconds,

@@ -15,7 +15,7 @@ w - 1 ended, so row b of batch k + 1 continues row b of batch k: the hidden stat
 carried from one batch to the next stays valid. Targets are the inputs shifted by
 one step. ``reset`` marks the first window of an epoch, where every stream starts over.
 ``StreamWindows`` reads windows so for text and for series (``bptt.datamodules.timeseries``);
-the rows are dealt out to ranks by ``bptt.sharding.shard``.
+the rows are dealt out to ranks by ``bptt.datamodules.sharding.shard``.
 """
 
 from __future__ import annotations

@@ -30,10 +30,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from bptt.datamodules.resumable import BatchOrder, ResumableDataModule, SplitReader
+from bptt.datamodules.sharding import shard
 from bptt.datamodules.sources import SPLITS
 from bptt.datamodules.timeseries import ForecastData
 from bptt.errors import ConfigError
-from bptt.sharding import shard
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default: a zero loss
 
@@ -115,7 +115,8 @@ class _SyntheticSequences(ResumableDataModule):
         readers = {}
         for split in SPLITS:
             training = split == "train"
-            batches = SequenceBatches(self.data[split], batch_size=self.batch_size if training else self.eval_batch_size,
+            batches = SequenceBatches(self.data[split],
+                                      batch_size=self.batch_size if training else self.eval_batch_size,
                                       rank=rank, world_size=world_size, training=training, seed=self.seed)
             readers[split] = SplitReader(batches, BatchOrder(len(batches)))
         return readers
@@ -262,5 +263,5 @@ class AddingProblemDataModule(_SyntheticSequences):
         target_mask = np.zeros((count, length, 1, 1), bool)  # (N, T, 1, 1)
         target_mask[:, -1] = True
         positions = np.broadcast_to(np.arange(length, dtype=np.int64), (count, length)).copy()  # (N, T)
-        return {"inputs": inputs, "targets": targets, "target_mask": target_mask, "mask": target_mask[:, :, 0, 0].copy(),
-                "positions": positions}
+        return {"inputs": inputs, "targets": targets, "target_mask": target_mask,
+                "mask": target_mask[:, :, 0, 0].copy(), "positions": positions}

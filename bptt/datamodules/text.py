@@ -3,7 +3,7 @@
 From corpus to batch: ``load_corpus`` gives line records per split ->
 ``Vocabulary.build`` counts the train split -> ``tokenize_split`` maps records to ids
 (cached by ``datasets``) -> ``stream_layout`` cuts each split into B_global streams ->
-``bptt.sharding.shard`` keeps this rank's block -> ``StreamWindows`` yields (B_local, T)
+``bptt.datamodules.sharding.shard`` keeps this rank's block -> ``StreamWindows`` yields (B_local, T)
 windows in order. See ``bptt.datamodules.streams`` for the picture.
 """
 
@@ -19,12 +19,12 @@ import torch
 from filelock import FileLock
 
 from bptt.datamodules.resumable import ResumableDataModule, SplitReader
+from bptt.datamodules.sharding import shard
 from bptt.datamodules.sources import CorpusError, check_writable, default_cache_dir, reading_cache
 from bptt.datamodules.streams import StreamWindows, stream_layout, token_streams
 from bptt.datamodules.text_corpus import Vocabulary, corpus_identity, load_corpus, load_token_ids, tokenize_split
 from bptt.errors import ConfigError
 from bptt.private_api import dataset_fingerprint
-from bptt.sharding import shard
 
 
 class TextStreamDataModule(ResumableDataModule):
@@ -86,7 +86,8 @@ class TextStreamDataModule(ResumableDataModule):
                             windows_per_batch=windows_per_batch)
         if random_bptt and windows_per_batch > 1:
             raise ConfigError(f"data.random_bptt draws a length per batch, data.windows_per_batch={windows_per_batch} "
-                              "cuts a batch into equal windows; set data.windows_per_batch: 1 or data.random_bptt: false")
+                              "cuts a batch into equal windows; "
+                              "set data.windows_per_batch: 1 or data.random_bptt: false")
         fractions = tuple(split_fractions)
         if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
             raise ConfigError(f"data.split_fractions must be three non-negative numbers summing to 1 (train, "
@@ -147,7 +148,8 @@ class TextStreamDataModule(ResumableDataModule):
         )
         for split, dataset in records.items():
             if not any(text.strip() for text in dataset["text"]):
-                raise CorpusError(f"the {split} split of {origin} is empty; use a larger corpus or other split_fractions")
+                raise CorpusError(f"the {split} split of {origin} is empty; "
+                                  "use a larger corpus or other split_fractions")
         vocab = self.vocab or Vocabulary.build(records["train"]["text"], self.level, self.min_count)
         files = {}
         for split, dataset in records.items():
@@ -168,7 +170,8 @@ class TextStreamDataModule(ResumableDataModule):
                                    hf_config=self.hf_config, text_column=self.text_column)
         if identity is None:
             return None
-        settings = [self.level, self.min_count, list(self.split_fractions), self.vocab.fingerprint() if self.vocab else None]
+        settings = [self.level, self.min_count, list(self.split_fractions),
+                    self.vocab.fingerprint() if self.vocab else None]
         key = hashlib.sha256(json.dumps([identity, settings]).encode()).hexdigest()[:20]
         return self.cache_dir / f"corpus-{key}.json"  # written after tokenize_split created the directory
 

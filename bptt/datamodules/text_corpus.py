@@ -210,7 +210,8 @@ class Vocabulary:
         for text in texts:
             counts.update(split_tokens(text, level))
         specials = [UNK] if level == "char" else [UNK, EOS]
-        kept = sorted((t for t, c in counts.items() if c >= min_count and t not in specials), key=lambda t: (-counts[t], t))
+        kept = sorted((t for t, c in counts.items() if c >= min_count and t not in specials),
+                      key=lambda t: (-counts[t], t))
         return cls(specials + kept, level)
 
     def __len__(self) -> int:

@@ -15,7 +15,7 @@ Layout, for each of the S series (k = batch_size / S training streams per series
                  |<- window 0 ->|<- window 1 ->| ...   (T = bptt steps; the last may be shorter)
 
 Training streams are cut from the train range only and dealt out in contiguous blocks to
-the ranks (``bptt.sharding.shard``); row b of batch k + 1 continues row b of batch k. Validation
+the ranks (``bptt.datamodules.sharding.shard``); row b of batch k + 1 continues row b of batch k. Validation
 and test have one stream per series from its first step to the end of their range, the
 same on every rank: the hidden state warms up on everything before the range, and only
 targets whose time lies inside the range count. Streams shorter than the longest are padded
@@ -44,10 +44,10 @@ from torch import Tensor
 
 from bptt.datamodules.resumable import ResumableDataModule, SplitReader
 from bptt.datamodules.series_sources import SeriesTable, default_season, load_series
+from bptt.datamodules.sharding import shard
 from bptt.datamodules.sources import CorpusError
 from bptt.datamodules.streams import StreamWindows
 from bptt.errors import ConfigError
-from bptt.sharding import shard
 
 
 @dataclass(frozen=True, eq=False)
@@ -258,8 +258,8 @@ class TimeSeriesDataModule(ResumableDataModule):
         data_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.check_at_least(1, horizon=horizon, batch_size=batch_size, bptt=bptt, season=1 if season is None else season,
-                            windows_per_batch=windows_per_batch)
+        self.check_at_least(1, horizon=horizon, batch_size=batch_size, bptt=bptt,
+                            season=1 if season is None else season, windows_per_batch=windows_per_batch)
         fractions = tuple(split_fractions)
         if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
             raise ConfigError(f"data.split_fractions must be three positive numbers summing to 1 (train, validation, "
@@ -495,7 +495,8 @@ class TimeSeriesDataModule(ResumableDataModule):
             splits.append({"series": sid, **{s: [stamp(ts[a]), stamp(ts[b - 1])] for s, (a, b) in ranges.items()}})
         report = {
             "source": self.table.origin,
-            "columns": {c: {"mean": float(m), "std": float(s)} for c, m, s in zip(self.table.columns, self.mean, self.std)},
+            "columns": {c: {"mean": float(m), "std": float(s)}
+                        for c, m, s in zip(self.table.columns, self.mean, self.std)},
             "targets": self._target_names(),
             "horizon": self.horizon,
             "differences": {name: {"mean": float(m), "std": float(s)} for name, m, s in

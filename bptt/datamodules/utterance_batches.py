@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from bptt.datamodules.audio import spec_augment
-from bptt.sharding import shard
+from bptt.datamodules.sharding import shard
 
 
 def training_batches(
@@ -139,7 +139,9 @@ class SpeechBatches(Dataset):
         epoch, index = key
         ids = self.batches(epoch)[index].tolist()
         rows = self.records[ids]
-        batch: dict[str, Tensor | int] = dict(collate(list(rows["features"]), list(rows["labels"]), self.mean, self.std))
+        batch: dict[str, Tensor | int] = dict(
+            collate(list(rows["features"]), list(rows["labels"]), self.mean, self.std)
+        )
         if self.augment:  # each utterance's masks depend on (seed, epoch, utterance), not on rank or world size
             for row, utterance in enumerate(ids):
                 seed = int(np.random.SeedSequence([self.seed, epoch, utterance]).generate_state(1)[0])

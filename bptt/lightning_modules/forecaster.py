@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import MLFlowLogger
 from torch import Tensor, nn
@@ -75,7 +76,8 @@ class ForecastTask(StepLossModule):
         if horizon_mode not in ("direct", "recursive"):
             raise ConfigError(f"task.horizon_mode must be 'direct' or 'recursive', got {horizon_mode!r}")
         if horizon_mode == "recursive" and getattr(model, "horizon", 1) != 1:
-            raise ConfigError("task.horizon_mode: recursive forecasts one step at a time: set model.init_args.horizon: 1")
+            raise ConfigError("task.horizon_mode: recursive forecasts one step at a time: "
+                              "set model.init_args.horizon: 1")
         if not level_inputs and not residual:
             raise ConfigError("task.level_inputs: false needs task.residual: true (the model forecasts changes; the "
                               "residual adds the last level back)")
@@ -111,16 +113,16 @@ class ForecastTask(StepLossModule):
         self.forecast_data: ForecastData | None = None  # from use_data
         probabilistic = [self.predictive.score_name, "coverage"] if self.predictive.score_name else []
         self.metrics = nn.ModuleDict({
-            split: nn.ModuleDict({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False), "mase": MeanMetric(),
-                                  **{name: MeanMetric() for name in probabilistic}})
+            split: nn.ModuleDict({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False),
+                                  "mase": MeanMetric(), **{name: MeanMetric() for name in probabilistic}})
             for split in ("val", "test")
         })
         self.mase_by_horizon = nn.ModuleList()  # test MASE of the forecasts h steps ahead, h = 1..H: from use_data
         self.coverage_by_horizon = nn.ModuleList()  # test coverage of their intervals (probabilistic): from use_data
         self._test_curve: list[tuple[Tensor, Tensor, Tensor]] = []  # (positions, forecast, actual) of series 0
 
-    def setup(self, stage: str) -> None:
-        self.use_data(self.trainer.datamodule.forecast_data())
+    def use_datamodule(self, datamodule: pl.LightningDataModule) -> None:
+        self.use_data(datamodule.forecast_data())
 
     def use_data(self, data: ForecastData) -> None:
         """Keep what the data describes for the metrics and the plot; check the model against its
@@ -169,11 +171,13 @@ class ForecastTask(StepLossModule):
         else:
             forecasts, state = self.forecast(window["inputs"], state)  # (B, t, H', C_out)
         forecasts = forecasts.to(torch.promote_types(forecasts.dtype, torch.float32))  # the loss in >= fp32
-        targets, observed = window["targets"][:, :, : forecasts.shape[2]], window["target_mask"][:, :, : forecasts.shape[2]]
+        targets = window["targets"][:, :, : forecasts.shape[2]]
+        observed = window["target_mask"][:, :, : forecasts.shape[2]]
         if evaluating and self.trainer.testing:
             forecasts = self.calibrated(forecasts, targets, window["positions"] >= 0)
         elementwise = self.predictive.loss(forecasts, targets) * observed  # (B, t, H', C_out)
-        losses = elementwise.sum(dim=(2, 3)) / observed.sum(dim=(2, 3)).clamp(min=1)  # (B, t): mean over observed targets
+        # (B, t): mean over observed targets
+        losses = elementwise.sum(dim=(2, 3)) / observed.sum(dim=(2, 3)).clamp(min=1)
         if evaluating:
             self._update_metrics(window, forecasts, targets, observed)
         return losses, state

@@ -50,7 +50,9 @@ class LanguageModelTask(StepLossModule):
         return _NextTokenLogits(self.model).cpu().eval(), torch.zeros(2, 8, dtype=torch.long)  # B, T > 1: dynamic
 
     @torch.no_grad()
-    def generate(self, prompt: Tensor, num_tokens: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    def generate(
+        self, prompt: Tensor, num_tokens: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Sample a continuation.
 
         Args:

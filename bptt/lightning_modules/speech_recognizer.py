@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import MLFlowLogger
 from torch import Tensor, nn
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
-from bptt.datamodules.speech import SpeechData
+from bptt.datamodules.speech import SpeechData, SpeechDataModule
 from bptt.errors import ConfigError
 from bptt.lightning_modules.tbptt import SequenceLossModule, State
 from bptt.losses.checkpointed_ctc import checkpointed_ctc_loss
@@ -98,10 +99,9 @@ class CTCSpeechTask(SequenceLossModule):
         self._samples: list[tuple[str, str]] = []
         self.speech_data: SpeechData | None = None  # from use_data; decoding needs it
 
-    def setup(self, stage: str) -> None:
-        describe = getattr(self.trainer.datamodule, "speech_data", None)  # none: training on bare batches
-        if describe is not None:
-            self.use_data(describe())
+    def use_datamodule(self, datamodule: pl.LightningDataModule) -> None:
+        if isinstance(datamodule, SpeechDataModule):  # else: training on bare batches
+            self.use_data(datamodule.speech_data())
 
     def use_data(self, data: SpeechData) -> None:
         """Check the model's features per frame against the data's; keep the tokens for decoding."""
@@ -124,7 +124,8 @@ class CTCSpeechTask(SequenceLossModule):
         feasible = ctc_feasible(lengths, targets, target_lengths)
         if self.training:
             self.skipped += int((~feasible).sum())
-        lattice_mb = 2 * outputs.shape[0] * outputs.shape[1] * (2 * targets.shape[1] + 1) * outputs.element_size() / 2**20
+        lattice_mb = (2 * outputs.shape[0] * outputs.shape[1] * (2 * targets.shape[1] + 1) * outputs.element_size()
+                      / 2**20)
         if self.ctc_lattice_limit_mb is not None and lattice_mb > self.ctc_lattice_limit_mb:
             losses = checkpointed_ctc_loss(outputs, targets, lengths, target_lengths)
         else:
@@ -139,7 +140,8 @@ class CTCSpeechTask(SequenceLossModule):
     # ---- evaluation: loss from the engine, then greedy decoding -------------------------------
     def _decode_batch(self, outputs: Tensor, batch: dict[str, Any], ter: CharErrorRate, wer: WordErrorRate) -> None:
         data = self._data()
-        hypotheses = [data.decode(ids) for ids in greedy_decode(outputs, self.model.output_lengths(batch["input_lengths"]))]
+        hypotheses = [data.decode(ids)
+                      for ids in greedy_decode(outputs, self.model.output_lengths(batch["input_lengths"]))]
         references = [data.decode(row[:n].tolist()) for row, n in zip(batch["targets"], batch["target_lengths"])]
         ter.update(hypotheses, references)
         if " " in data.tokens:

@@ -124,7 +124,7 @@ class DiagonalGRU(_MinRNNCore):
         steps = k.shape[1]
         guess = k.new_zeros(k.shape[0], steps, self.hidden_size)
         limit = steps if self.max_iterations is None else min(self.max_iterations, steps)
-        for iteration in range(1, limit + 1):
+        for iteration in range(1, limit + 1):  # noqa: B007 (the count is returned after the loop)
             before = torch.cat([h0.unsqueeze(1), guess[:, :-1]], dim=1)
             f, jacobian = diagonal_gru_step(k, u, before)
             new = linear_scan(jacobian, f - jacobian * before, h0)

@@ -49,7 +49,8 @@ class RNNForecaster(nn.Module):
         super().__init__()
         check_dropout(dropout)
         check_sizes(num_inputs=num_inputs, num_targets=num_targets, horizon=horizon, num_outputs=num_outputs)
-        self.num_inputs, self.num_targets, self.horizon, self.num_outputs = num_inputs, num_targets, horizon, num_outputs
+        self.num_inputs, self.num_targets = num_inputs, num_targets
+        self.horizon, self.num_outputs = horizon, num_outputs
         self.rnn = build_core(core, input_size=num_inputs, rnn_type=rnn_type, hidden_size=hidden_size,
                               num_layers=num_layers, dropout=dropout, rnn_types=("LSTM", "GRU"), default_hidden_size=64,
                               default_num_layers=2)

@@ -1,11 +1,13 @@
 """``bptt sweep``: a Ray Tune sweep whose every trial is a Ray Train data-parallel job.
 
     bptt sweep --config conf/sweep/quickstart.yaml [--address auto | ray://HOST:10001] [--storage-path P]
+               [--num_samples 2 --scheduler.max_t 3 --trainer.max_steps 40 ...]
     bptt sweep --resume EXPERIMENT_DIR [--address ...]
 
-Order of work: the sweep file and every trial's config are checked (no Ray yet); the MLflow
-store is checked and, when it is a local file, served by ``mlflow server`` on 127.0.0.1 for
-the sweep's duration; Ray starts (or joins ``--address``) and the trial resources are checked
+Order of work: the sweep file (with the command line's overrides) and every trial's config are
+checked (no Ray yet); the MLflow store is checked and, when it is a local file, served by ``mlflow
+server`` on 127.0.0.1 for the sweep's duration; Ray starts (or joins ``--address``; either failing
+ends in one line, ``RayStartError``) and the trial resources are checked
 against its nodes; then the parent MLflow run opens (``sweep_tracking.py`` owns every run of a
 sweep) and Tune runs the trials, at most ``max_concurrent_trials`` at once. At the end the parent
 run gets the leaderboard and the best trial's config, the best trial's run a logged model (when
@@ -21,8 +23,9 @@ import io
 import json
 import math
 import os
+import shlex
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from bptt.ray_jobs.sweep_config import (
     resolved_config,
     scheduler,
     search_algorithm,
+    trial_args,
     tune_space,
 )
 from bptt.ray_jobs.sweep_tracking import (
@@ -44,30 +48,46 @@ from bptt.ray_jobs.sweep_tracking import (
     SweepRuns,
     is_local_store,
 )
-from bptt.ray_jobs.trial import CHECKPOINT_FILE, SweepContext, run_trial
-from bptt.tracking import MlflowTracking
+from bptt.ray_jobs.trial import SweepContext, run_trial
+from bptt.ray_jobs.worker import CHECKPOINT_FILE
+from bptt.tracking.mlflow_tracking import MlflowTracking
 
 STATE_FILE = "bptt-sweep.json"  # in the experiment directory: what --resume needs
 
 
-def sweep(config: str | None = None, *, resume: str | None = None, address: str | None = None,
-          storage_path: str | None = None, trusted: bool = False) -> list[dict]:
+class RayStartError(BpttError):
+    """Ray did not start a local instance, or did not join the cluster at ``--address``."""
+
+
+def sweep(config: str | None = None, *, overrides: list[str] | None = None, resume: str | None = None,
+          address: str | None = None, storage_path: str | None = None, trusted: bool = False) -> list[dict]:
     """Run (or, with ``resume``, continue) a sweep; prints and returns the leaderboard (best first).
-    ``trusted``: the sweep file (or the saved sweep state) may name code outside the allow-list."""
+
+    Args:
+        config: the sweep file.
+        overrides: ``--key value`` (or ``--key=value``) words over the sweep file's keys (``--num_samples 2``,
+            ``--scheduler.max_t 3``) and its base config's (``--trainer.max_steps 40``), checked as if the
+            file said so; the sweep state keeps them, so that ``resume`` continues with them.
+        resume: the experiment directory of a sweep to continue, with the settings it started with.
+        address: an existing Ray cluster (``auto``, ``ray://HOST:10001``); default: a local Ray instance.
+        storage_path: where Tune and Train persist (default: the sweep file's ``storage_path``, else ~/ray_results).
+        trusted: the sweep file (or the saved sweep state) may name code outside the allow-list.
+
+    Raises:
+        BpttError: one line: a check that needs no cluster (before Ray starts), Ray's start
+            (``RayStartError``), or the cluster's resources (before any trial starts).
+    """
+    # ---------------------------------------------------------------- CHECK (no Ray yet)
     if resume is not None:
+        if overrides:
+            raise ConfigError(f"bptt sweep --resume continues a sweep with the settings it started with; drop "
+                              f"{shlex.join(overrides)}, or start a new sweep: bptt sweep --config SWEEP_FILE "
+                              f"{shlex.join(overrides)}")
         directory = Path(resume).resolve()
         state = SweepState.load(directory)
         spec, base = state.spec(directory, trusted=trusted)
-        name, storage = directory.name, str(directory.parent)
     else:
-        if config is None:
-            raise ConfigError("bptt sweep needs --config conf/sweep/NAME.yaml or --resume EXPERIMENT_DIR")
-        spec, base = load_sweep(config, trusted=trusted)
-        state = SweepState(sweep_file=str(Path(config).resolve()), sweep_yaml=Path(config).read_text(),
-                           cwd=os.getcwd())
-        name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        storage = str(Path(storage_path or spec.storage_path or "~/ray_results").expanduser().resolve())
-        directory = Path(storage) / name
+        spec, base, state, directory = _new_sweep(config, overrides or [], storage_path, trusted)
     tracking = _tracking(spec, base)
     if state.tracking_uri:  # a resumed sweep writes where it started, wherever it is resumed from
         tracking.tracking_uri = state.tracking_uri
@@ -80,22 +100,59 @@ def sweep(config: str | None = None, *, resume: str | None = None, address: str 
 
     release()  # what the checks' libraries printed
 
+    # ---------------------------------------------------------------- START (served store, Ray) and RUN
     # every process started below (served store, local Ray instance) ends with this one, even on kill -9
     with FateSharing(), ServedStore(tracking, log=directory / "mlflow-server.log") as store:
-        if ray.is_initialized():
-            ray.shutdown()
-        # "local": an instance of its own, even where `ray start` (or a test cluster) left its address behind.
-        # The dashboard stays: Train cleans up through its state API.
-        ray.init(address=address or "local", log_to_driver=False,
-                 runtime_env={"env_vars": _forwarded_env()} if address is None else None)
+        start_ray(address)
         try:
             check_resources(spec)
             check_state_api(address)
             _check_store_reachable(tracking)
             store.wait()
-            return _tune(spec, base, state, name, storage, directory, tracking, store.uri, resume is not None)
+            return _tune(spec, base, state, directory, tracking, store.uri, resume is not None)
         finally:
             ray.shutdown()
+
+
+def _new_sweep(config: str | None, overrides: list[str], storage_path: str | None,
+               trusted: bool) -> tuple[SweepSpec, str, SweepState, Path]:
+    """A new sweep's checked spec, base config path, state and experiment directory (not yet made)."""
+    if config is None:
+        raise ConfigError("bptt sweep needs --config conf/sweep/NAME.yaml or --resume EXPERIMENT_DIR")
+    spec, base = load_sweep(config, overrides=overrides, trusted=trusted)
+    state = SweepState(sweep_file=str(Path(config).resolve()), sweep_yaml=Path(config).read_text(), cwd=os.getcwd(),
+                       overrides=overrides)
+    storage = Path(storage_path or spec.storage_path or "~/ray_results").expanduser().resolve()
+    return spec, base, state, storage / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def start_ray(address: str | None) -> None:
+    """Start a local Ray instance of this process's own, or join the cluster at ``address``.
+
+    Raises:
+        RayStartError: Ray did not start or join (one line: Ray's reason and what to check).
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        # "local": an instance of its own, even where `ray start` (or a test cluster) left its address behind.
+        # The dashboard stays: Train cleans up through its state API.
+        ray.init(address=address or "local", log_to_driver=False,
+                 runtime_env={"env_vars": _forwarded_env()} if address is None else None)
+    except (OSError, RuntimeError, ValueError) as err:  # no connection, a start timed out, a malformed address
+        ray.shutdown()  # whatever of it started
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        reason = f"{type(err).__name__}: {first}" if first else type(err).__name__
+        if address is None:
+            temp = os.environ.get("RAY_TMPDIR") or "/tmp"
+            raise RayStartError(f"Ray did not start a local instance ({reason}); check free memory and space in "
+                                f"{temp} (Ray's files; $RAY_TMPDIR moves them), end stale instances with `ray stop`, "
+                                "or join a running cluster with --address") from None
+        raise RayStartError(f"Ray did not join the cluster at --address {address} ({reason}); is the cluster up "
+                            f"and the address right? `ray status --address {address}` on one of its nodes tells; "
+                            "drop --address to start a local instance") from None
 
 
 @dataclass
@@ -107,6 +164,7 @@ class SweepState:
     cwd: str  # the directory the sweep started in: trials run there
     tracking_uri: str | None = None  # the MLflow store the sweep writes to, wherever it is resumed from
     parent_run_id: str | None = None  # the sweep's MLflow run, once opened
+    overrides: list[str] = field(default_factory=list)  # the command line's overrides of the sweep file
 
     @classmethod
     def load(cls, directory: Path) -> SweepState:
@@ -127,20 +185,24 @@ class SweepState:
             raise ConfigError(f"sweep state {path} is not readable JSON ({err}); {fix}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"sweep state {path} is not a JSON object but a {type(raw).__name__}; {fix}")
-        for item in fields(cls):
+        texts = [item for item in fields(cls) if item.name != "overrides"]
+        for item in texts:
             value, optional = raw.get(item.name), item.default is None
             if item.name not in raw and not optional:
                 raise ConfigError(f"sweep state {path} has no {item.name}; {fix}")
             if not isinstance(value, str) and not (optional and value is None):
                 kinds = "a string or null" if optional else "a string"
                 raise ConfigError(f"sweep state {path}: {item.name} must be {kinds}, got {type(value).__name__}; {fix}")
-        return cls(**{item.name: raw.get(item.name) for item in fields(cls)})
+        overrides = raw.get("overrides", [])  # none in the state of a sweep started without
+        if not isinstance(overrides, list) or not all(isinstance(word, str) for word in overrides):
+            raise ConfigError(f"sweep state {path}: overrides must be a list of strings, got {overrides!r}; {fix}")
+        return cls(**{item.name: raw.get(item.name) for item in texts}, overrides=overrides)
 
     def spec(self, directory: Path, *, trusted: bool = False) -> tuple[SweepSpec, str]:
-        """The saved sweep file, loaded and checked as when the sweep started: (spec, base config path).
-        Its import paths are checked against the allow-list unless ``trusted``: the file is data."""
+        """The saved sweep file and overrides, loaded and checked as when the sweep started: (spec, base
+        config path). Its import paths are checked against the allow-list unless ``trusted``: the file is data."""
         try:
-            return load_sweep(self.sweep_file, self.sweep_yaml, trusted=trusted)
+            return load_sweep(self.sweep_file, self.sweep_yaml, overrides=self.overrides, trusted=trusted)
         except ConfigError as err:
             raise ConfigError(f"sweep state {directory / STATE_FILE}: its sweep_yaml no longer loads ({err}); "
                               "restore the file, or start the sweep anew with bptt sweep --config SWEEP_FILE") from None
@@ -154,10 +216,10 @@ class SweepState:
 
 
 def _tracking(spec: SweepSpec, base: str) -> MlflowTracking:
-    """The base config's tracking node, with the sweep's tracking settings on top."""
-    from bptt.config import build_parser, parse_config
+    """The base config's tracking node (with the sweep's overrides), the sweep's tracking settings on top."""
+    from bptt.config.parser import build_parser, parse_config
 
-    cfg = parse_config(["--config", base], build_parser(), trusted=spec.trusted)
+    cfg = parse_config(trial_args(base, spec, {}), build_parser(), trusted=spec.trusted)
     tracking = dict(vars(cfg.tracking))
     tracking["experiment_name"] = spec.tracking.experiment_name or f"{spec.name}-sweep"
     if spec.tracking.tracking_uri:
@@ -188,7 +250,8 @@ def check_resources(spec: SweepSpec) -> None:
     have = ", ".join(f"CPU {n.get('CPU', 0):g} GPU {n.get('GPU', 0):g}" for n in nodes)
     if not any(per_node):
         raise ConfigError(
-            f"no node can hold one worker with {r.cpus_per_worker:g} CPU and {r.gpus_per_worker:g} GPU (nodes: {have}); "
+            f"no node can hold one worker with {r.cpus_per_worker:g} CPU and {r.gpus_per_worker:g} GPU "
+            f"(nodes: {have}); "
             "lower resources.cpus_per_worker / gpus_per_worker, or add nodes (resources.check: false on autoscaling "
             "clusters)"
         )
@@ -225,7 +288,8 @@ def _check_store_reachable(tracking: MlflowTracking) -> None:
     if is_local_store(tracking.uri()) and len(hosts) > 1:
         raise ConfigError(
             f"the MLflow store {tracking.uri()} is a local file, which trials on the cluster's other machines "
-            f"({len(hosts)} hosts) cannot reach; set tracking.tracking_uri (or $MLFLOW_TRACKING_URI) to an MLflow server"
+            f"({len(hosts)} hosts) cannot reach; set tracking.tracking_uri (or $MLFLOW_TRACKING_URI) to an MLflow "
+            "server"
         )
 
 
@@ -235,23 +299,26 @@ def _concurrency(spec: SweepSpec) -> int:
 
     total = ray.cluster_resources()
     r = spec.resources
-    limits = [total.get(k, 0.0) / (v * r.num_workers) for k, v in (("CPU", r.cpus_per_worker), ("GPU", r.gpus_per_worker))
-              if v > 0]
+    per_worker = (("CPU", r.cpus_per_worker), ("GPU", r.gpus_per_worker))
+    limits = [total.get(k, 0.0) / (v * r.num_workers) for k, v in per_worker if v > 0]
     return max(1, math.floor(min(limits, default=1) + 1e-9))
 
 
-def _tune(spec: SweepSpec, base: str, state: SweepState, name: str, storage: str, directory: Path,
-          tracking: MlflowTracking, served_uri: str, resuming: bool) -> list[dict]:
+def _tune(spec: SweepSpec, base: str, state: SweepState, directory: Path, tracking: MlflowTracking,
+          served_uri: str, resuming: bool) -> list[dict]:
     import ray.tune
 
     from bptt.private_api import head_node_resource
 
+    name, storage = directory.name, str(directory.parent)
+    tags = MlflowTracking().run_tags()  # what `bptt fit` tags its runs with: this command, bptt's version, commit
     runs = SweepRuns.open(served_uri, tracking, name, state.parent_run_id, spec=spec, base=base,
-                          sweep_yaml=state.sweep_yaml)
+                          sweep_yaml=state.sweep_yaml, tags=tags)
     if state.parent_run_id is None:
         state.parent_run_id = runs.parent_run_id
         state.save(directory)
-    context = SweepContext(base_yaml=Path(base).read_text(), spec=spec, runs=runs, storage_path=storage, cwd=state.cwd)
+    context = SweepContext(base_yaml=Path(base).read_text(), spec=spec, runs=runs, storage_path=storage, cwd=state.cwd,
+                           run_tags={k: v for k, v in tags.items() if k != "host"})  # the workers' hosts are others
     driver = {"CPU": spec.resources.driver_cpus} if spec.resources.driver_cpus > 0 else head_node_resource()
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), driver)
     os.environ[SERVED_URI_ENV] = served_uri  # where ChildRunStatus, restored from an older start, writes

@@ -23,25 +23,30 @@ A sweep file::
     tracking: {tracking_uri: null, experiment_name: quickstart-sweep}
 
 Relative paths (``base``) resolve against the sweep file's directory, else the working directory.
+The command line overrides any key of the sweep file and of its base config, as if the file said so
+(``apply_overrides``): ``bptt sweep --config FILE --num_samples 2 --scheduler.max_t 3 --trainer.max_steps 40``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import shlex
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from bptt.config.trust import check_args, check_config
 from bptt.errors import ConfigError
 from bptt.metric_names import VAL_LOSS
-from bptt.trust import check_config
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 DEFAULT_CHECKPOINTS_TO_KEEP = 2
-FIT_HELP = "; `bptt fit --help` lists every key and type"  # bptt.config.one_line's hint, which fits no sweep file
+FIT_KEYS = ("seed_everything", "trainer", "model", "task", "data", "tracking", "checkpoint")  # a `bptt fit` config's
+KEYED_BY_CONFIG_KEY = ("space", "overrides", "scheduler.mutations")  # mappings whose keys are dotted config keys
+FIT_HELP = "; `bptt fit --help` lists every key and type"  # bptt.config.parser.one_line's hint: no sweep file's
 
 
 @dataclass
@@ -135,23 +140,51 @@ class SweepSpec:
         return self.train_checkpoints_to_keep()
 
 
-def load_sweep(path: str | Path, text: str | None = None, *, trusted: bool = False) -> tuple[SweepSpec, str]:
-    """Read and check a sweep file (or its saved ``text``): (spec, base config path).
+def load_sweep(
+    path: str | Path, text: str | None = None, *, overrides: list[str] | None = None, trusted: bool = False
+) -> tuple[SweepSpec, str]:
+    """Read and check a sweep file (or its saved ``text``), with the command line's ``overrides`` on top:
+    (spec, base config path).
 
-    Every check that needs no cluster happens here: the import paths the sweep file and its base
-    config name (``bptt.trust``; any, when ``trusted``, which the spec then carries to every
-    trial), keys and types of the sweep file, the distributions, the scheduler and search
+    Every check that needs no cluster happens here: the import paths the sweep file, its base config
+    and the overrides name (``bptt.config.trust``; any, when ``trusted``, which the spec then carries to
+    every trial), keys and types of the sweep file, the distributions, the scheduler and search
     algorithm, and that each space key is a key of the base config taking the values the space
     can draw, values its constructors accept (the DataModule, network and task built without data).
+
+    Args:
+        overrides: ``--key value`` or ``--key=value`` words (``apply_overrides``): keys of the sweep file
+            (``--num_samples 2``, ``--scheduler.max_t 3``) and of its base config (``--trainer.max_steps 40``).
 
     Raises:
         ConfigError: one line naming the problem and the fix.
     """
-    from jsonargparse import ArgumentParser
-
-    from bptt.config import one_line
-
     path = Path(path)
+    raw = _read(path, text)
+    source = str(path)
+    if overrides:
+        apply_overrides(raw, overrides, trusted=trusted)
+        source = f"{path} with {shlex.join(overrides)}"
+    check_config(raw, source=f"sweep file {path}", trusted=trusted, base=path.parent)
+    spec = _parse(raw, source, trusted)
+    base = _resolve(spec.base, path)
+    if not spec.space:
+        raise ConfigError(f"{source}: space is empty; give at least one dotted key with a distribution")
+    for key, dist in spec.space.items():
+        _check_distribution(source, key, dist)
+    if spec.scheduler.type == "pbt":
+        for key, dist in (spec.scheduler.mutations or {}).items():
+            _check_distribution(source, key, dist)
+    _check_search(source, spec)
+    _check_numbers(source, spec)
+    _check_against_base(source, spec, base)
+    return spec, str(base)
+
+
+def _read(path: Path, text: str | None) -> dict[str, Any]:
+    """The sweep file (or its saved ``text``) as YAML data."""
+    from bptt.config.parser import one_line
+
     if text is None:
         if not path.is_file():
             raise ConfigError(f"sweep file {path} does not exist; pass e.g. --config conf/sweep/quickstart.yaml")
@@ -162,14 +195,22 @@ def load_sweep(path: str | Path, text: str | None = None, *, trusted: bool = Fal
         raise ConfigError(f"{path} is not valid YAML ({one_line(err).removesuffix(FIT_HELP)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping with at least name, base and space")
-    check_config(raw, source=f"sweep file {path}", trusted=trusted, base=path.parent)
+    return raw
+
+
+def _parse(raw: dict[str, Any], source: str, trusted: bool) -> SweepSpec:
+    """The sweep file's keys and types, checked by jsonargparse against ``SweepSpec``."""
+    from jsonargparse import ArgumentParser
+
+    from bptt.config.parser import one_line
+
     # config values stay as written (jsonargparse would build the objects of class_path entries)
     verbatim = {k: raw.pop(k) for k in ("space", "overrides") if k in raw}
     scheduler_raw = raw.get("scheduler")
     mutations = scheduler_raw.pop("mutations", None) if isinstance(scheduler_raw, dict) else None
     for key, value in [*verbatim.items(), ("scheduler.mutations", mutations or {})]:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: {key} must be a mapping of dotted config keys, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a mapping of dotted config keys, got {value!r}")
     parser = ArgumentParser(prog="bptt sweep", exit_on_error=False)
     parser.add_class_arguments(SweepSpec, "sweep")
     try:
@@ -179,34 +220,116 @@ def load_sweep(path: str | Path, text: str | None = None, *, trusted: bool = Fal
         spec.trusted = trusted
         spec.scheduler.mutations = mutations
     except Exception as err:  # jsonargparse: unknown key, wrong type, a value outside a Literal
-        raise ConfigError(f"{path}: {one_line(err).replace(FIT_HELP, '')}"
+        raise ConfigError(f"{source}: {one_line(err).replace(FIT_HELP, '')}"
                           "; see conf/sweep/quickstart.yaml for the keys") from None
-    base = _resolve(spec.base, path)
-    if not spec.space:
-        raise ConfigError(f"{path}: space is empty; give at least one dotted key with a distribution")
-    for key, dist in spec.space.items():
-        _check_distribution(path, key, dist)
+    return spec
+
+
+def _check_search(source: str, spec: SweepSpec) -> None:
+    """A search algorithm that combines with the scheduler and the space, and whose package is installed."""
+    if spec.search is None:
+        return
     if spec.scheduler.type == "pbt":
-        for key, dist in (spec.scheduler.mutations or {}).items():
-            _check_distribution(path, key, dist)
-    if spec.search is not None:
-        if spec.scheduler.type == "pbt":
-            raise ConfigError(f"{path}: a search algorithm cannot drive PBT; drop search or use scheduler asha/fifo")
-        if any(_kind(d) == "grid" for d in spec.space.values()):
-            raise ConfigError(f"{path}: grid values do not combine with search {spec.search.type}; use choice")
-        module = {"optuna": "optuna", "hyperopt": "hyperopt"}[spec.search.type]
+        raise ConfigError(f"{source}: a search algorithm cannot drive PBT; drop search or use scheduler asha/fifo")
+    if any(_kind(d) == "grid" for d in spec.space.values()):
+        raise ConfigError(f"{source}: grid values do not combine with search {spec.search.type}; use choice")
+    module = {"optuna": "optuna", "hyperopt": "hyperopt"}[spec.search.type]
+    try:
+        __import__(module)
+    except ImportError:
+        raise ConfigError(
+            f"search {spec.search.type} needs the {module} package; pip install 'bptt[{module}]' or drop search"
+        ) from None
+
+
+def override_pairs(words: list[str]) -> list[tuple[str, str]]:
+    """``["--a", "1", "--b=2"]`` -> ``[("a", "1"), ("b", "2")]``.
+
+    Raises:
+        ConfigError: a word that is not a ``--key``, or a key without a value.
+    """
+    pairs, i = [], 0
+    while i < len(words):
+        word = words[i]
+        key, equals, value = word[2:].partition("=")
+        if not word.startswith("--") or not key:
+            raise ConfigError(f"bptt sweep takes overrides as --key value pairs, e.g. --num_samples 2 or "
+                              f"--trainer.max_steps=40; {word!r} is not a --key")
+        if not equals:
+            if i + 1 == len(words) or words[i + 1].startswith("--"):
+                raise ConfigError(f"override --{key} has no value; pass --{key} VALUE or --{key}=VALUE")
+            i, value = i + 1, words[i + 1]
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def is_sweep_key(key: str) -> bool:
+    """Whether a dotted override names a key of the sweep file (else one of its base config's).
+    ``tracking`` is in both: ``tracking.tracking_uri`` and ``tracking.experiment_name`` are the sweep's."""
+    top, _, rest = key.partition(".")
+    if top == "tracking":
+        return not rest or rest in {f.name for f in fields(Tracking)}
+    return top in {f.name for f in fields(SweepSpec)}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], *, trusted: bool = False) -> None:
+    """Put the command line's ``--key value`` overrides into a sweep file's data ``raw``, as if the file
+    said so: a sweep file key takes the value read as YAML (``--scheduler.max_t 3``,
+    ``--space.model.hidden_size '{choice: [64, 128]}'``); a key of the base config (``FIT_KEYS``)
+    joins the file's ``overrides`` as text, which ``bptt fit``'s parser reads (``--trainer.max_steps 40``).
+    Every value is checked against the allow-list first, as ``bptt fit`` checks its command line.
+
+    Raises:
+        ConfigError: a malformed override, a key of neither, a base config key that the space samples,
+            a value that is not YAML, or code outside the allow-list.
+    """
+    pairs = override_pairs(overrides)
+    check_args(overrides, trusted=trusted)
+    for key, value in pairs:
+        if not is_sweep_key(key):
+            _override_base(raw, key, value)
+            continue
         try:
-            __import__(module)
-        except ImportError:
-            raise ConfigError(
-                f"search {spec.search.type} needs the {module} package; pip install 'bptt[{module}]' or drop search"
-            ) from None
-    _check_numbers(path, spec)
-    _check_against_base(path, spec, base)
-    return spec, str(base)
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or " ".join(str(err).split())[:200]
+            raise ConfigError(f"override --{key} {value!r} is not a YAML value ({problem}); write it as YAML, "
+                              "e.g. '{choice: [16, 32]}'") from None
+        _set(raw, key, parsed)
 
 
-def _check_pbt_keeps_read_layout(path: Path, mutations: dict[str, Any], data: Any) -> None:
+def _override_base(raw: dict[str, Any], key: str, value: str) -> None:
+    """A base config key into the sweep file's ``overrides`` (``_check_against_base`` checks it there)."""
+    if key.partition(".")[0] not in FIT_KEYS:
+        sweep_keys = ", ".join(f.name for f in fields(SweepSpec))
+        raise ConfigError(f"override --{key} is neither a sweep file key ({sweep_keys}) nor a training config "
+                          f"key ({', '.join(FIT_KEYS)}); fix the key (`bptt fit --help` lists the training keys)")
+    space = raw.get("space")
+    if isinstance(space, dict) and key in space:
+        raise ConfigError(f"override --{key} sets a key that the sweep samples (space); drop it, or replace its "
+                          f"distribution: --space.{key} '{{choice: [{value}]}}'")
+    overrides = raw.get("overrides")
+    raw["overrides"] = {**(overrides if isinstance(overrides, dict) else {}), key: value}
+
+
+def _set(raw: dict[str, Any], key: str, value: Any) -> None:
+    """``raw[a][b] = value`` for ``key`` ``a.b``; below a mapping of dotted config keys (``KEYED_BY_CONFIG_KEY``)
+    the rest of ``key`` is one key."""
+    node, walked, rest = raw, "", key
+    while walked not in KEYED_BY_CONFIG_KEY and "." in rest:
+        name, rest = rest.split(".", 1)
+        walked = f"{walked}.{name}" if walked else name
+        if node.get(name) is None:
+            node[name] = {}
+        if not isinstance(node[name], dict):
+            raise ConfigError(f"override --{key}: {walked} is {node[name]!r}, not a mapping; override "
+                              f"--{walked} as a whole")
+        node = node[name]
+    node[rest] = value
+
+
+def _check_pbt_keeps_read_layout(source: str, mutations: dict[str, Any], data: Any) -> None:
     """PBT continues a better trial's checkpoint under the worse trial's perturbed config: a checkpoint's
     read position counts batches of its own data layout (the DataModule's ``READ_LAYOUT``), which
     ``bptt resume`` refuses to change."""
@@ -214,13 +337,13 @@ def _check_pbt_keeps_read_layout(path: Path, mutations: dict[str, Any], data: An
     for key in mutations:
         if key.startswith("data.") and key.split(".", 1)[1] in layout:
             raise ConfigError(
-                f"{path}: PBT would perturb {key}, but a trial continues another trial's checkpoint whose read "
+                f"{source}: PBT would perturb {key}, but a trial continues another trial's checkpoint whose read "
                 f"position counts batches of its own {key}; keep it out of scheduler.mutations (and out of space "
                 "when mutations is not given), or use scheduler asha or fifo"
             )
 
 
-def _check_pbt_keeps_model_shapes(path: Path, key: str, built: list[tuple[Any, dict[str, tuple[int, ...]]]]) -> None:
+def _check_pbt_keeps_model_shapes(source: str, key: str, built: list[tuple[Any, dict[str, tuple[int, ...]]]]) -> None:
     """PBT continues a better trial's checkpoint under the worse trial's perturbed config: its weights
     must fit the network that config builds. ``built``: values of ``key`` and their parameter shapes."""
     (first, shapes), *others = built
@@ -228,13 +351,13 @@ def _check_pbt_keeps_model_shapes(path: Path, key: str, built: list[tuple[Any, d
         differing = [k for k in {**shapes, **other} if shapes.get(k) != other.get(k)]  # in the network's order
         if differing:
             raise ConfigError(
-                f"{path}: PBT would perturb {key}, but {key}={first!r} and {value!r} build parameters of other shapes "
-                f"(at {differing[0]}) and a trial continues another trial's checkpoint; keep it out of "
+                f"{source}: PBT would perturb {key}, but {key}={first!r} and {value!r} build parameters of other "
+                f"shapes (at {differing[0]}) and a trial continues another trial's checkpoint; keep it out of "
                 "scheduler.mutations (and out of space when mutations is not given), or use scheduler asha or fifo"
             )
 
 
-def _check_numbers(path: Path, spec: SweepSpec) -> None:
+def _check_numbers(source: str, spec: SweepSpec) -> None:
     """Every count, size, resource and bound of the sweep file within what Tune and Ray accept
     (jsonargparse has checked the types; a value out of range would otherwise pass until Ray runs)."""
     r, s, f = spec.resources, spec.scheduler, spec.failure
@@ -265,7 +388,7 @@ def _check_numbers(path: Path, spec: SweepSpec) -> None:
     ]
     for key, value, ok, requirement in rules:
         if not ok:
-            raise ConfigError(f"{path}: {key} must be {requirement}, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be {requirement}, got {value!r}")
 
 
 def _is_quantity(value: float) -> bool:
@@ -284,20 +407,20 @@ def _kind(dist: Any) -> str | None:
     return next(iter(dist)) if isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS else None
 
 
-def _check_distribution(path: Path, key: str, dist: Any) -> None:
+def _check_distribution(source: str, key: str, dist: Any) -> None:
     kind = _kind(dist)
     if kind is None:
         raise ConfigError(
-            f"{path}: space key {key!r} must be one of {{{', '.join(DISTRIBUTIONS)}: [...]}}, got {dist!r}"
+            f"{source}: space key {key!r} must be one of {{{', '.join(DISTRIBUTIONS)}: [...]}}, got {dist!r}"
         )
     values = dist[kind]
     if not isinstance(values, list) or not values:
-        raise ConfigError(f"{path}: {key}: {kind} takes a non-empty list, got {values!r}")
+        raise ConfigError(f"{source}: {key}: {kind} takes a non-empty list, got {values!r}")
     if kind in ("uniform", "loguniform", "randint"):
         if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
-            raise ConfigError(f"{path}: {key}: {kind} takes [low, high] with low < high, got {values!r}")
+            raise ConfigError(f"{source}: {key}: {kind} takes [low, high] with low < high, got {values!r}")
         if kind == "loguniform" and values[0] <= 0:
-            raise ConfigError(f"{path}: {key}: loguniform needs low > 0, got {values!r}")
+            raise ConfigError(f"{source}: {key}: loguniform needs low > 0, got {values!r}")
 
 
 def _samples(dist: dict[str, list]) -> list[Any]:
@@ -321,21 +444,22 @@ def trial_args(base: str, spec: SweepSpec, sampled: dict[str, Any]) -> list[str]
     return ["--config", base, *as_args(spec.overrides), *as_args(sampled)]
 
 
-def _check_against_base(path: Path, spec: SweepSpec, base: Path) -> None:
-    from bptt.config import build_parser, build_without_data, check_window_fits, parameter_shapes, parse_config
+def _check_against_base(source: str, spec: SweepSpec, base: Path) -> None:
+    from bptt.config.parser import build_parser, build_without_data, parameter_shapes, parse_config
+    from bptt.training.checks import check_window_fits
 
     parser = build_parser()
     try:
         built_base = build_without_data(parse_config(trial_args(str(base), spec, {}), parser, trusted=spec.trusted))
         check_window_fits(built_base)
     except ConfigError as err:
-        raise ConfigError(f"{path}: base config with the sweep's overrides: {err}") from None
+        raise ConfigError(f"{source}: base config with the sweep's overrides: {err}") from None
     perturbed = pbt_mutations(spec)
-    _check_pbt_keeps_read_layout(path, perturbed, built_base.data)
+    _check_pbt_keeps_read_layout(source, perturbed, built_base.data)
     keys = {**spec.space, **(spec.scheduler.mutations or {} if spec.scheduler.type == "pbt" else {})}
     for key, dist in keys.items():
         if key in spec.overrides:
-            raise ConfigError(f"{path}: {key!r} is both in overrides and in space; keep one")
+            raise ConfigError(f"{source}: {key!r} is both in overrides and in space; keep one")
         built = []
         for value in _samples(dist):
             try:
@@ -345,9 +469,9 @@ def _check_against_base(path: Path, spec: SweepSpec, base: Path) -> None:
                 if key in perturbed and key.startswith("model."):
                     built.append((value, parameter_shapes(trial.model)))
             except ConfigError as err:
-                raise ConfigError(f"{path}: space key {key!r} = {value!r} does not fit {base.name}: {err}") from None
+                raise ConfigError(f"{source}: space key {key!r} = {value!r} does not fit {base.name}: {err}") from None
         if built:
-            _check_pbt_keeps_model_shapes(path, key, built)
+            _check_pbt_keeps_model_shapes(source, key, built)
 
 
 def tune_space(space: dict[str, Any]) -> dict[str, Any]:
@@ -414,7 +538,7 @@ def search_algorithm(spec: SweepSpec, max_concurrent: int = 0) -> Any:
 
 def resolved_config(base: str, spec: SweepSpec, sampled: dict[str, Any]) -> str:
     """One trial's whole training config as YAML (``base``: the base config's path or text)."""
-    from bptt.config import build_parser, parse_config
+    from bptt.config.parser import build_parser, parse_config
 
     parser = build_parser()
     return parser.dump(parse_config(trial_args(base, spec, sampled), parser, trusted=spec.trusted))

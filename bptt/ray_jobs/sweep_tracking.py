@@ -7,8 +7,14 @@ One experiment (``tracking.experiment_name``) holds::
     |                                          leaderboard.txt, best_config.yaml; metric best/<metric>
     +- child run "lr=0.0043 hidden=256"        tags mlflow.parentRunId, bptt.trial_id, bptt.sweep; one per
                                                trial, created by the trial, written by its rank-0 worker
-                                               (``bptt.training.train``), closed by the driver; the best
+                                               (``bptt.training.run.train``), closed by the driver; the best
                                                trial's run holds a logged model
+
+Every run carries the tags ``bptt fit`` gives its own (the ``bptt sweep`` command as the source, bptt's
+version, the git commit). A trial's run is complete however the trial ends: its params (the trial's
+config, less the paths that differ per trial: ``TRIAL_PATHS``) before training; ``config.yaml`` and the
+data's files (``vocab.json``, ...) as the run opens (``bptt.training.run.train``); ``curves.png`` from its
+metric history when Tune is done with the trial, unless the trial logged its own (``ChildRunStatus``).
 
 While a sweep runs, a local sqlite store is served by ``mlflow server`` on 127.0.0.1
 (``ServedStore``) so that concurrent trials write through one process.
@@ -20,8 +26,10 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,13 +38,18 @@ import yaml
 from ray.tune import Callback
 
 from bptt.ray_jobs.fate_sharing import end_group, start_group
-from bptt.tracking import EXPERIMENT_KIND, MlflowTracking, TrackingError, flatten, tracking_uri_env_kept
+from bptt.tracking.mlflow_tracking import EXPERIMENT_KIND, MlflowTracking, TrackingError, tracking_uri_env_kept
+from bptt.tracking.params import flatten
 
 if TYPE_CHECKING:
     from bptt.ray_jobs.sweep_config import SweepSpec
 
 TRIAL_TAG, SWEEP_TAG, PARENT_TAG, KIND_TAG = "bptt.trial_id", "bptt.sweep", "mlflow.parentRunId", "bptt.kind"
 BEST_TRIAL_TAG = "bptt.best_trial"
+CURVES = "curves.png"
+# where one start of a trial writes (its workers' directory, the store served to this driver): they differ per
+# trial or per start and say nothing about the trial, yet as params they would set every trial apart
+TRIAL_PATHS = ("trainer.default_root_dir", "tracking.tracking_uri")
 SERVED_URI_ENV = "BPTT_SWEEP_TRACKING_URI"  # the served store's URI, for callbacks restored from an older start
 
 
@@ -72,8 +85,8 @@ class ServedStore:
         if not is_local_store(self.store_uri):
             return self
         if not self.store_uri.startswith("sqlite:///"):
-            raise TrackingError(f"a sweep serves only sqlite stores; {self.store_uri} is not one: use sqlite:///PATH.db "
-                                "or an MLflow server")
+            raise TrackingError(f"a sweep serves only sqlite stores; {self.store_uri} is not one: use "
+                                "sqlite:///PATH.db or an MLflow server")
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._start()
         return self
@@ -111,7 +124,8 @@ class ServedStore:
                     end_group(self._server)  # whatever of it is left
                     self._start()
                 elif self._server.poll() is not None or time.time() > deadline:
-                    raise TrackingError(f"mlflow server on {self.store_uri} did not start; its log: {self.log}") from None
+                    raise TrackingError(f"mlflow server on {self.store_uri} did not start; its log: "
+                                        f"{self.log}") from None
                 time.sleep(0.25)
 
     def __exit__(self, *exc: Any) -> None:
@@ -161,9 +175,9 @@ class SweepRuns:
 
     @classmethod
     def open(cls, served_uri: str, tracking: MlflowTracking, sweep: str, parent_run_id: str | None, *,
-             spec: SweepSpec, base: str, sweep_yaml: str) -> SweepRuns:
-        """The sweep's parent run: created (with the sweep file as params and artifacts) when
-        ``parent_run_id`` is None, else set RUNNING again (a resumed sweep)."""
+             spec: SweepSpec, base: str, sweep_yaml: str, tags: Mapping[str, str]) -> SweepRuns:
+        """The sweep's parent run: created (with ``tags``, and the sweep file as params and artifacts)
+        when ``parent_run_id`` is None, else set RUNNING again (a resumed sweep)."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(served_uri)
@@ -173,7 +187,7 @@ class SweepRuns:
         if parent_run_id is not None:
             client.update_run(parent_run_id, status="RUNNING")
             return cls(served_uri, tracking.experiment_name, experiment_id, parent_run_id, sweep)
-        parent = client.create_run(experiment_id, run_name=sweep, tags={SWEEP_TAG: sweep, KIND_TAG: "sweep"})
+        parent = client.create_run(experiment_id, run_name=sweep, tags={**tags, SWEEP_TAG: sweep, KIND_TAG: "sweep"})
         runs = cls(served_uri, tracking.experiment_name, experiment_id, parent.info.run_id, sweep)
         runs._log_sweep(spec, base, sweep_yaml)
         return runs
@@ -197,15 +211,38 @@ class SweepRuns:
             query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
         return self.client().search_runs([self.experiment_id], filter_string=query)
 
-    def child_run(self, trial_id: str, sampled: dict[str, Any]) -> str:
+    def child_run(self, trial_id: str, sampled: dict[str, Any], *, tags: Mapping[str, str]) -> str:
         """The trial's run under the parent, named by its sampled values: found again on a restart
-        (retry, PBT exploit), else created."""
+        (retry, PBT exploit), else created with ``tags`` (the sweep command's)."""
         found = self.trial_runs(trial_id)
         if found:
             return found[0].info.run_id
-        run = self.client().create_run(self.experiment_id, run_name=trial_run_name(sampled),
-                                       tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep})
+        own = {PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: self.sweep}
+        run = self.client().create_run(self.experiment_id, run_name=trial_run_name(sampled), tags={**tags, **own})
         return run.info.run_id
+
+    def log_trial_params(self, run_id: str, config: Mapping[str, Any]) -> None:
+        """A trial's whole config as its run's params, less ``TRIAL_PATHS``; once per run, as ``bptt fit`` logs
+        its own: the run's logger (``RunLogger.log_config``) then finds them and logs none."""
+        from mlflow.entities import Param
+
+        client = self.client()
+        if client.get_run(run_id).data.params:
+            return  # a restarted trial keeps its params
+        params = [Param(k, v[:6000]) for k, v in sorted(flatten(config).items()) if k not in TRIAL_PATHS]
+        for start in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[start : start + 100])
+
+    def log_curves(self, run_id: str) -> None:
+        """``curves.png`` of the run's metric history, unless the run has one: a trial that Tune stopped
+        (a scheduler, a stop condition) or that failed never reached the end of ``train``, which logs it."""
+        from bptt.tracking.curves import curves_png
+
+        client = self.client()
+        if not client.get_run(run_id).data.metrics or any(a.path == CURVES for a in client.list_artifacts(run_id)):
+            return
+        with tempfile.TemporaryDirectory(prefix="bptt-curves-") as directory:
+            client.log_artifact(run_id, str(curves_png(client, run_id, Path(directory) / CURVES)))
 
     def finish(self, *, metric: str, board: list[dict], csv_text: str, table: str, best_config: str | None) -> None:
         """The leaderboard, the best trial and its config on the parent run, which then ends
@@ -235,7 +272,7 @@ class SweepRuns:
         Returns:
             whether the run holds a model now (False for tasks without a serving model).
         """
-        from bptt.training import log_model
+        from bptt.tracking.logged_model import log_model
 
         if self.has_model(run_id):
             return True
@@ -249,8 +286,9 @@ class SweepRuns:
 
 
 class ChildRunStatus(Callback):
-    """Closes each trial's MLflow run when Tune is done with the trial (the trial's processes are
-    ended by Tune, e.g. an ASHA stop, and cannot close it themselves). Writes to the store in
+    """Completes and closes each trial's MLflow run when Tune is done with the trial (the trial's
+    processes are ended by Tune, e.g. an ASHA stop, and cannot close it themselves): its curves, then
+    its status. Writes to the store in
     ``$BPTT_SWEEP_TRACKING_URI``: Tune pickles its callbacks with the experiment, and a resumed
     sweep serves the store on another port."""
 
@@ -261,6 +299,7 @@ class ChildRunStatus(Callback):
         runs = SweepRuns(os.environ[SERVED_URI_ENV], "", self.experiment_id, self.parent_run_id, sweep="")
         client = runs.client()
         for run in runs.trial_runs(trial.trial_id):
+            runs.log_curves(run.info.run_id)
             client.set_terminated(run.info.run_id, status)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

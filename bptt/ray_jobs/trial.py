@@ -11,9 +11,9 @@ Three processes take part, and checkpoints flow through all three::
     checkpoint = the full .ckpt)    ``forward_train_reports``
 
 What one process hands the next is a dataclass: the driver gives every trial a ``SweepContext``,
-a trial gives each of its workers a ``WorkerJob``. The checkpoint is a ``bptt fit`` checkpoint
-(model, optimizer, carried hidden states, data position, RNG), so both kinds of restart continue
-exactly, in the trial's own MLflow run (``SweepRuns.child_run``).
+a trial gives each of its workers a ``WorkerJob`` (``worker.py`` holds that contract). The checkpoint
+is a ``bptt fit`` checkpoint (model, optimizer, carried hidden states, data position, RNG), so both
+kinds of restart continue exactly, in the trial's own MLflow run (``SweepRuns.child_run``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from typing import Any
 
 from bptt.ray_jobs.sweep_config import SweepSpec, trial_args
 from bptt.ray_jobs.sweep_tracking import SweepRuns
-
-CHECKPOINT_FILE = "checkpoint.ckpt"  # in every reported checkpoint's directory
+from bptt.ray_jobs.worker import WorkerJob, run_worker
 
 
 @dataclass(frozen=True)
@@ -41,18 +40,7 @@ class SweepContext:
     runs: SweepRuns  # the served store, the experiment and the parent run
     storage_path: str
     cwd: str  # trials run where the sweep started: relative paths in configs mean what they mean there
-
-
-@dataclass(frozen=True)
-class WorkerJob:
-    """A trial's hand-off to each of its Ray Train workers (``worker.run_worker``)."""
-
-    args: list[str]  # the ``bptt fit`` arguments of the trial
-    run_id: str  # the trial's MLflow run
-    start: Any  # ray.train.Checkpoint from Tune (PBT exploit, trial retry), or None: a fresh start
-    cwd: str
-    use_gpu: bool
-    trusted: bool  # the driver checked ``args`` against the allow-list, or was told to trust them
+    run_tags: dict[str, str]  # every trial run's: the driver's command line, bptt's version, the git commit
 
 
 def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
@@ -63,7 +51,6 @@ def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
     from ray.util.queue import Queue
 
     from bptt.private_api import forward_train_reports
-    from bptt.ray_jobs.worker import run_worker
 
     spec, runs = context.spec, context.runs
     trial_id = ray.tune.get_context().get_trial_id()
@@ -73,8 +60,8 @@ def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
               "--tracking.parent_run_id", runs.parent_run_id,
               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
               "--trainer.enable_checkpointing", "false"],
-        run_id=runs.child_run(trial_id, sampled), start=ray.tune.get_checkpoint(), cwd=context.cwd,
-        use_gpu=spec.resources.gpus_per_worker > 0, trusted=spec.trusted,
+        runs=runs, run_id=runs.child_run(trial_id, sampled, tags=context.run_tags), start=ray.tune.get_checkpoint(),
+        cwd=context.cwd, use_gpu=spec.resources.gpus_per_worker > 0, trusted=spec.trusted,
     )
     resources = spec.resources
     reports: Queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
@@ -108,6 +95,12 @@ def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
             metrics, checkpoint = reports.get(timeout=0.5)
         except queue.Empty:
             continue
-        ray.tune.report(metrics, checkpoint=checkpoint)
+        ray.tune.report(swept_metric_first(metrics, spec.metric), checkpoint=checkpoint)
     if failure:
         raise failure[0]
+
+
+def swept_metric_first(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
+    """``metrics`` with ``metric`` first: Tune's live table shows the first few metrics of a trial's
+    report (Ray 2.60's default output infers its columns so, and ignores a ``progress_reporter``)."""
+    return {metric: metrics[metric], **metrics} if metric in metrics else metrics

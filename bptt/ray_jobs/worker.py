@@ -1,6 +1,11 @@
 """The Ray Train worker side of a sweep trial (``trial.py`` has the Tune and controller side):
 ``bptt fit``'s Lightning training on this rank's streams under Ray Train's DDP, reporting metrics
-and a full checkpoint to ``ray.train.report`` after every validation."""
+and a full checkpoint to ``ray.train.report`` after every validation. Rank 0 gives the trial's MLflow
+run its params before training and its config and data files when fit starts, so that a trial Tune
+stops early (its workers ended before ``train`` logs them at the end) has them too.
+
+This module is the workers' contract: what a trial hands each worker (``WorkerJob``) and the file
+every reported checkpoint holds (``CHECKPOINT_FILE``). It imports nothing of the trial's side."""
 
 from __future__ import annotations
 
@@ -9,15 +14,30 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
-
-from bptt.ray_jobs.trial import CHECKPOINT_FILE
+import yaml
 
 if TYPE_CHECKING:
-    from bptt.ray_jobs.trial import WorkerJob
+    from bptt.ray_jobs.sweep_tracking import SweepRuns
+
+CHECKPOINT_FILE = "checkpoint.ckpt"  # in every reported checkpoint's directory
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """A trial's hand-off to each of its Ray Train workers (``run_worker``)."""
+
+    args: list[str]  # the ``bptt fit`` arguments of the trial
+    runs: SweepRuns  # the sweep's runs, in the served store
+    run_id: str  # the trial's MLflow run
+    start: Any  # ray.train.Checkpoint from Tune (PBT exploit, trial retry), or None: a fresh start
+    cwd: str
+    use_gpu: bool
+    trusted: bool  # the driver checked ``args`` against the allow-list, or was told to trust them
 
 
 def run_worker(job: WorkerJob) -> None:
@@ -30,18 +50,24 @@ def run_worker(job: WorkerJob) -> None:
         prepare_trainer,
     )
 
-    from bptt.checkpointing import load_checkpoint
-    from bptt.config import parse_config
-    from bptt.training import train
+    from bptt.config.parser import build_parser, parse_config
+    from bptt.training.checkpointing import load_checkpoint
+    from bptt.training.run import train
+    from bptt.training.trainer import Launch
 
     if Path(job.cwd).is_dir():  # relative paths in configs mean what they mean to `bptt fit` there
         os.chdir(job.cwd)
     context = ray.train.get_context()
-    root = Path(tempfile.gettempdir()) / "bptt-trials" / context.get_experiment_name() / f"rank{context.get_world_rank()}"
+    rank = context.get_world_rank()
+    root = Path(tempfile.gettempdir()) / "bptt-trials" / context.get_experiment_name() / f"rank{rank}"
     # the sweep driver checked these arguments against the allow-list, or was told to trust them
-    cfg = parse_config([*job.args, "--trainer.default_root_dir", str(root)], trusted=job.trusted)
-    placement = {"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()], "devices": "auto",
-                 "accelerator": "gpu" if job.use_gpu else "cpu", "num_nodes": 1}
+    parser = build_parser()
+    cfg = parse_config([*job.args, "--trainer.default_root_dir", str(root)], parser, trusted=job.trusted)
+    if rank == 0:
+        job.runs.log_trial_params(job.run_id, yaml.safe_load(parser.dump(cfg)))
+    launch = Launch(placement={"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()], "devices": "auto",
+                               "accelerator": "gpu" if job.use_gpu else "cpu", "num_nodes": 1},
+                    prepare=prepare_trainer, agree=_rank_zero_answer)
     start = ray.train.get_checkpoint() or job.start
     try:
         with start.as_directory() if start is not None else nullcontext(None) as directory:
@@ -49,8 +75,9 @@ def run_worker(job: WorkerJob) -> None:
             if directory is not None:
                 path = Path(directory) / CHECKPOINT_FILE
                 checkpoint = (path, load_checkpoint(path))
-            train(cfg, callbacks=[ReportToRay()], checkpoint=checkpoint, run_id=job.run_id, placement=placement,
-                  prepare=prepare_trainer, agree=_rank_zero_answer, trusted=job.trusted)  # the checkpoint's config is the trial's own
+            # the checkpoint's config is the trial's own
+            train(cfg, callbacks=[ReportToRay()], checkpoint=checkpoint, run_id=job.run_id,
+                  launch=launch, trusted=job.trusted)
     finally:  # config, vocabulary, curves and CSV logs: all of it is in MLflow by now
         shutil.rmtree(root, ignore_errors=True)
 

@@ -59,7 +59,8 @@ def _one_line(err) -> bool:
 
 def test_fsdd_composition_is_seeded_and_keeps_the_official_split(fsdd):
     by_split = fsdd_split(fsdd_recordings(fsdd / "fsdd"), (5, 7))
-    assert {r.index for r in by_split["test"]} == set(range(5)) and {r.index for r in by_split["validation"]} == {5, 6, 7}
+    assert {r.index for r in by_split["test"]} == set(range(5))
+    assert {r.index for r in by_split["validation"]} == {5, 6, 7}
     assert {r.index for r in by_split["train"]} == set(range(8, 12))
     args = {"digits_per_utterance": (2, 7), "gap_seconds": (0.05, 0.3), "count": 50}
     for split, indices in (("train", range(8, 12)), ("validation", range(5, 8)), ("test", range(5))):
@@ -187,7 +188,9 @@ def test_bucketing_reads_each_utterance_at_most_once_in_batches_of_similar_lengt
     assert len(set(flat.tolist())) == 1000  # 3 dropped, none twice
     ranges = sorted((frames[b].min(), frames[b].max()) for b in epoch0)  # one bucket: sorted runs
     assert all(hi <= next_lo for (_, hi), (next_lo, _) in itertools.pairwise(ranges))
-    padding = lambda batches: sum(int(frames[b].max() * len(b) - frames[b].sum()) for b in batches)
+    def padding(batches):
+        return sum(int(frames[b].max() * len(b) - frames[b].sum()) for b in batches)
+
     unbucketed = training_batches(frames, batch_size=10, batches_per_bucket=1, seed=1, epoch=0)
     assert padding(epoch0) < padding(unbucketed) / 10
     again = training_batches(frames, batch_size=10, batches_per_bucket=100, seed=1, epoch=0)
@@ -326,7 +329,8 @@ def test_a_split_left_empty_fails_with_one_line_naming_the_reason(tmp_path):
                                                    "test": ["cab"]})
     dm = SpeechDataModule(corpus="ls", tokens="chars", sample_rate=16000, data_dir=str(tmp_path),
                           cache_dir=str(tmp_path / "cache"), batch_size=1)
-    with pytest.raises(CorpusError, match=r"validation split .* no usable utterances \(characters outside the token set 1;") as err:
+    with pytest.raises(CorpusError,
+                       match=r"validation split .* no usable utterances \(characters outside the token set 1;") as err:
         dm.load()
     assert _one_line(err)
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bptt.datamodules.resumable import ResumableDataModule
+from bptt.datamodules.sharding import shard
 from bptt.datamodules.streams import StreamWindows, stream_layout, token_streams, window_lengths
 from bptt.errors import ConfigError
-from bptt.sharding import shard
 
 
 def test_row_b_of_batch_k_plus_1_continues_row_b_of_batch_k():

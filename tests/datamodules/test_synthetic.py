@@ -67,7 +67,8 @@ def test_adding_target_is_the_sum_of_the_two_marked_values_counted_at_the_last_s
     (batch,) = _batches(dm, "train")
     inputs, targets = batch["inputs"], batch["targets"]
     assert inputs.shape == (400, 20, 2) and targets.shape == batch["target_mask"].shape == (400, 20, 1, 1)
-    assert inputs.dtype == targets.dtype == torch.float32 and batch["mask"].dtype == batch["target_mask"].dtype == torch.bool
+    assert inputs.dtype == targets.dtype == torch.float32
+    assert batch["mask"].dtype == batch["target_mask"].dtype == torch.bool
     values, markers = inputs[..., 0], inputs[..., 1]
     assert bool(((values >= 0) & (values < 1)).all()) and bool(markers.sum(dim=1).eq(2).all())
     assert bool(((markers == 0) | (markers == 1)).all())
@@ -83,7 +84,8 @@ def test_adding_target_is_the_sum_of_the_two_marked_values_counted_at_the_last_s
     data = dm.forecast_data()
     assert (data.num_inputs, data.num_targets, data.horizon) == (2, 1, 1)
     assert data.input_names == ("value", "marker") and data.target_names == ("sum",)
-    assert data.target_mean.tolist() == [0.0] and data.target_std.tolist() == [1.0] and data.mase_scale.tolist() == [1.0]
+    assert data.target_mean.tolist() == [0.0] and data.target_std.tolist() == [1.0]
+    assert data.mase_scale.tolist() == [1.0]
     assert np.array_equal(data.timestamps, np.arange(21))
     # the trivial answer 1.0 costs 1/6 in squared error: the variance of the sum of two U(0, 1)
     assert dm.baseline_loss == pytest.approx(1 / 6)

@@ -88,7 +88,8 @@ def test_interpolate_fills_gaps_linearly_and_counts_only_interior_targets(tmp_pa
     assert np.flatnonzero(counted).tolist() == list(range(29, 38))  # target times 30..38; 39 is a trailing gap
     train = _windows(dm, "train")
     train_inputs = _original(dm, _joined(train, "inputs")[0, :, 0])
-    assert train_inputs[10:12].round(4).tolist() == [10.0, 11.0] and round(train_inputs[19], 4) == 18.0  # 19: trailing in train
+    assert train_inputs[10:12].round(4).tolist() == [10.0, 11.0]
+    assert round(train_inputs[19], 4) == 18.0  # 19: trailing in train
     train_counted = _joined(train, "target_mask")[0, :, 0, 0].numpy()
     assert np.flatnonzero(train_counted).tolist() == list(range(18))  # interpolated 10, 11 count; 19 does not
     val_inputs = _original(dm, _joined(_windows(dm, "validation"), "inputs")[0, :, 0])
@@ -287,7 +288,8 @@ def test_bad_series_fail_with_one_line_before_training(tmp_path):
     empty = good.assign(z=np.nan)
     dates = pd.DataFrame({"d": pd.date_range("2024-01-01", periods=50, freq="D").strftime("%Y-%m-%d"), "y": t * 1.0})
     dates.loc[4, "d"] = "yesterday"
-    weekly = pd.DataFrame({"d": pd.date_range("2024-01-06", periods=50, freq="W-SAT").strftime("%Y-%m-%d"), "y": t * 1.0})
+    weekly = pd.DataFrame({"d": pd.date_range("2024-01-06", periods=50, freq="W-SAT").strftime("%Y-%m-%d"),
+                           "y": t * 1.0})
     weekly.loc[10, "d"] = "2024-03-17"  # a Sunday
     files = {name: _bad_csv(tmp_path, f"{name}.csv", frame) for name, frame in
              {"good": good, "text": text, "unsorted": unsorted, "repeated": repeated, "empty": empty,
@@ -305,7 +307,8 @@ def test_bad_series_fail_with_one_line_before_training(tmp_path):
         ({"source": files["text"]}, CorpusError, r"column 'y' has the non-numeric value 'n.a.' at row 17 \(line 19\)"),
         ({"source": files["unsorted"]}, CorpusError, r"not sorted: row 23 \(line 25\) .*; sort the file by 't'"),
         ({"source": files["repeated"], "series_column": "id"}, CorpusError,
-         r"timestamp 9 appears twice in series 'b', at row 60 \(line 62\) and the row above; keep one row per time step"),
+         r"timestamp 9 appears twice in series 'b', at row 60 \(line 62\) and the row above; "
+         r"keep one row per time step"),
         ({"source": files["empty"]}, CorpusError, "value column 'z' has no values"),
         ({"source": files["dates"], "timestamp_column": "d"}, CorpusError, "timestamp 'yesterday' at row 4"),
         ({"source": files["weekly"], "timestamp_column": "d", "frequency": "W-SAT"}, CorpusError,
@@ -313,10 +316,12 @@ def test_bad_series_fail_with_one_line_before_training(tmp_path):
         ({"source": files["good"], "frequency": "D"}, CorpusError, "needs dates, but column 't' is numeric"),
         ({"source": files["good"], "bptt": 10}, CorpusError,
          r"the validation range of .* has 7 of its 50 steps, fewer than one window \(data.bptt \+ data.horizon = 11\)"),
-        ({"source": files["good"], "bptt": 4, "batch_size": 8}, ConfigError, "cuts the train range into streams of 4 steps"),
+        ({"source": files["good"], "bptt": 4, "batch_size": 8}, ConfigError,
+         "cuts the train range into streams of 4 steps"),
         ({"source": files["two"], "series_column": "id", "batch_size": 3, "bptt": 4}, ConfigError,
          "data.batch_size=3 .* over 2 series"),
-        ({"source": files["good"], "bptt": 4, "season": 40}, CorpusError, "no two observed train values data.season=40"),
+        ({"source": files["good"], "bptt": 4, "season": 40}, CorpusError,
+         "no two observed train values data.season=40"),
     ]
     for kwargs, error, message in cases:
         dm = TimeSeriesDataModule(data_dir=str(tmp_path), **{"timestamp_column": "t", "bptt": 4, "batch_size": 2,

@@ -158,8 +158,15 @@ class _Data(ListDataModule):
         return SpeechData(tokens="abcd", num_features=FEATURES)
 
 
+class _TaskOnListData(CTCSpeechTask):
+    """The task's declared hook takes a SpeechDataModule's description; here ``_Data``'s."""
+
+    def use_datamodule(self, datamodule) -> None:
+        self.use_data(datamodule.speech_data())
+
+
 def test_validation_decodes_with_the_tokens_handed_over_by_the_data():
-    task = CTCSpeechTask(model=_model(), optimizer=sgd(LR), k1=6, backprop="exact", num_decodings=1)
+    task = _TaskOnListData(model=_model(), optimizer=sgd(LR), k1=6, backprop="exact", num_decodings=1)
     trainer = run(task, [_batch()], val_batches=[_batch()], data=_Data)
     assert task.speech_data == SpeechData(tokens="abcd", num_features=FEATURES)
     assert task._samples[0][0] == "abbc"  # the reference of labels 1 2 2 3

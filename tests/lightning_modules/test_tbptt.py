@@ -105,7 +105,8 @@ def test_stream_mode_resets_exactly_the_marked_streams(core):
     batches[2]["reset"] = torch.tensor([False, True, False])
     task = LanguageModelTask(model=model, optimizer=sgd(LR))
     run(task, batches)
-    _assert_same_parameters(task.model, _window_loop(reference, tokens, 4, resets={2: torch.tensor([False, True, False])}))
+    _assert_same_parameters(task.model,
+                            _window_loop(reference, tokens, 4, resets={2: torch.tensor([False, True, False])}))
     assert torch.all(task.carried.start[0][1] != 0)  # the reset row ran on afterwards
 
 

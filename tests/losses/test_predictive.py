@@ -37,8 +37,10 @@ def test_gaussian_crps_interval_and_quantiles_in_units_equal_scipy():
     crps = g.score(units, target).numpy()
     for idx in np.ndindex(3, 4):
         mu, sigma, y = float(units[idx][0]), float(units[idx][1]), float(target[idx])
-        below, _ = integrate.quad(lambda x: stats.norm.cdf(x, mu, sigma) ** 2, mu - 12 * sigma, y, limit=200)
-        above, _ = integrate.quad(lambda x: (1 - stats.norm.cdf(x, mu, sigma)) ** 2, y, mu + 12 * sigma, limit=200)
+        below, _ = integrate.quad(lambda x, mu=mu, sigma=sigma: stats.norm.cdf(x, mu, sigma) ** 2,
+                                  mu - 12 * sigma, y, limit=200)
+        above, _ = integrate.quad(lambda x, mu=mu, sigma=sigma: (1 - stats.norm.cdf(x, mu, sigma)) ** 2,
+                                  y, mu + 12 * sigma, limit=200)
         assert crps[idx] == pytest.approx(below + above, rel=1e-7)
     lower, upper = g.interval(units)
     np.testing.assert_allclose(lower.numpy(), stats.norm.ppf(0.1, units[..., 0], units[..., 1]), rtol=1e-10)

@@ -68,7 +68,8 @@ def test_shapes_are_batch_first_and_the_interface_sizes_are_set():
     assert (core.input_size, core.hidden_size, core.num_layers) == (E, H, L)
     y, (h, c) = core(torch.randn(B, T, E))
     assert y.shape == (B, T, H) and h.shape == c.shape == (B, L, H)
-    assert core.dropout == 0.0 and TorchRNNCore(input_size=E, num_layers=1, dropout=0.5).dropout == 0.0  # none with 1 layer
+    assert core.dropout == 0.0
+    assert TorchRNNCore(input_size=E, num_layers=1, dropout=0.5).dropout == 0.0  # none with 1 layer
 
 
 def test_a_built_core_copies_and_pickles_as_itself():
@@ -81,7 +82,8 @@ def test_a_built_core_copies_and_pickles_as_itself():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"rnn_type": "lstm"}, r"model.core.rnn_type must be one of \['GRU', 'LSTM', 'RNN_RELU', 'RNN_TANH'\], got 'lstm'"),
+        ({"rnn_type": "lstm"},
+         r"model.core.rnn_type must be one of \['GRU', 'LSTM', 'RNN_RELU', 'RNN_TANH'\], got 'lstm'"),
         ({"hidden_size": 0}, "model.core.hidden_size must be an integer >= 1, got 0"),
         ({"num_layers": -1}, "model.core.num_layers must be an integer >= 1, got -1"),
         ({"input_size": 0}, "model.core.input_size must be an integer >= 1, got 0"),
@@ -128,7 +130,7 @@ def test_shorthand_beside_a_core_is_refused_in_one_line():
 
 
 def test_a_core_config_instantiates_through_the_run_parser(tmp_path):
-    from bptt.config import build_parser, instantiate, parse_config
+    from bptt.config.parser import build_parser, instantiate, parse_config
     from bptt.datamodules.text_corpus import Vocabulary
     from tests.conftest import PROJECT
 
@@ -145,7 +147,8 @@ def test_a_core_config_instantiates_through_the_run_parser(tmp_path):
     assert cfg.model.init_args.core.init_args.hidden_size == 6 and cfg.model.init_args.hidden_size is None
     network = instantiate(cfg, parser).model
     assert isinstance(network.rnn, TorchRNNCore) and network.rnn.rnn_type == "GRU"
-    assert (network.rnn.input_size, network.rnn.hidden_size, network.rnn.num_layers, network.rnn.dropout) == (8, 6, 2, 0.1)
+    rnn = network.rnn
+    assert (rnn.input_size, rnn.hidden_size, rnn.num_layers, rnn.dropout) == (8, 6, 2, 0.1)
     assert network.decoder.out_features == 4
     again = parser.parse_args(["--config", parser.dump(cfg)])  # the config a checkpoint saves parses back
     assert again.model.init_args.core == cfg.model.init_args.core

@@ -172,8 +172,8 @@ def test_saturated_gates_stay_finite(cls, evaluation, tolerance):
     with torch.no_grad():
         core.evaluation = "sequential"
         y_ref, _ = core(x, (h0,))
-    # linear space: float32 rounding of a reassociated sum, amplified by the 300x weights (measured 2e-6); log space loses about 1e-7 * |sum of log a over a
-    # chunk| relative: ~1e-3 with gates this saturated
+    # linear space: float32 rounding of a reassociated sum, amplified by the 300x weights (measured 2e-6);
+    # log space loses about 1e-7 * |sum of log a over a chunk| relative: ~1e-3 with gates this saturated
     assert (y - y_ref).abs().max() <= tolerance * y_ref.abs().max()
 
 
@@ -184,7 +184,8 @@ def test_saturated_gates_stay_finite(cls, evaluation, tolerance):
         ({"num_layers": -1}, "model.core.num_layers must be an integer >= 1, got -1"),
         ({"input_size": 0}, "model.core.input_size must be an integer >= 1, got 0"),
         ({"dropout": 1.0}, r"model.core.dropout must be in \[0, 1\)"),
-        ({"evaluation": "parallel"}, r"model.core.evaluation must be one of \['log_scan', 'scan', 'sequential'\], got 'parallel'"),
+        ({"evaluation": "parallel"},
+         r"model.core.evaluation must be one of \['log_scan', 'scan', 'sequential'\], got 'parallel'"),
     ],
 )
 @pytest.mark.parametrize("cls", CORES, ids=lambda c: c.__name__)
@@ -204,7 +205,7 @@ def test_the_interface_sizes_and_state_shape():
 
 
 def test_a_min_gru_config_instantiates_through_the_run_parser(tmp_path):
-    from bptt.config import build_parser, instantiate, parse_config
+    from bptt.config.parser import build_parser, instantiate, parse_config
     from bptt.datamodules.text_corpus import Vocabulary
     from tests.conftest import PROJECT
 
@@ -226,7 +227,8 @@ def test_a_min_gru_config_instantiates_through_the_run_parser(tmp_path):
     again = parser.parse_args(["--config", parser.dump(cfg)])  # the config a checkpoint saves parses back
     assert again.model.init_args.core == cfg.model.init_args.core
     bad = ["--config", str(path), "--data.vocab_file", str(vocab), "--model.core.init_args.evaluation", "parallel"]
-    with pytest.raises(ConfigError, match=r"key .evaluation.: Expected a typing.Literal\[.scan., .log_scan., .sequential.\]"):
+    with pytest.raises(ConfigError,
+                       match=r"key .evaluation.: Expected a typing.Literal\[.scan., .log_scan., .sequential.\]"):
         instantiate(parse_config(bad, parser), parser)
 
 

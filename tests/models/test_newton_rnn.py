@@ -39,7 +39,9 @@ def test_the_cells_jacobian_is_diagonal_and_equals_autograds():
     u = torch.randn(3, H, generator=gen, dtype=torch.float64)
     h = torch.randn(2, H, generator=gen, dtype=torch.float64)
     for row in range(2):
-        full = torch.autograd.functional.jacobian(lambda v: diagonal_gru_step(k[row], u, v)[0], h[row])  # (H, H)
+        full = torch.autograd.functional.jacobian(  # (H, H)
+            lambda v, row=row: diagonal_gru_step(k[row], u, v)[0], h[row]
+        )
         torch.testing.assert_close(full, torch.diag(diagonal_gru_step(k[row], u, h[row])[1]), rtol=0, atol=1e-14)
     # the cell written out as a GRU with diagonal recurrent weights
     k_z, k_r, k_h = k.chunk(3, dim=-1)
@@ -105,8 +107,8 @@ def test_tbptt_with_newton_trains_as_the_loop_and_logs_its_iterations():
 
 
 def test_bptt_fit_trains_a_diagonal_gru_from_the_config_and_logs_its_iterations(tmp_path):
-    from bptt.config import parse_config
-    from bptt.training import fit
+    from bptt.config.parser import parse_config
+    from bptt.training.run import fit
     from tests.bptt_command import SMALL
 
     core = {"class_path": "bptt.models.DiagonalGRU", "init_args": {"hidden_size": 16, "num_layers": 2}}

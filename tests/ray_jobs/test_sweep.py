@@ -2,12 +2,15 @@
 trials of 2 data-parallel workers each; a worker SIGKILLed mid-trial; the sweep's driver SIGKILLed
 and the sweep resumed; MLflow (the sweep's own served sqlite store) holds one parent and a child
 per trial with complete histories; resources no node holds stop the sweep before any trial. And on
-a local Ray instance of the driver's own: a SIGKILLed driver leaves none of its processes behind."""
+a local Ray instance of the driver's own: a SIGKILLed driver leaves none of its processes behind; the
+command line's overrides change what runs; a trial the scheduler stops has a complete MLflow run; a Ray
+that does not start ends in one line."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -90,8 +93,8 @@ def _ray_state(address: str) -> str:
     """The cluster's live actors and placement groups (``ray list``), to explain a sweep that hangs."""
     lists = []
     for what in ("actors", "placement-groups"):
-        listed = subprocess.run([str(Path(sys.executable).parent / "ray"), "list", what, "--address", address, "--filter",
-                                 "state!=DEAD" if what == "actors" else "state!=REMOVED", "--limit", "100"],
+        listed = subprocess.run([str(Path(sys.executable).parent / "ray"), "list", what, "--address", address,
+                                 "--filter", "state!=DEAD" if what == "actors" else "state!=REMOVED", "--limit", "100"],
                                 capture_output=True, text=True, timeout=120)
         lists.append(f"ray list {what}:\n{listed.stdout[-4000:]}{listed.stderr[-1000:]}")
     return "\n".join(lists)
@@ -127,6 +130,71 @@ def test_killed_driver_leaves_no_process_behind(tmp_path):
     while (left := [cmd for p, cmd in started.items() if alive(p)]) and time.time() < deadline:
         time.sleep(0.5)
     assert not left
+
+
+def test_overrides_run_the_sweep_and_a_trial_the_scheduler_stops_is_complete_in_mlflow(tmp_path, capsys, monkeypatch):
+    """`sweep()` with overrides, on a local Ray instance of its own: --num_samples 1 runs one trial of the file's
+    two, --scheduler.max_t 2 makes ASHA stop it at its second report (of the 20 that --trainer.max_steps 200
+    makes). Its workers end long before `train` logs its files, yet its run has its config, vocabulary and curves,
+    the tags of the sweep's command line, the override among its params and no path of its own among them; Tune's
+    live table shows the swept metric. (Second in this file: the cluster fixture's nodes are not up yet.)"""
+    import bptt
+    from bptt.ray_jobs.sweep import sweep
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BPTT_SWEEP_TRACKING_URI", raising=False)  # restored once the test is done
+    path = _sweep_file(tmp_path, space={"task.optimizer.init_args.lr": {"choice": [0.003, 0.01]}}, num_samples=2,
+                       scheduler={"type": "asha"})
+    board = sweep(str(path), overrides=["--num_samples", "1", "--scheduler.max_t", "2", "--trainer.max_steps=200",
+                                        "--resources.num_workers", "1"], storage_path=str(tmp_path / "results"))
+    headers = [line for line in capsys.readouterr().out.splitlines() if "Trial name" in line]
+    assert "val/loss" in headers[-1], headers  # the table once the trials have reported
+    assert [(row["status"], row["reports"]) for row in board] == [("TERMINATED", 2)]
+    client, parent, (child,) = _children(tmp_path)
+    # Tune stopped it after two reports; its workers, ended soon after, never reached the end of training
+    assert [s for s, _ in _history(client, child, "val/loss")][:2] == VAL_STEPS[:2]
+    assert max(s for s, _ in _history(client, child, "train/loss")) < 199
+    assert {"config.yaml", "vocab.json", "curves.png"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+    tags = child.data.tags
+    assert tags["command"] == tags["mlflow.source.name"] == shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    assert tags["bptt.version"] == bptt.__version__ and len(tags["mlflow.source.git.commit"]) == 40
+    assert parent.data.tags["command"] == tags["command"]
+    params = child.data.params
+    sampled = json.dumps(board[0]["task.optimizer.init_args.lr"])
+    assert params["trainer.max_steps"] == "200" and params["task.init_args.optimizer.init_args.lr"] == sampled
+    assert not {"trainer.default_root_dir", "tracking.tracking_uri"} & set(params)
+    assert not [k for k, v in params.items() if "bptt-trials" in v or str(tmp_path) in v or "127.0.0.1" in v], params
+
+
+@pytest.mark.parametrize(
+    ("address", "ray_tmpdir", "message", "hint"),
+    [
+        (None, "a-file/ray", "Ray did not start a local instance (NotADirectoryError", "`ray stop`"),
+        ("auto", "empty", "Ray did not join the cluster at --address auto (ConnectionError: Could not find any "
+                          "running Ray instance", "`ray status --address auto`"),
+    ],
+)
+def test_ray_that_does_not_start_ends_in_one_line(address, ray_tmpdir, message, hint, tmp_path, monkeypatch):
+    """Ray's own failures, for real: a local instance whose directory ($RAY_TMPDIR) cannot be made, and
+    --address auto where no instance left its address; each one line with what to check, within seconds."""
+    import ray
+
+    from bptt.ray_jobs.sweep import RayStartError, sweep
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / ray_tmpdir))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    path = _sweep_file(tmp_path, space={"model.dropout": {"choice": [0.0]}}, resources={"num_workers": 1})
+    started = time.monotonic()
+    with pytest.raises(RayStartError) as failed:
+        sweep(str(path), address=address, storage_path=str(tmp_path / "results"))
+    assert time.monotonic() - started < 120
+    assert str(failed.value).startswith(message) and hint in str(failed.value), failed.value
+    assert len(str(failed.value).splitlines()) == 1
+    assert not ray.is_initialized()
+    assert not list((tmp_path / "results").glob("*/*/result.json"))
 
 
 def test_killed_worker_resumes_its_trial_from_the_checkpoint(cluster, tmp_path):

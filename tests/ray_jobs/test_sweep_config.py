@@ -1,5 +1,6 @@
 """Bad sweep input stops `bptt sweep` with one line, before Ray starts (or, for resources that only
-the cluster can judge, before any trial starts), and writes nothing."""
+the cluster can judge, before any trial starts), and writes nothing; the command line's overrides are
+checked as if the sweep file said so."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 import yaml
 
 from bptt.cli import main
+from bptt.errors import ConfigError
+from bptt.ray_jobs.sweep import SweepState, sweep
 from bptt.ray_jobs.sweep_config import load_sweep, trial_args, tune_space
 from tests.conftest import PROJECT
 
@@ -49,12 +52,15 @@ def _sweep_file(tmp_path: Path, **changes) -> Path:
         ({"failure": {"trial_retries": -2}}, "failure.trial_retries must be >= 0, or -1 for no limit"),
         ({"failure": {"worker_retries": -5}}, "failure.worker_retries must be >= 0, or -1"),
         ({"scheduler": {"type": "asha", "grace_period": 0}}, "scheduler.grace_period must be >= 1"),
-        ({"scheduler": {"type": "asha", "grace_period": 5, "max_t": 4}}, "scheduler.max_t must be >= 1 and >= scheduler"),
+        ({"scheduler": {"type": "asha", "grace_period": 5, "max_t": 4}},
+         "scheduler.max_t must be >= 1 and >= scheduler"),
         ({"scheduler": {"type": "asha", "reduction_factor": 1}}, "scheduler.reduction_factor must be > 1"),
         ({"scheduler": {"type": "pbt", "quantile_fraction": 0.7}}, "scheduler.quantile_fraction must be from 0 to 0.5"),
         ({"scheduler": {"type": "pbt", "perturbation_interval": 0}}, "scheduler.perturbation_interval must be >= 1"),
-        ({"scheduler": {"type": "pbt", "resample_probability": 2}}, "scheduler.resample_probability must be from 0 to 1"),
-        ({"scheduler": {"type": "pbt", "mutations": {"data.bptt": {"choice": [16, 32]}}}}, "PBT would perturb data.bptt"),
+        ({"scheduler": {"type": "pbt", "resample_probability": 2}},
+         "scheduler.resample_probability must be from 0 to 1"),
+        ({"scheduler": {"type": "pbt", "mutations": {"data.bptt": {"choice": [16, 32]}}}},
+         "PBT would perturb data.bptt"),
         ({"space": {"data.batch_size": {"choice": [4, 8]}}, "scheduler": {"type": "pbt"}},
          "PBT would perturb data.batch_size"),
         ({"space": {"model.hidden_size": {"choice": [16, 32]}}, "scheduler": {"type": "pbt"}},
@@ -120,7 +126,11 @@ STATE = {"sweep_file": "/nowhere/sweep.yaml", "sweep_yaml": yaml.safe_dump(GOOD)
         (json.dumps({k: v for k, v in STATE.items() if k != "sweep_yaml"}), "has no sweep_yaml"),
         (json.dumps({**STATE, "cwd": ["/nowhere"]}), "cwd must be a string, got list"),
         (json.dumps({**STATE, "parent_run_id": 7}), "parent_run_id must be a string or null, got int"),
-        (json.dumps({**STATE, "sweep_yaml": "name: [t"}), "its sweep_yaml no longer loads (/nowhere/sweep.yaml is not valid YAML"),
+        (json.dumps({**STATE, "sweep_yaml": "name: [t"}),
+         "its sweep_yaml no longer loads (/nowhere/sweep.yaml is not valid YAML"),
+        (json.dumps({**STATE, "overrides": "--num_samples 2"}), "overrides must be a list of strings"),
+        (json.dumps({**STATE, "overrides": ["--num_samples", "0"]}),
+         "its sweep_yaml no longer loads (/nowhere/sweep.yaml with --num_samples 0: num_samples must be >= 1"),
         (json.dumps({**STATE, "sweep_yaml": yaml.safe_dump({**GOOD, "base": "gone.yaml"})}),
          "its sweep_yaml no longer loads (base config gone.yaml not found"),
     ],
@@ -213,3 +223,69 @@ def test_tunes_own_sampler_starts_no_more_trials_than_may_run_at_once(tmp_path):
     assert [t is not None for t in started] == [True, True, False, False]
     generator.on_trial_complete(started[0].trial_id)
     assert generator.next_trial() is not None  # a finished trial frees its place
+
+
+def test_overrides_set_sweep_file_and_base_config_keys(tmp_path):
+    """Keys of the sweep file take YAML values (a dotted key under space is one key); keys of the base config join
+    its overrides as `bptt fit` reads them from the command line, and so reach every trial."""
+    path = _sweep_file(tmp_path, overrides={"trainer.max_steps": 7}, num_samples=4)
+    spec, base = load_sweep(path, overrides=[
+        "--num_samples", "1", "--scheduler.max_t=3", "--resources.num_workers", "2", "--stop.training_iteration", "5",
+        "--space.model.hidden_size", "{choice: [8]}", "--tracking.experiment_name", "mine",
+        "--trainer.max_steps", "40", "--model.dropout=0.25", "--tracking.log_model", "false",
+    ])
+    assert (spec.num_samples, spec.scheduler.max_t, spec.resources.num_workers) == (1, 3, 2)
+    assert spec.stop == {"training_iteration": 5} and spec.tracking.experiment_name == "mine"
+    assert spec.space["model.hidden_size"] == {"choice": [8]} and "task.optimizer.init_args.lr" in spec.space
+    assert trial_args(base, spec, {"model.hidden_size": 8}) == [
+        "--config", base, "--trainer.max_steps", "40", "--model.dropout", "0.25", "--tracking.log_model", "false",
+        "--model.hidden_size", "8"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--num_sample", "2"], "override --num_sample is neither a sweep file key (name, base, space"),
+        (["--scheduler.max_tt", "3"], "with --scheduler.max_tt 3: Group 'sweep' does not accept option"),
+        (["--num_samples", "0"], "sweep.yaml with --num_samples 0: num_samples must be >= 1, got 0"),
+        (["--scheduler.type", "hyperband"], "with --scheduler.type hyperband:"),
+        (["--trainer.max_step", "40"],
+         "base config with the sweep's overrides: unrecognized arguments: --trainer.max_step"),
+        (["--model.dropout", "1.5"], "base config with the sweep's overrides: model.dropout must be in [0, 1)"),
+        (["--model.hidden_size", "64"], "override --model.hidden_size sets a key that the sweep samples (space)"),
+        (["--space.model.hidden_size", "{choice: [16"], "override --space.model.hidden_size '{choice: [16' is not a "
+                                                        "YAML value (expected ',' or ']'"),
+        (["--space.model.hidden_size", "{choice: [big]}"], "space key 'model.hidden_size' = 'big'"),
+        (["--num_samples"], "override --num_samples has no value; pass --num_samples VALUE or --num_samples=VALUE"),
+        (["2"], "bptt sweep takes overrides as --key value pairs"),
+        (["--config", "other.yaml"], "override --config is neither a sweep file key"),
+        (["--trainer.callbacks", '[{"class_path": "os.system"}]'],
+         "the command line names code outside the allow-list at trainer.callbacks[0].class_path: 'os.system'"),
+        (["--space.task.optimizer", "{choice: [os.system]}"], "the command line names code outside the allow-list"),
+    ],
+)
+def test_bad_overrides_fail_in_one_line_before_ray(overrides, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        sweep(str(_sweep_file(tmp_path)), overrides=overrides, storage_path=str(tmp_path / "results"))
+    assert message in str(refused.value) and len(str(refused.value).splitlines()) == 1, refused.value
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_a_resumed_sweep_keeps_the_overrides_it_started_with(tmp_path, monkeypatch):
+    """The sweep state keeps the overrides: a resume loads the spec the sweep started with, and refuses new ones."""
+    monkeypatch.chdir(tmp_path)
+    path = _sweep_file(tmp_path)
+    experiment = tmp_path / "t-20261125-120000"
+    SweepState(sweep_file=str(path), sweep_yaml=path.read_text(), cwd=str(tmp_path),
+               overrides=["--num_samples", "3", "--trainer.max_steps", "40"]).save(experiment)
+    state = SweepState.load(experiment)
+    spec, _ = state.spec(experiment)
+    assert spec.num_samples == 3 and spec.overrides == {"trainer.max_steps": "40"}
+    (experiment / "bptt-sweep.json").write_text(json.dumps(STATE))  # a state written before overrides were kept
+    assert SweepState.load(experiment).overrides == []
+    with pytest.raises(ConfigError, match=r"continues a sweep with the settings it started with; drop --num_samples 2"):
+        sweep(resume=str(experiment), overrides=["--num_samples", "2"])

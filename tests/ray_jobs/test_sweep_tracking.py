@@ -7,11 +7,12 @@ import socket
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from bptt.ray_jobs.sweep_tracking import ServedStore, free_port, trial_run_name
-from bptt.tracking import MlflowTracking
+from bptt.tracking.mlflow_tracking import MlflowTracking
 from tests.ray_jobs.process_tree import LINUX_PROC, alive, descendants, group_gone_within
 
 
@@ -93,15 +94,57 @@ def test_parent_and_child_runs_of_a_sweep(tmp_path):
     spec, base = load_sweep(sweep_file)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracking = MlflowTracking(tracking_uri=uri, experiment_name="sweep-runs")
-    runs = SweepRuns.open(uri, tracking, "quickstart-1", None, spec=spec, base=base, sweep_yaml=sweep_file.read_text())
+    tags = {"command": "bptt sweep --config quickstart", "bptt.version": "1"}
+    runs = SweepRuns.open(uri, tracking, "quickstart-1", None, spec=spec, base=base,
+                          sweep_yaml=sweep_file.read_text(), tags=tags)
     sampled = {"task.optimizer.init_args.lr": 0.0043, "model.hidden_size": 256}
-    child = runs.child_run("t1", sampled)
-    assert runs.child_run("t1", sampled) == child
+    child = runs.child_run("t1", sampled, tags=tags)
+    assert runs.child_run("t1", sampled, tags={}) == child
     client = MlflowClient(uri)
     run = client.get_run(child)
     assert run.info.run_name == "lr=0.0043 hidden=256"
     assert run.data.tags[PARENT_TAG] == runs.parent_run_id and run.data.tags[TRIAL_TAG] == "t1"
+    for tagged in (run, client.get_run(runs.parent_run_id)):  # the command's tags on every run of the sweep
+        assert tags.items() <= tagged.data.tags.items()
     assert {a.path for a in client.list_artifacts(runs.parent_run_id)} == {"sweep.yaml", "search_space.yaml"}
     assert not runs.has_model(child)
-    again = SweepRuns.open(uri, tracking, "quickstart-1", runs.parent_run_id, spec=spec, base=base, sweep_yaml="")
+    again = SweepRuns.open(uri, tracking, "quickstart-1", runs.parent_run_id, spec=spec, base=base, sweep_yaml="",
+                           tags={})
     assert again == runs  # a resumed sweep: the same parent, set RUNNING again
+
+
+def test_a_trial_run_gets_its_params_once_without_its_paths_and_curves_when_it_has_none(tmp_path):
+    """A trial's params are its config less the paths that differ per trial (the worker's directory, the store
+    served to this driver), logged once (a restarted trial keeps them); a run stopped before ``train`` drew its
+    curves gets them from its metric history, a run that drew its own keeps them."""
+    from mlflow.tracking import MlflowClient
+
+    from bptt.ray_jobs.sweep_config import load_sweep
+    from bptt.ray_jobs.sweep_tracking import CURVES, TRIAL_PATHS, SweepRuns
+    from tests.conftest import PROJECT
+
+    spec, base = load_sweep(PROJECT / "conf/sweep/quickstart.yaml")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    runs = SweepRuns.open(uri, MlflowTracking(tracking_uri=uri, experiment_name="trial-runs"), "quickstart-1", None,
+                          spec=spec, base=base, sweep_yaml="", tags={})
+    config = {"trainer": {"max_steps": 40, "default_root_dir": "/tmp/bptt-trials/t1/rank0"},
+              "tracking": {"tracking_uri": "http://127.0.0.1:5123", "experiment_name": "quickstart-sweep"}}
+    stopped, finished = runs.child_run("t1", {"model.hidden_size": 16}, tags={}), runs.child_run("t2", {}, tags={})
+    runs.log_trial_params(stopped, config)
+    runs.log_trial_params(stopped, {"trainer": {"max_steps": 80}})  # a restart: the first start's params stay
+    client = MlflowClient(uri)
+    assert client.get_run(stopped).data.params == {"trainer.max_steps": "40",
+                                                   "tracking.experiment_name": "quickstart-sweep"}
+    assert set(TRIAL_PATHS) == {"trainer.default_root_dir", "tracking.tracking_uri"}
+    for step, loss in enumerate([3.0, 2.5, 2.25]):
+        client.log_metric(stopped, "train/loss", loss, step=step)
+        client.log_metric(finished, "train/loss", loss, step=step)
+    own = tmp_path / CURVES
+    own.write_bytes(b"the trial's own")
+    client.log_artifact(finished, str(own))
+    runs.log_curves(stopped)
+    runs.log_curves(finished)
+    drawn = Path(client.download_artifacts(stopped, CURVES, str(tmp_path / "stopped")))
+    assert drawn.read_bytes().startswith(b"\x89PNG")
+    kept = Path(client.download_artifacts(finished, CURVES, str(tmp_path / "finished")))
+    assert kept.read_bytes() == b"the trial's own"

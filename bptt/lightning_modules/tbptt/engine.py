@@ -26,11 +26,12 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 
 from bptt import private_api
+from bptt.datamodules.sharding import shard
 from bptt.errors import BpttError, ConfigError
 from bptt.metric_names import (
     CLIP_FRACTION,
@@ -45,7 +46,6 @@ from bptt.metric_names import (
 )
 from bptt.models.cores import State
 from bptt.progress_bar import RedrawClock
-from bptt.sharding import shard
 
 
 class NonFiniteLossError(BpttError, RuntimeError):
@@ -100,7 +100,7 @@ class CarriedState:
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any], rank: int, world_size: int, device: torch.device) -> CarriedState:
-        """This rank's rows (``bptt.sharding.shard``) of a checkpoint's carried state; the world
+        """This rank's rows (``bptt.datamodules.sharding.shard``) of a checkpoint's carried state; the world
         size may differ from the one that saved it."""
         def mine(rows: Tensor) -> Tensor:
             return shard(rows, rank, world_size).to(device)
@@ -179,6 +179,24 @@ class TBPTTModule(pl.LightningModule):
     """
 
     time_keys: tuple[str, ...] = ("inputs", "targets", "mask")
+
+    # ------------------------------------------------------------ hooks a task may override (bptt's, not Lightning's)
+
+    test_after_fit: bool = False
+    """Whether ``bptt fit`` ends with the test split on the best checkpoint, logged in the same run."""
+
+    def use_datamodule(self, datamodule: pl.LightningDataModule) -> None:
+        """Take what the task needs from its DataModule (units, features, tokens) before it trains, evaluates
+        or predicts; ``setup`` calls it, and so do commands that run the task without a Trainer. Default: nothing."""
+
+    def serving_model(self) -> tuple[nn.Module, Tensor] | None:
+        """The network as MLflow's logged model serves it, and an example input to trace it with; the
+        default, None: the run logs no model."""
+        return None
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.datamodule is not None:  # none: fit on bare dataloaders
+            self.use_datamodule(self.trainer.datamodule)
 
     def __init__(
         self,
@@ -271,7 +289,8 @@ class TBPTTModule(pl.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
 
     def _scheduler(self) -> Any:
         schedulers = self.lr_schedulers()
@@ -305,7 +324,7 @@ class TBPTTModule(pl.LightningModule):
         global_loss, global_count, nonfinite = totals.unbind()
         return StepTotals(global_loss, global_count, nonfinite, world / global_count.clamp(min=1.0))
 
-    def _optimizer_step(self, totals: StepTotals, row_bad: Tensor, loss_sum: Tensor) -> bool:
+    def _optimizer_step(self, totals: StepTotals, row_bad: Tensor, loss_sum: Tensor) -> bool | None:
         """After the backward pass: one optimizer step, unless some rank saw a non-finite value.
 
         The host waits for the device once per step, here (``_gradient_size``), for the gradient
@@ -349,9 +368,9 @@ class TBPTTModule(pl.LightningModule):
         self._step_scheduler()
         return True
 
-    def _step_scheduler(self) -> None:
-        """Step an LR scheduler that counts optimizer steps."""
-        if self.lr_scheduler_factory is not None and self.lr_scheduler_interval == "step":
+    def _step_scheduler(self, interval: Literal["step", "epoch"] = "step") -> None:
+        """Step an LR scheduler that counts ``interval``s (``ReduceLROnPlateau`` steps after validations)."""
+        if self.lr_scheduler_factory is not None and self.lr_scheduler_interval == interval:
             scheduler = self._scheduler()
             if not isinstance(scheduler, ReduceLROnPlateau):
                 scheduler.step()
@@ -486,10 +505,7 @@ class TBPTTModule(pl.LightningModule):
             )
 
     def on_train_epoch_end(self) -> None:
-        if self.lr_scheduler_factory is not None and self.lr_scheduler_interval == "epoch":
-            scheduler = self._scheduler()
-            if not isinstance(scheduler, ReduceLROnPlateau):
-                scheduler.step()
+        self._step_scheduler("epoch")
 
     # ---- training metrics -------------------------------------------------------------------
     def _log_train(self, loss_sum: Tensor, count: Tensor) -> None:

@@ -21,17 +21,18 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import SingleDeviceStrategy
 
 from bptt.datamodules.sources import default_cache_dir
+from bptt.errors import ConfigError
 from bptt.hardware import device_model
 
 AUTO = "auto"
@@ -208,3 +209,46 @@ def _write(path: Path, known: dict[str, Any]) -> None:
         partial.replace(path)  # atomic: a concurrent run reads the old cache or the new one
     except OSError:
         pass  # an unwritable cache only costs the next run a measurement
+
+
+def choose(cfg: Any, checkpoint: dict[str, Any] | None, launch: Any) -> tuple[Any, PrecisionChoice]:
+    """``cfg`` (a parsed run config) with ``trainer.precision: auto`` replaced by a precision, and the choice:
+    a resumed run's own (its checkpoint's config), else the fastest measured on the run's task and data.
+
+    Args:
+        cfg: the run config.
+        checkpoint: the loaded checkpoint of a resumed run.
+        launch: a ``bptt.training.trainer.Launch`` when Ray Train started the processes (its accelerator,
+            and rank 0's answer for every rank), else None.
+
+    Raises:
+        ConfigError: an accelerator other than cpu or gpu.
+    """
+    import yaml
+
+    from bptt.config.parser import build_parser, instantiate
+    from bptt.training.trainer import trainer_node
+
+    parser, cfg = build_parser(), cfg.clone()
+    saved = yaml.safe_load(checkpoint["bptt"]["config"])["trainer"].get("precision") if checkpoint else None
+    if saved not in (None, AUTO):
+        cfg.trainer.precision = saved
+        return cfg, PrecisionChoice(str(saved), {}, "the checkpoint's run", cached=True)
+    accelerator = (launch.placement if launch else {}).get("accelerator") or str(cfg.trainer.accelerator)
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator not in ("cpu", "gpu", "cuda"):
+        raise ConfigError(f"trainer.precision: auto measures on cpu or gpu, not trainer.accelerator={accelerator}; "
+                          "set trainer.precision")
+    accelerator = "gpu" if accelerator == "cuda" else accelerator
+    shape = {k: v for k, v in yaml.safe_load(parser.dump(cfg)).items() if k in ("model", "task", "data")}
+
+    def build() -> tuple[pl.LightningModule, pl.LightningDataModule]:
+        probe = instantiate(cfg, parser)
+        probe.data.prepare_data()
+        trainer_node(probe)  # a batch of m windows: the task's k1, as the run will have it
+        return probe.task, probe.data
+
+    choice = resolve(accelerator, shape, build, launch.agree if launch else None)
+    cfg.trainer.precision = choice.precision
+    return cfg, choice

@@ -8,9 +8,9 @@ themselves), every import path in a config must name a class that
 
 - is reached from one of ``ALLOWED_PACKAGES`` module by module: each step either imports a
   submodule of that package or reads an attribute, and a module read as an attribute must be
-  that very submodule (``bptt.checkpointing.os`` is the module ``os`` reached through
-  ``bptt.checkpointing``: refused);
-- is defined in one of those packages (its ``__module__``): ``bptt.training.Path`` is pathlib's;
+  that very submodule (``bptt.training.checkpointing.os`` is the module ``os`` reached through
+  ``bptt.training.checkpointing``: refused);
+- is defined in one of those packages (its ``__module__``): ``bptt.training.run.Path`` is pathlib's;
 - is of a kind its key takes (``_slot_kinds``: an optimizer is an ``Optimizer``, a callback a
   ``Callback``, ...; under any other key one of those kinds). No config needs a function, so none
   is allowed.
@@ -66,11 +66,14 @@ def _slot_kinds() -> dict[str, tuple[type, ...]]:
     import torch
     from pytorch_lightning.loggers import Logger
 
+    from bptt.datamodules.resumable import ResumableDataModule
+    from bptt.lightning_modules.tbptt import TBPTTModule
+
     return {
         "model": (torch.nn.Module,),
         "core": (torch.nn.Module,),
-        "task": (pl.LightningModule,),
-        "data": (pl.LightningDataModule,),
+        "task": (TBPTTModule,),
+        "data": (ResumableDataModule,),
         "optimizer": (torch.optim.Optimizer,),
         "lr_scheduler": (torch.optim.lr_scheduler.LRScheduler,),
         "callbacks": (pl.Callback,),
@@ -288,7 +291,8 @@ def check_args(args: list[str], *, trusted: bool = False, source: str | None = N
         if key == "config":
             check_config(parsed, source=source or "the --config YAML")
         else:
-            tree = {key.removesuffix(".class_path"): {"class_path": parsed}} if key.endswith("class_path") else {key: parsed}
+            tree = ({key.removesuffix(".class_path"): {"class_path": parsed}} if key.endswith("class_path")
+                    else {key: parsed})
             check_config(tree, source="the command line")
 
 

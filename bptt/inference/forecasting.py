@@ -76,7 +76,7 @@ def forecast(
             ``horizon`` beyond ``MAX_HORIZON`` (before any checkpoint is read) or one whose timestamps would
             pass pandas' last date, 2262-04-11 (before any forecast).
     """
-    from bptt.checkpointing import load_checkpoint
+    from bptt.training.checkpointing import load_checkpoint
 
     if horizon is not None and horizon < 1:
         raise ConfigError(f"--horizon must be >= 1, got {horizon}")
@@ -106,7 +106,7 @@ def _forecast_one(path: str | Path, loaded: dict, series: str | None, horizon: i
                   overrides: Sequence[str], trusted: bool) -> Forecast:
     """``forecast`` of one checkpoint, read already (``loaded``)."""
     from bptt.lightning_modules import ForecastTask
-    from bptt.training import restore
+    from bptt.training.restore import restore
 
     args = [*(_series_args(loaded["bptt"]["config"], series, overrides) if series is not None else []), *overrides]
     _, init, checkpoint = restore(path, args, trusted, checkpoint=loaded)

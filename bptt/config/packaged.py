@@ -17,7 +17,7 @@ import yaml
 
 from bptt.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # bptt/conf: a link to the repository's conf/
 _NAME = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
 _NOT_RUN_BY_BPTT = ("cluster",)  # Ray's launcher and KubeRay read these, not bptt
 
@@ -57,7 +57,8 @@ def packaged_configs() -> list[PackagedConfig]:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError:
             raw = {}
-        task = "sweep" if name.startswith("sweep/") else str((raw.get("task") or {}).get("class_path", "?")).rsplit(".", 1)[-1]
+        task = ("sweep" if name.startswith("sweep/")
+                else str((raw.get("task") or {}).get("class_path", "?")).rsplit(".", 1)[-1])
         found.append(PackagedConfig(name=name, path=path, task=task, description=_first_sentence(text)))
     return found
 

@@ -37,6 +37,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from bptt import __version__
 from bptt.errors import CheckpointError, ConfigError
+from bptt.hardware import usable_cores
 from bptt.metric_names import VAL_LOSS
 from bptt.private_api import validation_follows, write_last_checkpoint
 
@@ -182,7 +183,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(directory)
         return None
 
-    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=True)
         _raise_problem(_loaded_problem(checkpoint, path), path)
         return checkpoint
@@ -254,8 +257,7 @@ def content_digest(content: Mapping[str, Any]) -> str:
     dict order, and each tensor's dtype, shape and bytes wherever it lives. A tensor's bytes enter
     as the SHA-256 of each ``_CHUNK`` of them, hashed on several threads (hashlib lets go of the GIL)."""
     parts: list[bytes | Future[bytes]] = []
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=min(8, cores)) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
         _encode(content, parts, pool)
         sha = hashlib.sha256()
         for part in parts:
@@ -270,21 +272,26 @@ def _chunk_digest(flat: torch.Tensor, start: int) -> bytes:
     return hashlib.sha256(flat[start : start + _CHUNK].cpu().numpy()).digest()  # (N,) uint8; a GPU chunk copies
 
 
+def _encode_tensor(value: torch.Tensor, parts: list[bytes | Future[bytes]], pool: ThreadPoolExecutor) -> None:
+    tensor = value.detach()
+    if tensor.layout != torch.strided:
+        tensor = tensor.to_dense()
+    tensor = tensor.resolve_conj().resolve_neg().contiguous()
+    flat = tensor.reshape(-1).view(torch.uint8)  # (N,) its bytes
+    header = f"{tensor.dtype}{tuple(tensor.shape)}".encode()
+    parts.append(b"%s%d:%s" % (b"T", len(header), header))
+    parts.append(b"B%d:" % flat.numel())
+    for start in range(0, flat.numel(), _CHUNK):
+        small = flat.numel() - start < _CHUNK // 16 and flat.device.type == "cpu"  # not worth a thread
+        parts.append(_chunk_digest(flat, start) if small else pool.submit(_chunk_digest, flat, start))
+
+
 def _encode(value: Any, parts: list[bytes | Future[bytes]], pool: ThreadPoolExecutor) -> None:
     def atom(tag: bytes, payload: bytes) -> None:
         parts.append(b"%s%d:%s" % (tag, len(payload), payload))
 
     if isinstance(value, torch.Tensor):
-        tensor = value.detach()
-        if tensor.layout != torch.strided:
-            tensor = tensor.to_dense()
-        tensor = tensor.resolve_conj().resolve_neg().contiguous()
-        flat = tensor.reshape(-1).view(torch.uint8)  # (N,) its bytes
-        atom(b"T", f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        parts.append(b"B%d:" % flat.numel())
-        for start in range(0, flat.numel(), _CHUNK):
-            small = flat.numel() - start < _CHUNK // 16 and flat.device.type == "cpu"  # not worth a thread
-            parts.append(_chunk_digest(flat, start) if small else pool.submit(_chunk_digest, flat, start))
+        _encode_tensor(value, parts, pool)
     elif isinstance(value, Mapping):
         parts.append(b"D%d:" % len(value))
         for key, item in value.items():
@@ -341,14 +348,20 @@ class RunState(pl.Callback):
         self.run_id = run_id
         self._pending_rng: dict[str, Any] | None = None
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         checkpoint["bptt"] = {"config": self.config_yaml, "version": __version__, "mlflow_run_id": self.run_id,
                               "rng": _rng_states()}
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         self._pending_rng = checkpoint.get("bptt", {}).get("rng")
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._pending_rng is not None:
             _set_rng_states(self._pending_rng)
             self._pending_rng = None

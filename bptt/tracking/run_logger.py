@@ -1,8 +1,8 @@
-"""The Lightning side of MLflow tracking: the logger of a ``bptt fit`` run and the callback that
-sends a step's metrics before that step's checkpoint is written.
+"""The Lightning side of MLflow tracking: the logger of a ``bptt fit`` run, the callback that
+sends a step's metrics before that step's checkpoint is written, and the run's dataset input.
 
-``bptt.tracking.MlflowTracking.logger`` opens the run and returns its ``RunLogger``; this module is
-apart so that commands that only read the store (``bptt runs``) need no Lightning.
+``MlflowTracking.logger`` (``mlflow_tracking.py``) opens the run and returns its ``RunLogger``; this
+module is apart so that commands that only read the store (``bptt runs``) need no Lightning.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from bptt.precision import PrecisionChoice
 from bptt.private_api import pending_train_step_metrics
-from bptt.tracking import DataInput, flatten
+from bptt.tracking.params import flatten
+from bptt.training.precision import PrecisionChoice
 
 PRECISION_TAG = "bptt.precision_auto"
 
@@ -112,3 +113,41 @@ class LogStepBeforeCheckpoint(pl.Callback):
         if loggers and trainer.is_global_zero and (pending := pending_train_step_metrics(trainer)) is not None:
             for logger in loggers:
                 logger.log_metrics(*pending)
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """What a run reads, as MLflow shows it among the run's dataset inputs.
+
+    Attributes:
+        name: the corpus or source (``stdlib``, ``statsmodels:co2``), else the DataModule's kind.
+        digest: identifies the data: its config and the DataModule's fitted state (vocabulary,
+            normalization) and split sizes.
+        source: the ``data`` config node as JSON.
+        split_batches: batches per split, of this process.
+    """
+
+    name: str
+    digest: str
+    source: str
+    split_batches: dict[str, int]
+
+    @classmethod
+    def of(cls, data_config: Mapping[str, Any], datamodule: Any) -> DataInput:
+        """The input of a set-up DataModule (``setup("fit")`` done) built from ``data_config``."""
+        from bptt.training.checkpointing import content_digest
+
+        init_args = dict(data_config.get("init_args") or {})
+        kind = str(data_config.get("class_path", type(datamodule).__name__)).rsplit(".", 1)[-1]
+        name = str(init_args.get("corpus") or init_args.get("source") or kind.removesuffix("DataModule"))
+        split_batches = {}
+        for split, loader in (("train", "train_dataloader"), ("validation", "val_dataloader"),
+                              ("test", "test_dataloader")):
+            try:
+                split_batches[split] = len(getattr(datamodule, loader)())
+            except (AttributeError, NotImplementedError, TypeError):  # no such split, or a length unknown
+                continue
+        fitted = datamodule.data_state()
+        source = json.dumps(data_config, sort_keys=True, default=str)
+        digest = content_digest({"source": source, "fitted": fitted, "split_batches": split_batches})
+        return cls(name=name, digest=digest[:16], source=source, split_batches=split_batches)

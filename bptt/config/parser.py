@@ -7,8 +7,8 @@ A config has these top-level keys::
     model: {class_path, init_args}   # the network, a plain nn.Module
     task: {class_path, init_args}    # the LightningModule on the TBPTT engine
     data: {class_path, init_args}    # the LightningDataModule
-    tracking: {...}                  # bptt.tracking.MlflowTracking: MLflow URI, experiment, run name
-    checkpoint: {...}                # bptt.checkpointing.CheckpointPolicy: every_n_steps, keep_last
+    tracking: {...}                  # bptt.tracking.mlflow_tracking.MlflowTracking: MLflow URI, experiment, run name
+    checkpoint: {...}                # bptt.training.checkpointing.CheckpointPolicy: every_n_steps, keep_last
 
 ``model.vocab_size`` is filled in from the DataModule and ``task.model`` is the
 instantiated network, as LightningCLI's ``link_arguments`` does. Dotted overrides on
@@ -23,13 +23,15 @@ import pytorch_lightning as pl
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from torch import nn
 
-from bptt.checkpointing import CheckpointPolicy
+from bptt.config.packaged import resolve_config_args
+from bptt.config.trust import TRUST_FLAG, UntrustedConfigError, check_args, jsonargparse_policy
 from bptt.console import start_holding
+from bptt.datamodules.resumable import ResumableDataModule
 from bptt.errors import BpttError, ConfigError
 from bptt.lightning_modules.tbptt import TBPTTModule
-from bptt.packaged_configs import resolve_config_args
-from bptt.tracking import MlflowTracking
-from bptt.trust import TRUST_FLAG, UntrustedConfigError, check_args, jsonargparse_policy
+from bptt.tracking.mlflow_tracking import MlflowTracking
+from bptt.training.checkpointing import CheckpointPolicy
+from bptt.training.checks import check_trainer_config
 
 # the Trainer's batch limits: an integer counts batches, a float is a fraction (Lightning's meaning)
 LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
@@ -42,18 +44,19 @@ def _vocab_size(data: Any) -> int | None:
 
 def build_parser(prog: str = "bptt fit") -> ArgumentParser:
     """The parser of ``bptt fit``; ``bptt validate``/``test``/``generate`` reuse it on a checkpoint's config."""
-    parser = ArgumentParser(prog=prog, exit_on_error=False, allow_abbrev=False, description="Train with truncated BPTT.")
+    parser = ArgumentParser(prog=prog, exit_on_error=False, allow_abbrev=False,
+                            description="Train with truncated BPTT.")
     parser.add_argument("--config", action=ActionConfigFile,
                         help="a YAML config, e.g. conf/lm/quickstart.yaml (bptt configs lists those shipped by name)")
     parser.add_argument("--seed_everything", type=int, default=0, help="seed of torch, numpy and random")
     parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, skip={"precision", *LIMITS})
     for name in LIMITS:  # Lightning types them float | int, which reads --trainer.limit_val_batches 1 as 1.0 (100%)
-        parser.add_argument(f"--trainer.{name}", type=Optional[Union[int, float]], default=None,
+        parser.add_argument(f"--trainer.{name}", type=Optional[int | float], default=None,  # noqa: UP045 (a runtime type)
                             help=f"Lightning's {name}: an integer is a number of batches, a float a fraction of them")
     lightning_precision = get_type_hints(pl.Trainer.__init__)["precision"]
-    parser.add_argument("--trainer.precision", type=Union[lightning_precision, Literal["auto"]],
+    parser.add_argument("--trainer.precision", type=Union[lightning_precision, Literal["auto"]],  # noqa: UP007
                         default=None, help="Lightning's precision (default 32-true), or auto: the fastest on this "
-                        "machine for this run, measured over a few steps (bptt.precision)")
+                        "machine for this run, measured over a few steps (bptt.training.precision)")
     parser.set_defaults({"trainer.use_distributed_sampler": False, "trainer.default_root_dir": "runs"})
     _add_components(parser)
     parser.add_class_arguments(MlflowTracking, "tracking")
@@ -66,7 +69,7 @@ def _add_components(parser: ArgumentParser) -> None:
     """The network, the task built around it, and the DataModule."""
     parser.add_subclass_arguments(nn.Module, "model", required=True)
     parser.add_subclass_arguments(TBPTTModule, "task", required=True)
-    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True)
+    parser.add_subclass_arguments(ResumableDataModule, "data", required=True)
     parser.link_arguments("model", "task.init_args.model", apply_on="instantiate")
 
 
@@ -77,7 +80,7 @@ def one_line(err: BaseException) -> str:
         if isinstance(cause, BpttError):
             return str(cause)
     lines = [line.rstrip() for line in str(err).splitlines() if line.strip()]
-    hint = "; `bptt fit --help` lists every key and type"
+    hint = "; `bptt fit --help-all` lists every key and type"
     for i, line in enumerate(lines):
         text = line.strip()
         if text.startswith("- ") and "NoneType" not in text:  # the class branch of "Optional[Class]"
@@ -96,12 +99,12 @@ def parse_config(
 ) -> Namespace:
     """Parse ``--config FILE`` plus dotted overrides and check what the parser cannot.
 
-    Every import path in ``args`` is checked against the allow-list (``bptt.trust``) before
+    Every import path in ``args`` is checked against the allow-list (``bptt.config.trust``) before
     anything is parsed, since parsing imports what a config names.
 
     Args:
         args: ``--config FILE_OR_YAML_OR_NAME`` and dotted overrides; a name (``quickstart``,
-            ``lm/tinyshakespeare_char``) is a config shipped in the package (``bptt.packaged_configs``).
+            ``lm/tinyshakespeare_char``) is a config shipped in the package (``bptt.config.packaged``).
         parser: the parser to use (default: ``build_parser()``).
         trusted: the user vouches for the config (``--trust-config``): any import path goes.
         source: what the ``--config`` YAML is, for messages (e.g. "checkpoint runs/x/last.ckpt").
@@ -118,7 +121,7 @@ def parse_config(
         with jsonargparse_policy(trusted):
             cfg = parser.parse_args(args)
     except Exception as err:  # jsonargparse raises ArgumentError, ValueError or TypeError
-        if "import path denylist" in str(err):  # jsonargparse's own policy (bptt.trust.jsonargparse_policy)
+        if "import path denylist" in str(err):  # jsonargparse's own policy (bptt.config.trust.jsonargparse_policy)
             denied = str(err).split("Importing ", 1)[-1].split(" is not allowed", 1)[0]
             raise UntrustedConfigError(
                 f"{source or 'the config'} names code outside the allow-list: {denied} (jsonargparse's import-path "
@@ -126,7 +129,7 @@ def parse_config(
         if 'key "trainer.precision"' in str(err):  # its union of Literals would name only the first branch
             raise ConfigError(f"trainer.precision must be auto, or one of Lightning's: {PRECISIONS}") from None
         raise ConfigError(one_line(err)) from None
-    check_trainer(cfg.trainer)
+    check_trainer_config(cfg.trainer)
     if not 0 <= cfg.seed_everything < 2**32:
         raise ConfigError(f"seed_everything must be >= 0 and < 2**32 (numpy's seeds), got {cfg.seed_everything}")
     return cfg
@@ -136,38 +139,12 @@ def parse_tracking(args: list[str]) -> Namespace:
     """Only the ``--tracking.*`` options of ``args``, for commands that have no run config yet."""
     parser = ArgumentParser(prog="bptt", exit_on_error=False)
     parser.add_class_arguments(MlflowTracking, "tracking")
-    picked = [a for i, a in enumerate(args) if a.startswith("--tracking.") or (i and args[i - 1].startswith("--tracking."))]
+    picked = [a for i, a in enumerate(args)
+              if a.startswith("--tracking.") or (i and args[i - 1].startswith("--tracking."))]
     try:
         return parser.parse_args(picked)
     except Exception as err:
         raise ConfigError(one_line(err)) from None
-
-
-def check_trainer(trainer: Namespace) -> None:
-    """Trainer settings that would silently do the wrong thing under TBPTT."""
-    if trainer.gradient_clip_val:
-        raise ConfigError("trainer.gradient_clip_val does not apply to TBPTT's manual optimization; set task.grad_clip")
-    if trainer.accumulate_grad_batches != 1:
-        raise ConfigError("trainer.accumulate_grad_batches must be 1: raise task.k1 (steps per update) instead")
-    if trainer.use_distributed_sampler:
-        raise ConfigError(
-            "trainer.use_distributed_sampler must stay false: the DataModule gives each rank its own streams"
-        )
-    interval = trainer.val_check_interval
-    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
-        raise ConfigError(
-            f"trainer.val_check_interval must be > 0 (batches, or a fraction of an epoch), got {interval}; "
-            "set trainer.limit_val_batches: 0 to skip validation"
-        )
-    if trainer.log_every_n_steps is not None and trainer.log_every_n_steps < 1:
-        raise ConfigError(f"trainer.log_every_n_steps must be >= 1, got {trainer.log_every_n_steps}")
-    if trainer.max_steps is not None and trainer.max_steps < -1:
-        raise ConfigError(f"trainer.max_steps must be >= 0, or -1 for no limit; got {trainer.max_steps}")
-    if trainer.max_epochs == 0 or (trainer.max_epochs is not None and trainer.max_epochs < -1):
-        raise ConfigError(f"trainer.max_epochs must be >= 1, or -1 for no limit; got {trainer.max_epochs}")
-    if trainer.limit_train_batches is not None and not trainer.limit_train_batches > 0:
-        raise ConfigError(f"trainer.limit_train_batches={trainer.limit_train_batches} trains nothing: set it > 0 "
-                          "(batches, or a fraction of an epoch); bptt validate CHECKPOINT evaluates without training")
 
 
 def build_without_data(cfg: Namespace) -> Namespace:
@@ -192,19 +169,6 @@ def build_without_data(cfg: Namespace) -> Namespace:
 def parameter_shapes(network: nn.Module) -> dict[str, tuple[int, ...]]:
     """The shapes of ``network``'s state (parameters and buffers), by name in the network's order."""
     return {name: tuple(value.shape) for name, value in network.state_dict().items()}
-
-
-def check_window_fits(init: Namespace) -> None:
-    """In stream mode a batch is one window of ``data.bptt`` steps (without ``data.random_bptt``), cut into
-    optimizer steps of ``task.k1``: a longer k1 would silently be the window's length.
-
-    Raises:
-        ConfigError: ``task.k1`` > ``data.bptt``.
-    """
-    bptt, k1 = getattr(init.data, "bptt", None), getattr(init.task, "k1", None)
-    if isinstance(bptt, int) and isinstance(k1, int) and k1 > bptt and not getattr(init.data, "random_bptt", False):
-        raise ConfigError(f"task.k1={k1} is longer than a batch's window (data.bptt={bptt}): every batch would take "
-                          f"one optimizer step of {bptt} steps; set task.k1 <= {bptt}, or raise data.bptt")
 
 
 def instantiate(cfg: Namespace, parser: ArgumentParser | None = None) -> Namespace:
