@@ -57,7 +57,7 @@ def run_trial(sampled: dict[str, Any], context: SweepContext) -> None:
     job = WorkerJob(
         args=[*trial_args(context.base_yaml, spec, sampled),
               "--tracking.tracking_uri", runs.tracking_uri, "--tracking.experiment_name", runs.experiment_name,
-              "--tracking.parent_run_id", runs.parent_run_id,
+              "--tracking.parent_run_id", runs.parent_run_id, "--tracking.enabled", "true",
               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
               "--trainer.enable_checkpointing", "false"],
         runs=runs, run_id=runs.child_run(trial_id, sampled, tags=context.run_tags), start=ray.tune.get_checkpoint(),
