@@ -23,7 +23,7 @@ MIN_GRU = ["--model.rnn_type", "null", "--model.hidden_size", "null", "--model.n
 
 
 # Only there to stop a run that hangs, never to fail a slow one: the longest command here (the speech
-# fit of tests/test_cli_speech.py) takes about 20 s on 2 idle cores and 85 s on 2 cores at load 5 to 10.
+# fit of tests/commands/test_transcribe.py) takes about 20 s on 2 idle cores and 85 s on 2 cores at load 5 to 10.
 TIMEOUT = 1800
 
 

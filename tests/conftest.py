@@ -21,7 +21,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 # The longest modules, longest first (measured: the Ray sweeps about 6 minutes, the speech and resume
 # runs about 2.5 each). `make test` runs the suite on two processes, a module at a time
 # (pytest-xdist --dist loadscope): started first, these no longer leave one process finishing alone.
-LONGEST_FIRST = ("ray_jobs/test_sweep.py", "test_cli_speech.py", "test_resume.py")
+LONGEST_FIRST = ("ray_jobs/test_sweep.py", "commands/test_transcribe.py", "training/test_resume.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
