@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import MLFlowLogger
@@ -20,7 +20,9 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from bptt.private_api import pending_train_step_metrics
 from bptt.tracking.params import flatten
-from bptt.training.precision import PrecisionChoice
+
+if TYPE_CHECKING:
+    from bptt.training.precision import PrecisionChoice
 
 PRECISION_TAG = "bptt.precision_auto"
 
