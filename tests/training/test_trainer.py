@@ -15,6 +15,11 @@ FOUR_STEPS = [*SMALL, "--trainer.max_steps", "4", "--trainer.val_check_interval"
               "2", "--trainer.default_root_dir", "run"]
 
 
+def _store(tmp_path) -> list[str]:
+    """The run's store, named: $MLFLOW_TRACKING_URI may point elsewhere in this process's environment."""
+    return ["--tracking.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db"]
+
+
 def _csv_metrics(run_dir) -> set[str]:
     with open(next(run_dir.glob("logs/version_*/metrics.csv"))) as f:
         return set(next(csv.reader(f)))
@@ -23,8 +28,8 @@ def _csv_metrics(run_dir) -> set[str]:
 def test_a_logger_the_config_adds_joins_mlflow_and_the_csv_log(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    result = bptt("fit", *FOUR_STEPS, "--trainer.logger+=TensorBoardLogger", "--trainer.logger.save_dir", "tb",
-                  cwd=tmp_path)
+    result = bptt("fit", *FOUR_STEPS, *_store(tmp_path), "--trainer.logger+=TensorBoardLogger",
+                  "--trainer.logger.save_dir", "tb", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "TensorBoard wrote no events"
     assert {"train/loss", "val/loss"} <= _csv_metrics(tmp_path / "run")
@@ -35,7 +40,8 @@ def test_a_logger_the_config_adds_joins_mlflow_and_the_csv_log(tmp_path):
 
 
 def test_mlflow_is_off_only_when_tracking_enabled_is_false(tmp_path):
-    result = bptt("fit", *FOUR_STEPS, "--trainer.logger", "false", "--tracking.enabled", "false", cwd=tmp_path)
+    result = bptt("fit", *FOUR_STEPS, *_store(tmp_path), "--trainer.logger", "false", "--tracking.enabled", "false",
+                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
     assert {"train/loss", "val/loss"} <= _csv_metrics(tmp_path / "run")  # trainer.logger false: bptt's CSV stays
