@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from bptt.cli import main
 from tests.bptt_command import SMALL, bptt
+from tests.conftest import PROJECT
 
 
 def _one_line_error(capsys: pytest.CaptureFixture, pattern: str) -> str:
@@ -51,6 +52,11 @@ FIT_CASES = [
     (["--data.batch_size", "3", "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp"],
      "cannot be split evenly over 2 processes"),
     (["--data.windows_per_batch", "0"], "data.windows_per_batch must be >= 1, got 0"),
+    (["--data.tokenizer", "bpe", "--data.vocab_size", "257"], "data.vocab_size must be >= 258 (256 byte tokens, "
+     "1 special token <|endoftext|> and at least one merge), got 257"),
+    (["--data.vocab_size", "300"], "data.vocab_size=300 sizes the BPE of data.tokenizer: bpe"),
+    (["--data.tokenizer", "nowhere/tokenizer.json"], "data.tokenizer=nowhere/tokenizer.json: "),
+    (["--data.tokenizer", str(PROJECT / "pyproject.toml")], "is not a tokenizer.json the tokenizers library reads"),
     (["--data.windows_per_batch", "1000000000", "--trainer.val_check_interval", "1000000000", "--trainer.max_steps",
       "1000000000"], "make a training batch longer than each training stream"),
     (["--data.windows_per_batch", "2", "--data.random_bptt", "true"],

@@ -123,8 +123,9 @@ class ResumableDataModule(pl.LightningDataModule):
         """Restore ``data_state``; called before the read position is restored."""
 
     def check_data_state(self, state: dict[str, Any]) -> None:
-        """Refuse a checkpoint's ``data_state`` that these settings cannot continue (a ``ConfigError``
-        naming the setting and the checkpoint's value); ``check_resume`` calls it before training."""
+        """Refuse a checkpoint's ``data_state`` that these settings cannot continue (a ``ConfigError`` or
+        ``CheckpointError`` naming the setting and the checkpoint's value); ``check_resume`` calls it before
+        training, ``bptt.training.restore`` before evaluating."""
 
     # the settings (``data.<key>``) that fix what the read position counts and how many rows a carried
     # state has: a resumed run must keep them (``check_resume``), PBT may not perturb them
@@ -219,7 +220,8 @@ class ResumableDataModule(pl.LightningDataModule):
 
         Raises:
             ConfigError: ``check_data_state`` refused the checkpoint's data state.
-            CheckpointError: a setting differs; names each with the checkpoint's value.
+            CheckpointError: a setting differs (or ``check_data_state`` refused); names each with the checkpoint's
+                value.
         """
         if state:
             self.check_data_state(state)

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import datasets
 import numpy as np
@@ -187,6 +187,31 @@ def split_tokens(text: str, level: Literal["char", "word"]) -> list[str]:
     return tokens
 
 
+class TokenVocabulary(Protocol):
+    """What the DataModule, the token cache, checkpoints and ``bptt generate`` ask of a vocabulary: ``Vocabulary``
+    (``data.level``) and ``bptt.datamodules.subword.SubwordVocabulary`` (``data.tokenizer``) alike."""
+
+    level: str  # char, word, bpe or file
+
+    def __len__(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def fingerprint(self) -> str: ...
+
+    def describe(self) -> str: ...
+
+    def state_dict(self) -> dict[str, object]: ...
+
+    def save(self, path: Path) -> None: ...
+
+    def save_artifacts(self, directory: Path) -> list[Path]: ...
+
+
 class Vocabulary:
     """Token <-> id maps. Id 0 is ``<unk>``; for words, ``<eos>`` follows.
 
@@ -221,6 +246,10 @@ class Vocabulary:
         """Token ids of ``text``; unknown tokens map to ``<unk>`` (0)."""
         return [self.index.get(t, 0) for t in split_tokens(text, self.level)]
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text."""
+        return [self.encode(text) for text in texts]
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``: characters joined as they are, words by spaces with ``<eos>`` as a line end."""
         tokens = [self.tokens[i] for i in ids]
@@ -232,6 +261,10 @@ class Vocabulary:
         """A short hash of the token list and level, for cache keys."""
         return hashlib.sha256(json.dumps([self.level, self.tokens]).encode()).hexdigest()[:16]
 
+    def describe(self) -> str:
+        """The setting that made it, e.g. ``data.level=char``."""
+        return f"data.level={self.level}"
+
     def state_dict(self) -> dict[str, object]:
         return {"tokens": self.tokens, "level": self.level}
 
@@ -241,6 +274,12 @@ class Vocabulary:
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.state_dict(), ensure_ascii=False), encoding="utf-8")
+
+    def save_artifacts(self, directory: Path) -> list[Path]:
+        """``vocab.json``."""
+        path = directory / "vocab.json"
+        self.save(path)
+        return [path]
 
     @classmethod
     def load(cls, path: Path) -> Vocabulary:
@@ -263,7 +302,7 @@ def _no_progress_bars() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def tokenize_split(records: datasets.Dataset, vocab: Vocabulary, cache_file: Path) -> np.ndarray:
+def tokenize_split(records: datasets.Dataset, vocab: TokenVocabulary, cache_file: Path) -> np.ndarray:
     """Token ids of a split's records, concatenated in order, memory-mapped from disk.
 
     The ids are computed with a batched ``datasets.map`` whose result is cached in
@@ -282,7 +321,7 @@ def tokenize_split(records: datasets.Dataset, vocab: Vocabulary, cache_file: Pat
     if not flat_file.exists():
 
         def encode_batch(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-            return {"ids": [vocab.encode(text) for text in batch["text"]]}
+            return {"ids": vocab.encode_batch(batch["text"])}
 
         with reading_cache(cache_file) if cache_file.exists() else nullcontext(), _no_progress_bars():  # a refusal
             tokenized = records.map(  # that follows (the data's checks) is one line

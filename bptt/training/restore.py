@@ -11,7 +11,7 @@ from jsonargparse import Namespace
 
 from bptt.config.parser import build_parser, instantiate, parse_config
 from bptt.console import release as release_held_output
-from bptt.datamodules.text_corpus import Vocabulary
+from bptt.datamodules.subword import vocabulary_from_state
 from bptt.training.checkpointing import load_checkpoint
 from bptt.training.checks import check_same_model
 from bptt.training.trainer import quiet_known_warnings
@@ -31,13 +31,15 @@ def restore(
         args = ["--config", checkpoint["bptt"]["config"], *overrides]
         if datamodule_state is not None:
             vocab_file = Path(tmp) / "vocab.json"
-            Vocabulary.from_state_dict(datamodule_state["vocab"]).save(vocab_file)
+            vocabulary_from_state(datamodule_state["vocab"]).save(vocab_file)  # its tokenizer too, if it has one
             args += ["--data.vocab_file", str(vocab_file)]
         cfg = parse_config(args, parser, trusted=trusted, source=f"the config inside checkpoint {checkpoint_path}")
         init = instantiate(cfg, parser)
     check_same_model(init.task, checkpoint, checkpoint_path)
-    release_held_output()  # the checkpoint and its config passed
     data_state = checkpoint.get(type(init.data).__qualname__)
+    if data_state is not None:  # e.g. an override naming another tokenizer than the checkpoint's
+        init.data.check_data_state(data_state)
+    release_held_output()  # the checkpoint and its config passed
     if data_state is not None and datamodule_state is None:  # e.g. the speech features' normalization
         init.data.load_state_dict(data_state)
     return cfg, init, checkpoint
