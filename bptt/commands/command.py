@@ -47,16 +47,16 @@ class HelpShown(Exception):
     """A command printed its help; ``bptt.cli`` ends it with status 0."""
 
 
-def checkpoint_and_overrides(parser: CommandParser, args: list[str]) -> tuple[str, list[str]] | None:
-    """``CHECKPOINT [--key value ...]``: the checkpoint and the dotted overrides after it; None when the
-    help was asked for (and printed).
+def checkpoint_and_overrides(parser: CommandParser, args: list[str]) -> tuple[str, list[str]]:
+    """``CHECKPOINT [--key value ...]``: the checkpoint and the dotted overrides after it.
 
     Raises:
+        HelpShown: the help was asked for (and printed).
         BpttError: no checkpoint first.
     """
     if args and args[0] in ("-h", "--help"):
         parser.print_help()
-        return None
+        raise HelpShown
     if not args or args[0].startswith("-"):
         raise BpttError(f"`{parser.prog}` needs a checkpoint first, e.g. {parser.prog} "
                         "runs/lm/quickstart/checkpoints/last.ckpt; see --help")

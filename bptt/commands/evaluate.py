@@ -24,12 +24,10 @@ def _command(stage: str, split: str, summary: str) -> Command:
     parser = _parser(stage, split)
 
     def run(args: list[str], trusted: bool) -> int:
-        split_args = checkpoint_and_overrides(parser, args)
-        if split_args is None:
-            return 0
+        checkpoint, overrides = checkpoint_and_overrides(parser, args)
         from bptt.training.evaluation import evaluate
 
-        print(json.dumps(evaluate(split_args[0], stage, split_args[1], trusted=trusted)))  # type: ignore[arg-type]
+        print(json.dumps(evaluate(checkpoint, stage, overrides, trusted=trusted)))  # type: ignore[arg-type]
         return 0
 
     return Command(summary, run)

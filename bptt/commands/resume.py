@@ -23,8 +23,6 @@ PARSER.add_argument("overrides", metavar="--KEY VALUE", nargs="*", help="dotted 
 
 def run(args: list[str], trusted: bool) -> int:
     split = checkpoint_and_overrides(PARSER, args)
-    if split is None:
-        return 0
     from bptt.training.run import resume
 
     print(json.dumps(resume(*split, trusted=trusted)))

@@ -211,12 +211,13 @@ def _write(path: Path, known: dict[str, Any]) -> None:
         pass  # an unwritable cache only costs the next run a measurement
 
 
-def choose(cfg: Any, checkpoint: dict[str, Any] | None, launch: Any) -> tuple[Any, PrecisionChoice]:
+def choose(cfg: Any, parser: Any, checkpoint: dict[str, Any] | None, launch: Any) -> tuple[Any, PrecisionChoice]:
     """``cfg`` (a parsed run config) with ``trainer.precision: auto`` replaced by a precision, and the choice:
     a resumed run's own (its checkpoint's config), else the fastest measured on the run's task and data.
 
     Args:
         cfg: the run config.
+        parser: its parser (``bptt.config.parser.build_parser``).
         checkpoint: the loaded checkpoint of a resumed run.
         launch: a ``bptt.training.trainer.Launch`` when Ray Train started the processes (its accelerator,
             and rank 0's answer for every rank), else None.
@@ -226,10 +227,10 @@ def choose(cfg: Any, checkpoint: dict[str, Any] | None, launch: Any) -> tuple[An
     """
     import yaml
 
-    from bptt.config.parser import build_parser, instantiate
+    from bptt.config.parser import instantiate
     from bptt.training.trainer import trainer_node
 
-    parser, cfg = build_parser(), cfg.clone()
+    cfg = cfg.clone()
     saved = yaml.safe_load(checkpoint["bptt"]["config"])["trainer"].get("precision") if checkpoint else None
     if saved not in (None, AUTO):
         cfg.trainer.precision = saved

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from pytorch_lightning.callbacks import Callback
 
 from bptt.config.parser import parse_config, parse_tracking
@@ -65,7 +65,9 @@ class OptimizerSettings(Callback):
                 config.scheduler.base_lrs = [self.settings["lr"]] * len(config.scheduler.base_lrs)
 
 
-def changed_optimizer_settings(cfg: Namespace, checkpoint: dict[str, Any], trusted: bool) -> list[Callback]:
+def changed_optimizer_settings(
+    cfg: Namespace, checkpoint: dict[str, Any], parser: ArgumentParser, trusted: bool
+) -> list[Callback]:
     """An ``OptimizerSettings`` callback when ``cfg`` sets the optimizer otherwise than the
     checkpoint's run did (``bptt resume ... --task.optimizer.init_args.lr``, or a PBT exploit)."""
     def settings(config: Namespace) -> dict[str, Any]:
@@ -73,7 +75,7 @@ def changed_optimizer_settings(cfg: Namespace, checkpoint: dict[str, Any], trust
         return dict(vars(optimizer.init_args)) if optimizer is not None and optimizer.get("init_args") else {}
 
     new = settings(cfg)
-    old = settings(parse_config(["--config", checkpoint["bptt"]["config"]], trusted=trusted,
+    old = settings(parse_config(["--config", checkpoint["bptt"]["config"]], parser, trusted=trusted,
                                 source="the config inside the checkpoint"))
     changed = {k: v for k, v in new.items() if old.get(k) != v}
     return [OptimizerSettings(changed)] if changed else []

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -90,7 +90,8 @@ def train(
     """
     # ---------------------------------------------------------------- BUILD
     quiet_known_warnings()
-    init = _build(cfg)
+    parser = build_parser()  # one for the run: instantiating, dumping and comparing its configs
+    init = _build(cfg, parser)
     root, tracking = Path(cfg.trainer.default_root_dir), init.tracking
 
     # ---------------------------------------------------------------- CHECK
@@ -100,7 +101,7 @@ def train(
     init.data.prepare_data()  # bad data fails here, before the Trainer starts anything
     if checkpoint is not None:
         checks.check_same_model(init.task, checkpoint[1], checkpoint[0])
-        callbacks = [*callbacks, *changed_optimizer_settings(cfg, checkpoint[1], trusted)]
+        callbacks = [*callbacks, *changed_optimizer_settings(cfg, checkpoint[1], parser, trusted)]
     run_id = _check_tracking(tracking, run_id, checkpoint)
     check_writable_directory(root, label=f"trainer.default_root_dir={root}", fix="choose a writable directory")
     chosen = None
@@ -108,11 +109,11 @@ def train(
         checks.check_optimizer(init.task)  # before the measurement trains with it
         if launch is None:  # the config's devices and strategy, before the measurement (Ray Train places its own)
             _checked_trainer(Namespace(**{**vars(trainer_node(init)), "precision": None}), [], None)  # 32-true
-        cfg, chosen = precision.choose(cfg, checkpoint[1] if checkpoint else None, launch)
+        cfg, chosen = precision.choose(cfg, parser, checkpoint[1] if checkpoint else None, launch)
         rank_zero_info(chosen.summary())
-        init = _build(cfg)  # as if the precision chosen had been configured
+        init = _build(cfg, parser)  # as if the precision chosen had been configured
         init.data.prepare_data()
-    config_yaml = build_parser().dump(cfg)  # the run, its checkpoints and a resume: the precision chosen
+    config_yaml = parser.dump(cfg)  # the run, its checkpoints and a resume: the precision chosen
     state = RunState(config_yaml)
     checkpointing = cfg.trainer.enable_checkpointing is not False
     checkpoints = init.checkpoint.callbacks(root / "checkpoints") if checkpointing else []
@@ -151,10 +152,10 @@ def train(
     return metrics
 
 
-def _build(cfg: Namespace) -> Namespace:
+def _build(cfg: Namespace, parser: ArgumentParser) -> Namespace:
     """The seeded DataModule, network and task of ``cfg`` (``trainer`` stays a namespace of arguments)."""
     pl.seed_everything(cfg.seed_everything, workers=True, verbose=False)
-    return instantiate(cfg)
+    return instantiate(cfg, parser)
 
 
 def _check_tracking(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -30,9 +30,9 @@ class Launch:
         agree: rank 0's answer to a question, on every rank (``trainer.precision: auto`` measures once).
     """
 
-    placement: dict[str, Any] = field(default_factory=dict)
-    prepare: Callable[[pl.Trainer], pl.Trainer] = lambda trainer: trainer
-    agree: Callable[[Callable[[], str]], str] = lambda ask: ask()
+    placement: dict[str, Any]
+    prepare: Callable[[pl.Trainer], pl.Trainer]
+    agree: Callable[[Callable[[], str]], str]
 
 
 def quiet_known_warnings() -> None:
